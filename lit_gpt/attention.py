@@ -1,0 +1,225 @@
+"""Attention: masks as small pure functions, the attention operations of the paper, extra key/value slots.
+
+Masks
+-----
+A mask is a function ``f(q_pos, k_pos) -> bool tensor`` over *positions* that broadcast against each
+other (``q_pos[..., :, None]`` and ``k_pos[..., None, :]``). The same functions build a dense boolean mask
+for SDPA / the eager path and a block mask for FlexAttention, and they stay correct when a cache holds keys
+at arbitrary positions (ring buffers, sink + window caches). Compose them with :func:`and_masks` /
+:func:`or_masks`.
+
+Operations
+----------
+``v_i = Z_i^-1 sum_j sim(q_i, k_j) v_j`` for every ``attn_op`` of :mod:`lit_gpt.config`. Softmax runs
+through ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU); every
+operation, softmax included, also has the plain eager implementation :func:`eager_attention`, which is the
+reference in the tests and the path used when attention maps are requested.
+
+Extra slots
+-----------
+Columns placed before the token keys, seen by every query and carrying no position:
+``slot_logit`` (H,) a learned logit with a zero value (gpt-oss sinks), and ``slot_k``/``slot_v``
+(1|B, H, S, d) learned key/value vectors (the paper's k*, v*).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------- masks
+def causal_mask(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return k <= q
+
+
+def window_mask(window: int) -> MaskFn:
+    """Sliding ("shifted") window: query at q sees keys in (q - window, q]."""
+    def f(q, k):
+        return (k <= q) & (q - k < window)
+    f.__name__ = f"window_{window}"
+    return f
+
+
+def prefix_mask(prefix: int) -> MaskFn:
+    """Prefix LM: the first ``prefix`` positions attend bidirectionally among themselves, the rest causally."""
+    def f(q, k):
+        return (k <= q) | ((q < prefix) & (k < prefix))
+    f.__name__ = f"prefix_{prefix}"
+    return f
+
+
+def sink_window_mask(n_sink: int, window: int) -> MaskFn:
+    """StreamingLLM / LM-Infinite Λ shape: the first ``n_sink`` positions plus a causal window of ``window``."""
+    def f(q, k):
+        return (k <= q) & ((k < n_sink) | (q - k < window))
+    f.__name__ = f"sink{n_sink}_window_{window}"
+    return f
+
+
+def and_masks(*fns: MaskFn) -> MaskFn:
+    def f(q, k):
+        out = fns[0](q, k)
+        for g in fns[1:]:
+            out = out & g(q, k)
+        return out
+    return f
+
+
+def or_masks(*fns: MaskFn) -> MaskFn:
+    def f(q, k):
+        out = fns[0](q, k)
+        for g in fns[1:]:
+            out = out | g(q, k)
+        return out
+    return f
+
+
+def mask_from_config(config) -> MaskFn:
+    if config.attn_mask == "causal":
+        return causal_mask
+    if config.attn_mask == "window":
+        return window_mask(config.window_size)
+    return prefix_mask(config.prefix_size)
+
+
+def dense_mask(mask_fn: MaskFn, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (B|1, 1, Tq, Tk) from q_pos (B|1, Tq) and k_pos (B|1, Tk); negative k_pos = empty slot."""
+    q = q_pos.unsqueeze(-1)
+    k = k_pos.unsqueeze(-2)
+    return (mask_fn(q, k) & (k >= 0)).unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------- operations
+SIM_OPS = ("sigmoid", "elu")                        # pointwise function of the scaled dot product
+KERNEL_OPS = ("elu_kernel", "identity", "mlp_kernel")  # sim = phi(q).phi(k) (phi = identity for "identity")
+
+
+def repeat_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """(B, Hkv, T, d) -> (B, n_head, T, d) for grouped-query attention."""
+    if x.shape[1] == n_head:
+        return x
+    return x.repeat_interleave(n_head // x.shape[1], dim=1)
+
+
+def _with_slots(q, k, v, scale, bias, mask, slot_k, slot_v, slot_logit):
+    """Scores and values with the extra-slot columns prepended (eager path). Returns (scores, mask, values)."""
+    B, H, Tq, _ = q.shape
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    cols, vals, n_slot = [], [], 0
+    if slot_logit is not None:
+        cols.append(slot_logit.to(scores.dtype).view(1, H, 1, 1).expand(B, H, Tq, 1))
+        vals.append(v.new_zeros(B, H, 1, v.shape[-1]))
+        n_slot += 1
+    if slot_k is not None:
+        cols.append((q @ slot_k.to(q.dtype).transpose(-1, -2)) * scale)
+        vals.append(slot_v.to(v.dtype).expand(B, H, -1, -1))
+        n_slot += slot_k.shape[-2]
+    if n_slot:
+        scores = torch.cat(cols + [scores], dim=-1)
+        v = torch.cat(vals + [v], dim=-2)
+        mask = torch.cat([mask.new_ones(mask.shape[:-1] + (n_slot,)), mask], dim=-1)
+    return scores, mask, v
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor, op: str = "softmax",
+    normalize: bool = True, alpha: float = 1.0, scale: Optional[float] = None, bias: Optional[torch.Tensor] = None,
+    slot_k: Optional[torch.Tensor] = None, slot_v: Optional[torch.Tensor] = None,
+    slot_logit: Optional[torch.Tensor] = None, kernel: Optional[Callable] = None, need_weights: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Plain implementation of every attention operation.
+
+    q (B, H, Tq, d); k, v (B, Hkv, Tk, d); mask bool broadcastable to (B, H, Tq, Tk); bias additive scores.
+    ``kernel`` is the feature map phi for kernel operations (applied to q, k and slot keys).
+    Returns the output (B, H, Tq, d) and, if ``need_weights``, the attention map (B, H, Tq, S + Tk): the
+    probabilities for softmax, else the paper's proxy |sim| / sum |sim|.
+    """
+    H = q.shape[1]
+    k, v = repeat_kv(k, H), repeat_kv(v, H)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if op in ("elu_kernel", "mlp_kernel"):
+        q, k = kernel(q), kernel(k)
+        if slot_k is not None:
+            slot_k = kernel(slot_k)
+    scores, mask, v = _with_slots(q, k, v, scale, bias, mask, slot_k, slot_v, slot_logit)
+    if op == "softmax":
+        w = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        if alpha != 1.0:
+            w = w * alpha
+        y = w @ v
+        return y, (w if need_weights else None)
+    if op == "sigmoid":
+        sim = torch.sigmoid(scores)
+    elif op == "elu":
+        sim = F.elu(scores) + 1.0
+    elif op in KERNEL_OPS:
+        sim = scores
+    else:
+        raise ValueError(f"attn_op={op!r} is invalid; allowed: softmax, sigmoid, elu, elu_kernel, identity, mlp_kernel")
+    sim = sim.masked_fill(~mask, 0.0)
+    if normalize:
+        total = sim.sum(-1, keepdim=True)
+        z = total.abs().clamp_min(1.0) if op in ("identity", "mlp_kernel") else total.clamp_min(1e-8)
+        y = (sim / z) @ v
+    else:
+        y = sim @ v
+    weights = None
+    if need_weights:
+        mag = sim.abs()
+        weights = mag / mag.sum(-1, keepdim=True).clamp_min(1e-30)
+    return y, weights
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Optional[torch.Tensor], is_causal: bool = False,
+    alpha: float = 1.0, scale: Optional[float] = None, bias: Optional[torch.Tensor] = None,
+    slot_k: Optional[torch.Tensor] = None, slot_v: Optional[torch.Tensor] = None,
+    slot_logit: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Softmax attention through the fused kernels; extra slots become leading key columns."""
+    B, H, Tq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    has_slots = slot_k is not None or slot_logit is not None
+    if mask is None and (has_slots or bias is not None or not is_causal):
+        Tk = k.shape[-2]   # causal over the token keys, the last query aligned with the last key
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq).view(1, 1, Tq, Tk)
+    gqa = k.shape[1] != H
+    if has_slots and gqa:
+        k, v = repeat_kv(k, H), repeat_kv(v, H)
+        gqa = False
+    if has_slots:
+        keys, vals, n_slot = [], [], 0
+        if slot_logit is not None:
+            keys.append(k.new_zeros(B, H, 1, d))
+            vals.append(v.new_zeros(B, H, 1, v.shape[-1]))
+            n_slot += 1
+        if slot_k is not None:
+            keys.append(slot_k.to(k.dtype).expand(B, H, -1, -1))
+            vals.append(slot_v.to(v.dtype).expand(B, H, -1, -1))
+            n_slot += slot_k.shape[-2]
+        k = torch.cat(keys + [k], dim=-2)
+        v = torch.cat(vals + [v], dim=-2)
+        mask = torch.cat([mask.new_ones(mask.shape[:-1] + (n_slot,)), mask], dim=-1)
+        if bias is not None:
+            bias = torch.cat([bias.new_zeros(bias.shape[:-1] + (n_slot,)), bias], dim=-1)
+        if slot_logit is not None:
+            col = slot_logit.to(torch.float32).view(1, H, 1, 1)
+            lead = torch.zeros(1, H, 1, k.shape[-2], device=q.device, dtype=torch.float32)
+            lead = torch.cat([col, lead[..., 1:]], dim=-1)
+            bias = lead if bias is None else bias + lead
+        is_causal = False
+    attn_mask = None if (is_causal and bias is None) else mask
+    if bias is not None:
+        attn_mask = torch.where(mask, bias.to(q.dtype), torch.tensor(float("-inf"), dtype=q.dtype, device=q.device))
+    if attn_mask is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
+    return y * alpha if alpha != 1.0 else y

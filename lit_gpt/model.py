@@ -1,0 +1,494 @@
+"""One LLaMA-style model for every variant of the paper: GPT -> Block -> CausalSelfAttention + MLP + norms.
+
+A single forward serves training, evaluation and generation:
+
+* ``model(idx)``                              full causal forward (the training path), logits (B, T, V)
+* ``model(idx, input_pos=pos)``               uses the KV caches set by :meth:`GPT.set_kv_cache`
+                                              (or any cache object, see :class:`KVCache`), indexed by position
+* ``model(idx, return_analysis=True)``        returns ``(logits, Analysis)`` with per-layer attention maps,
+                                              hidden states and q/k/v after positional encoding
+
+Every variant is a field of :class:`lit_gpt.config.Config`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_gpt.attention import (
+    MaskFn, causal_mask, dense_mask, eager_attention, mask_from_config, sdpa_attention,
+)
+from lit_gpt.config import Config
+from lit_gpt.positional import (
+    RelativePositionBias, alibi_bias, alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_embedding,
+)
+
+ANALYSIS_KEYS = ("attn", "hidden", "q", "k", "v")
+
+
+# ---------------------------------------------------------------------------- analysis record
+@dataclass
+class Analysis:
+    """Per-layer intermediates of one forward.
+
+    attn:   per layer (B, H, T, n_extra + Tk) float32 attention maps; columns are
+            [sink logit][k* slot][sink token] (those present) followed by the Tk keys. For non-softmax
+            operations the paper's proxy |sim| / sum |sim|.
+    hidden: n_layer + 1 tensors (B, T, n_embd): the input of every block, then the output of the last block
+            before the final norm.
+    q, k, v: per layer (B, H|G, T, head_size) after positional encoding (keys and values of this call only).
+    Positions of a prepended sink token are dropped from every per-position output (not from attn columns).
+    """
+
+    attn: List[torch.Tensor] = field(default_factory=list)
+    hidden: List[torch.Tensor] = field(default_factory=list)
+    q: List[torch.Tensor] = field(default_factory=list)
+    k: List[torch.Tensor] = field(default_factory=list)
+    v: List[torch.Tensor] = field(default_factory=list)
+    n_extra: int = 0
+
+
+@dataclass
+class ForwardContext:
+    pos: torch.Tensor                        # (B|1, T) positions of the tokens of this call
+    cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]]  # RoPE tables (B|1, 1, T, n) or None
+    mask_fn: MaskFn
+    full_causal: bool                        # no cache and plain causal mask: the fused is_causal path applies
+    bias_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+    need: frozenset = frozenset()
+    analysis: Optional[Analysis] = None
+    drop_first: bool = False                 # a sink token was prepended in this call
+
+
+def _parse_need(return_analysis: Union[bool, Iterable[str]]) -> frozenset:
+    if return_analysis is True:
+        return frozenset(ANALYSIS_KEYS)
+    if not return_analysis:
+        return frozenset()
+    need = frozenset(return_analysis)
+    bad = need - set(ANALYSIS_KEYS)
+    if bad:
+        raise ValueError(f"return_analysis={sorted(bad)} is invalid; allowed: {', '.join(ANALYSIS_KEYS)}")
+    return need
+
+
+# ---------------------------------------------------------------------------- norms and MLPs
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def make_norm(config: Config) -> nn.Module:
+    if config.norm_class == "rmsnorm":
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+_ACT = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "reglu": F.relu, "geglu": F.gelu, "swiglu": F.silu}
+
+
+class MLP(nn.Module):
+    """relu / gelu / swish: proj(act(fc x)); reglu / geglu / swiglu: proj(act(gate x) * up x).
+
+    For the gated forms ``fc`` holds [gate; up] stacked (one matmul); export splits them.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gated = config.mlp in ("reglu", "geglu", "swiglu")
+        self.act = _ACT[config.mlp]
+        h = config.intermediate_size
+        self.fc = nn.Linear(config.n_embd, 2 * h if self.gated else h, bias=config.bias)
+        self.proj = nn.Linear(h, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x)
+        if self.gated:
+            gate, up = x.chunk(2, dim=-1)
+            x = self.act(gate) * up
+        else:
+            x = self.act(x)
+        return self.proj(x)
+
+
+class KernelMLP(nn.Module):
+    """Feature map phi = Linear-ReLU-Linear on the head dim, shared by queries and keys (paper Table 15)."""
+
+    def __init__(self, d: int, bias: bool) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, d, bias=bias)
+        self.fc2 = nn.Linear(d, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1.0
+
+
+# ---------------------------------------------------------------------------- KV cache
+class KVCache(nn.Module):
+    """Dense cache indexed by input position: slot p holds the key/value of position p.
+
+    Every cache object (this one, the streaming caches) is called as
+    ``cache(k, v, pos) -> (keys, values, key_positions)`` with k, v (B, G, T, d) and pos (B|1, T); it returns
+    all keys it holds and their positions ((B|1, S); negative = empty slot, masked out).
+    """
+
+    def __init__(self, batch_size: int, n_kv: int, max_seq_length: int, head_size: int,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv, max_seq_length, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("pos", torch.full((batch_size, max_seq_length), -1, device=device, dtype=torch.long),
+                             persistent=False)
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.k.shape[2]
+
+    def reset(self) -> None:
+        self.pos.fill_(-1)
+
+    def forward(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        B, G, T, d = k.shape
+        if B != self.k.shape[0]:
+            raise ValueError(f"batch size {B} does not match the cache's {self.k.shape[0]} (set_kv_cache again)")
+        idx = pos.expand(B, T).long()
+        if int(idx.max()) >= self.max_seq_length or int(idx.min()) < 0:
+            raise ValueError(f"input_pos out of range: max {int(idx.max())}, cache holds positions "
+                             f"[0, {self.max_seq_length})")
+        gidx = idx[:, None, :, None].expand(B, G, T, d)
+        self.k.scatter_(2, gidx, k.to(self.k.dtype))
+        self.v.scatter_(2, gidx, v.to(self.v.dtype))
+        self.pos.scatter_(1, idx, idx)
+        return self.k, self.v, self.pos
+
+
+# ---------------------------------------------------------------------------- attention
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        H, G, d = config.n_head, config.n_query_groups, config.head_size
+        self.n_head, self.n_kv, self.head_size = H, G, d
+        self.qkv = nn.Linear(config.n_embd, (H + 2 * G) * d, bias=config.bias)
+        self.proj = nn.Linear(H * d if config.head_output == "concat" else d, config.n_embd, bias=config.bias)
+        self.scale = 1.0 / math.sqrt(d)
+        nb = 1 if config.kv_bias_shared else H
+        # extra key/value parameters (paper §7.3)
+        if config.kv_bias in ("k", "kv"):
+            da = d if config.kv_bias_key_dims is None else config.kv_bias_key_dims
+            self.k_star = nn.Parameter(torch.empty(nb, da))
+            if config.kv_bias == "kv":
+                self.v_star = nn.Parameter(torch.empty(nb, d))
+            else:
+                fixed = torch.zeros(nb, d)
+                if config.kv_bias_value == "one_hot":
+                    fixed[:, 0] = config.kv_bias_value_scale
+                elif config.kv_bias_value == "uniform":
+                    fixed[:] = config.kv_bias_value_scale / math.sqrt(d)
+                self.register_buffer("v_star", fixed)
+        elif config.kv_bias == "v":
+            self.v_bias = nn.Parameter(torch.empty(1 if config.kv_bias_shared else G, d))
+        if config.sink_logit:
+            self.sink_logit = nn.Parameter(torch.zeros(H))
+        if config.attn_op == "mlp_kernel":
+            self.kernel = KernelMLP(d, config.bias)
+        self.kv_cache: Optional[nn.Module] = None
+
+    # -- pieces reusable by streaming code
+    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, C) -> q (B, H, T, d), k, v (B, G, T, d) before positional encoding."""
+        B, T, _ = x.shape
+        H, G, d = self.n_head, self.n_kv, self.head_size
+        q, k, v = self.qkv(x).split((H * d, G * d, G * d), dim=-1)
+        q = q.view(B, T, H, d).transpose(1, 2)
+        k = k.view(B, T, G, d).transpose(1, 2)
+        v = v.view(B, T, G, d).transpose(1, 2)
+        if self.config.kv_bias == "v":
+            v = v + self.v_bias.to(v.dtype).view(1, -1, 1, d)
+        return q, k, v
+
+    def slots(self) -> Dict[str, Optional[torch.Tensor]]:
+        """Extra-slot tensors for the attention functions: slot_k/slot_v (1, H, 1, d), slot_logit (H,)."""
+        cfg, H, d = self.config, self.n_head, self.head_size
+        out: Dict[str, Optional[torch.Tensor]] = {"slot_k": None, "slot_v": None, "slot_logit": None}
+        if cfg.kv_bias in ("k", "kv"):
+            k_star = self.k_star
+            if k_star.shape[-1] < d:
+                k_star = torch.cat([k_star, k_star.new_zeros(k_star.shape[0], d - k_star.shape[-1])], dim=-1)
+            out["slot_k"] = k_star.expand(H, d).reshape(1, H, 1, d)
+            out["slot_v"] = self.v_star.expand(H, d).reshape(1, H, 1, d)
+        if cfg.sink_logit:
+            out["slot_logit"] = self.sink_logit
+        return out
+
+    def feature_map(self) -> Optional[Callable]:
+        if self.config.attn_op == "elu_kernel":
+            return elu_feature_map
+        if self.config.attn_op == "mlp_kernel":
+            return self.kernel
+        return None
+
+    def attend(self, q, k, v, q_pos, k_pos, ctx: ForwardContext, need_weights: bool,
+               full_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Attention core over already position-encoded q (B,H,Tq,d), k/v (B,G,Tk,d) with their positions."""
+        cfg = self.config
+        bias = ctx.bias_fn(q_pos, k_pos) if ctx.bias_fn is not None else None
+        slots = self.slots()
+        eager = need_weights or cfg.attn_op != "softmax" or cfg.attn_impl == "eager"
+        if eager:
+            mask = dense_mask(ctx.mask_fn, q_pos, k_pos)
+            return eager_attention(q, k, v, mask=mask, op=cfg.attn_op, normalize=cfg.attn_normalize,
+                                   alpha=cfg.softmax_alpha, scale=self.scale, bias=bias,
+                                   kernel=self.feature_map(), need_weights=need_weights, **slots)
+        if cfg.attn_impl == "flex" and q.is_cuda:
+            from lit_gpt.flex import flex_attention_forward
+            y = flex_attention_forward(q, k, v, q_pos, k_pos, ctx.mask_fn, alpha=cfg.softmax_alpha,
+                                       scale=self.scale, bias=bias, **slots)
+            return y, None
+        mask = None if full_causal else dense_mask(ctx.mask_fn, q_pos, k_pos)
+        y = sdpa_attention(q, k, v, mask=mask, is_causal=full_causal, alpha=cfg.softmax_alpha,
+                           scale=self.scale, bias=bias, **slots)
+        return y, None
+
+    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        B, H, T, d = y.shape
+        if self.config.head_output == "sum":
+            return self.proj(y.sum(1))
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * d))
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        q, k, v = self.project(x)
+        if ctx.cos_sin is not None:
+            cos, sin = ctx.cos_sin
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rec = ctx.analysis
+        if rec is not None:
+            s = slice(1, None) if ctx.drop_first else slice(None)
+            for name, t in (("q", q), ("k", k), ("v", v)):
+                if name in ctx.need:
+                    getattr(rec, name).append(t[:, :, s].detach())
+        cache = self.kv_cache
+        if cache is not None and ctx.pos is not None and getattr(cache, "attend", None) is not None:
+            # a streaming cache may compute attention itself (e.g. LM-Infinite's two position systems)
+            y, w = cache.attend(self, q, k, v, ctx, need_weights="attn" in ctx.need)
+        else:
+            if cache is not None:
+                k_all, v_all, k_pos = cache(k, v, ctx.pos)
+            else:
+                k_all, v_all, k_pos = k, v, ctx.pos
+            y, w = self.attend(q, k_all, v_all, ctx.pos, k_pos, ctx, need_weights="attn" in ctx.need,
+                               full_causal=ctx.full_causal and cache is None)
+        if rec is not None and "attn" in ctx.need:
+            rec.attn.append((w[:, :, 1:] if ctx.drop_first else w).float().detach())
+        return self.merge_heads(y)
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.norm_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.norm_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.norm_1(x), ctx)
+            return x + self.mlp(self.norm_2(x))
+        x = self.norm_1(x + self.attn(x, ctx))
+        return self.norm_2(x + self.mlp(x))
+
+
+# ---------------------------------------------------------------------------- model
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.pos_encoding == "learned":
+            self.wpe = nn.Embedding(config.block_size + int(config.sink_token), config.n_embd)
+        if config.sink_token:
+            self.sink_token = nn.Parameter(torch.empty(config.n_embd))
+        if config.pos_encoding == "relative":
+            self.rel_bias = RelativePositionBias(config.n_head, config.relative_buckets, config.relative_max_distance,
+                                                 bidirectional=config.attn_mask == "prefix")
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.pos_encoding == "rope":
+            self.register_buffer("inv_freq", rope_inv_freq(config.rope_n_elem, config.rope_base), persistent=False)
+        if config.pos_encoding == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
+        self.mask_fn = mask_from_config(config)
+        self.reset_parameters()
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "GPT":
+        return cls(Config.from_name(name, **overrides))
+
+    # ------------------------------------------------------------------ init (the seed's scheme)
+    def reset_parameters(self) -> None:
+        """normal(0, sqrt(2 / (5 fan_in))) for linears and embeddings (fan_in = n_embd for embeddings), the MLP
+        output projections normal(0, 1 / sqrt(fan_in) / n_layer), k*/v* normal(0, 0.02), sink logits 0."""
+        cfg = self.config
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (5.0 * m.weight.shape[1])))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (5.0 * m.weight.shape[1])))
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                m.reset_parameters()
+        for block in self.blocks:
+            w = block.mlp.proj.weight
+            nn.init.normal_(w, 0.0, 1.0 / math.sqrt(w.shape[1]) / cfg.n_layer)
+            attn = block.attn
+            for name in ("k_star", "v_bias"):
+                if isinstance(getattr(attn, name, None), nn.Parameter):
+                    nn.init.normal_(getattr(attn, name), 0.0, 0.02)
+            if isinstance(getattr(attn, "v_star", None), nn.Parameter):
+                nn.init.normal_(attn.v_star, 0.0, 0.02)
+            if cfg.sink_logit:
+                nn.init.zeros_(attn.sink_logit)
+        if cfg.sink_token:
+            nn.init.normal_(self.sink_token, 0.0, math.sqrt(2.0 / (5.0 * cfg.n_embd)))
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    # ------------------------------------------------------------------ caches
+    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None,
+                     dtype: Optional[torch.dtype] = None) -> None:
+        """Dense per-layer caches holding positions [0, max_seq_length) (default block_size)."""
+        cfg = self.config
+        n = (max_seq_length or cfg.block_size) + int(cfg.sink_token)
+        p = next(self.parameters())
+        device = device or p.device
+        dtype = dtype or p.dtype
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch_size, cfg.n_query_groups, n, cfg.head_size, device, dtype)
+
+    def set_caches(self, caches: Sequence[nn.Module]) -> None:
+        """Install one cache object per layer (e.g. a streaming sink + window cache)."""
+        if len(caches) != len(self.blocks):
+            raise ValueError(f"got {len(caches)} caches for {len(self.blocks)} layers")
+        for block, cache in zip(self.blocks, caches):
+            block.attn.kv_cache = cache
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    @property
+    def has_cache(self) -> bool:
+        return any(b.attn.kv_cache is not None for b in self.blocks)
+
+    # ------------------------------------------------------------------ positions
+    def bias_fn(self) -> Optional[Callable]:
+        cfg = self.config
+        if cfg.pos_encoding == "alibi":
+            slopes = self.alibi_slopes
+            return lambda qp, kp: alibi_bias(qp, kp, slopes)
+        if cfg.pos_encoding == "relative":
+            return self.rel_bias
+        return None
+
+    def rope_tables(self, pos: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        if self.config.pos_encoding != "rope":
+            return None
+        cos, sin = rope_cos_sin(pos, self.inv_freq)          # (B|1, T, n)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, *,
+                return_analysis: Union[bool, Iterable[str]] = False, mask_fn: Optional[MaskFn] = None):
+        """Logits (B, T, vocab) or ``(logits, Analysis)`` when ``return_analysis`` is set.
+
+        input_pos: None for a full forward from position 0 (caches untouched), or (T,) / (B, T) positions of
+            ``idx`` used with the caches set by :meth:`set_kv_cache` / :meth:`set_caches`.
+        return_analysis: True or a subset of ``("attn", "hidden", "q", "k", "v")``.
+        mask_fn: replaces the configured mask (a function of query and key positions).
+        """
+        cfg = self.config
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (batch, time), got shape {tuple(idx.shape)}")
+        B, T = idx.shape
+        device = idx.device
+        if input_pos is None:
+            pos = torch.arange(T, device=device).unsqueeze(0)
+            starts_at_zero = True
+        else:
+            if not self.has_cache:
+                raise ValueError("input_pos given but no cache is set: call model.set_kv_cache(...) first")
+            pos = input_pos.to(device).long()
+            pos = pos.unsqueeze(0) if pos.dim() == 1 else pos
+            if pos.shape[-1] != T or pos.shape[0] not in (1, B):
+                raise ValueError(f"input_pos shape {tuple(input_pos.shape)} does not match idx shape {(B, T)}")
+            first = pos[:, 0] == 0
+            starts_at_zero = bool(first.all())
+            if cfg.sink_token and bool(first.any()) and not starts_at_zero:
+                raise ValueError("with sink_token=True all rows must start at position 0 together")
+        if cfg.pos_encoding == "learned" and int(pos.max()) >= cfg.block_size:
+            raise ValueError(f"position {int(pos.max())} >= block_size={cfg.block_size}: learned absolute "
+                             "positions cannot extrapolate")
+        x = self.wte(idx)
+        prepend = cfg.sink_token and starts_at_zero
+        if cfg.sink_token:
+            pos = pos + 1
+            if prepend:
+                x = torch.cat([self.sink_token.to(x.dtype).expand(B, 1, -1), x], dim=1)
+                pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+        if cfg.pos_encoding == "learned":
+            x = x + self.wpe(pos)
+        elif cfg.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_embedding(pos, cfg.n_embd).to(x.dtype)
+        need = _parse_need(return_analysis)
+        analysis = Analysis(n_extra=cfg.n_extra_slots) if need else None
+        effective_mask = mask_fn or self.mask_fn
+        ctx = ForwardContext(
+            pos=pos, cos_sin=self.rope_tables(pos), mask_fn=effective_mask,
+            full_causal=input_pos is None and effective_mask is causal_mask,
+            bias_fn=self.bias_fn(), need=need, analysis=analysis, drop_first=prepend,
+        )
+        sl = slice(1, None) if prepend else slice(None)
+        for block in self.blocks:
+            if analysis is not None and "hidden" in need:
+                analysis.hidden.append(x[:, sl].detach())
+            x = block(x, ctx)
+        if analysis is not None and "hidden" in need:
+            analysis.hidden.append(x[:, sl].detach())
+        logits = self.lm_head(self.ln_f(x[:, sl] if prepend else x))
+        return (logits, analysis) if analysis is not None else logits
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        seen, n = set(), 0
+        for p in self.parameters():
+            if id(p) in seen or (trainable_only and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            n += p.numel()
+        return n

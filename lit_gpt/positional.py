@@ -1,0 +1,112 @@
+"""Positional encodings behind one interface.
+
+All functions take *positions* (integer tensors), not sequence indices, so that the same code serves a
+full forward, a KV cache indexed by input positions, and streaming caches whose slots hold arbitrary
+positions.
+
+* RoPE (rotate-half layout, as litgpt / Hugging Face Llama), optionally on the first ``rotary_percentage``
+  of the head dims: :func:`rope_cos_sin` + :func:`apply_rope`.
+* sinusoidal absolute (Vaswani et al.) and learned absolute: added to the token embedding.
+* ALiBi: additive bias ``-slope_h * |q_pos - k_pos|``.
+* T5 relative bias: learned scalar per (bucket, head), 32 log-spaced buckets up to distance 128.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+
+# ---------------------------------------------------------------------------- RoPE
+def rope_inv_freq(n_elem: int, base: float, device=None) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, n_elem, 2, device=device, dtype=torch.float64) / n_elem)).float()
+
+
+def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape ``pos.shape + (n_elem,)`` in float32 (positions may be any integer tensor)."""
+    angles = pos.to(torch.float32).unsqueeze(-1) * inv_freq.to(pos.device)        # (..., n_elem/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of ``x`` (B, H, T, d); cos/sin broadcast as (B|1, 1|H, T, n)."""
+    n = cos.shape[-1]
+    xr, xp = (x[..., :n], x[..., n:]) if n < x.shape[-1] else (x, None)
+    xf = xr.float()
+    half = n // 2
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    out = (xf * cos + rotated * sin).to(x.dtype)
+    return out if xp is None else torch.cat([out, xp], dim=-1)
+
+
+def rope_positions_view(pos: torch.Tensor) -> torch.Tensor:
+    """(T,) -> (1, 1, T); (B, T) -> (B, 1, T): broadcastable against (B, H, T, d) after unsqueeze(-1)."""
+    return pos.view(1, 1, -1) if pos.dim() == 1 else pos.unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------- absolute
+def sinusoidal_embedding(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """Vaswani et al. sin/cos absolute encoding of shape ``pos.shape + (dim,)`` (float32)."""
+    half = dim // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=pos.device, dtype=torch.float32) / half)
+    angles = pos.to(torch.float32).unsqueeze(-1) * freq
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+# ---------------------------------------------------------------------------- ALiBi
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Head slopes of Press et al.: geometric 2^(-8/n) for a power of two, interleaved otherwise."""
+    def power_of_2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+
+    if math.log2(n_head).is_integer():
+        slopes = power_of_2(n_head)
+    else:
+        closest = 2 ** math.floor(math.log2(n_head))
+        slopes = power_of_2(closest) + power_of_2(2 * closest)[0::2][: n_head - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    """``-slope_h * |q - k|`` with q_pos (B|1, Tq), k_pos (B|1, Tk) -> (B|1, H, Tq, Tk) float32."""
+    dist = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)).abs().to(torch.float32)      # (B, Tq, Tk)
+    return -slopes.to(dist.device).view(1, -1, 1, 1) * dist.unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------- T5 relative
+def relative_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int, bidirectional: bool) -> torch.Tensor:
+    """T5's bucketing of ``rel = k_pos - q_pos``: exact for small distances, log-spaced up to max_distance."""
+    ret = torch.zeros_like(rel)
+    n = -rel
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (n < 0).long() * num_buckets
+        n = n.abs()
+    else:
+        n = n.clamp(min=0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    val_large = max_exact + (
+        torch.log(n.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).long()
+    val_large = val_large.clamp(max=num_buckets - 1)
+    return ret + torch.where(is_small, n, val_large)
+
+
+class RelativePositionBias(nn.Module):
+    """T5-style learned relative bias, one table for the whole model (as in T5)."""
+
+    def __init__(self, n_head: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = False):
+        super().__init__()
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.embedding = nn.Embedding(num_buckets, n_head)
+
+    def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """q_pos (B|1, Tq), k_pos (B|1, Tk) -> (B|1, H, Tq, Tk)."""
+        rel = k_pos.unsqueeze(-2).long() - q_pos.unsqueeze(-1).long()
+        buckets = relative_bucket(rel, self.num_buckets, self.max_distance, self.bidirectional)
+        return self.embedding(buckets).permute(0, 3, 1, 2)

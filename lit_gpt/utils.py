@@ -1,0 +1,54 @@
+"""Small shared helpers: atomic writes, seeding, device/dtype parsing."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+
+def _atomic_replace(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    """Write text so that a crash leaves either the old file or the new one, never a torn one."""
+    _atomic_replace(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    _atomic_replace(Path(path), lambda f: f.write(data))
+
+
+def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
+    _atomic_replace(Path(path), lambda f: torch.save(obj, f))
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is invalid; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
