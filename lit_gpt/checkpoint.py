@@ -1,0 +1,92 @@
+"""Self-describing checkpoints: every file carries the model config (and the run config when training wrote it).
+
+A checkpoint file is ``torch.save`` of a dict with at least ``{"model_config": Config.to_dict(), "model":
+state_dict}``; training adds ``optimizer``, ``scheduler``, ``step``, ``data_state``, ``rng``, ``run_config``.
+Files are written atomically, so a crash leaves the previous checkpoint intact.
+
+:func:`load_model` accepts a checkpoint file or a run folder (it then takes ``final.pth`` if present, else the
+highest ``step-XXXXXXX.pth``).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+
+from lit_gpt.config import Config
+from lit_gpt.utils import atomic_torch_save
+
+STEP_RE = re.compile(r"step-(\d+)\.pth$")
+
+
+def model_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """State dict without torch.compile / DDP prefixes."""
+    sd = model.state_dict()
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("_orig_mod.", "module."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, config: Config, **extra: Any) -> Path:
+    path = Path(path)
+    payload = {"model_config": config.to_dict(), "model": model_state_dict(model), **extra}
+    atomic_torch_save(payload, path)
+    return path
+
+
+def find_checkpoint(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if (path / "final.pth").is_file():
+        return path / "final.pth"
+    steps = sorted((int(m.group(1)), p) for p in path.glob("step-*.pth") if (m := STEP_RE.search(p.name)))
+    if steps:
+        return steps[-1][1]
+    pths = sorted(path.glob("*.pth"))
+    if len(pths) == 1:
+        return pths[0]
+    raise FileNotFoundError(f"no checkpoint in {path}: expected final.pth, step-XXXXXXX.pth or a single *.pth")
+
+
+def latest_step_checkpoint(folder: Union[str, Path]) -> Optional[Path]:
+    folder = Path(folder)
+    steps = sorted((int(m.group(1)), p) for p in folder.glob("step-*.pth") if (m := STEP_RE.search(p.name)))
+    return steps[-1][1] if steps else None
+
+
+def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    file = find_checkpoint(path)
+    payload = torch.load(file, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or "model" not in payload or "model_config" not in payload:
+        raise ValueError(f"{file} is not a lit_gpt checkpoint: expected a dict with 'model' and 'model_config'")
+    payload["_path"] = str(file)
+    return payload
+
+
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+               dtype: Optional[torch.dtype] = None, **config_overrides: Any) -> Tuple["GPT", Dict[str, Any]]:
+    """Build the model described by a checkpoint and load its weights. Returns (model in eval mode, payload
+    without the weights). ``config_overrides`` change inference-only fields (e.g. attn_impl="eager")."""
+    from lit_gpt.model import GPT
+
+    payload = load_checkpoint(path)
+    config = Config.from_dict(dict(payload["model_config"], **config_overrides), where=payload["_path"])
+    model = GPT(config)
+    missing, unexpected = model.load_state_dict(payload.pop("model"), strict=False)
+    missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{payload['_path']}: weights do not match the config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.to(device=device, dtype=dtype).eval()
+    for k in ("optimizer", "scheduler"):
+        payload.pop(k, None)
+    return model, payload
