@@ -187,7 +187,7 @@ def sdpa_attention(
     B, H, Tq, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     has_slots = slot_k is not None or slot_logit is not None
-    if mask is None and (has_slots or bias is not None or not is_causal):
+    if mask is None and (has_slots or bias is not None or not is_causal or Tq != k.shape[-2]):
         Tk = k.shape[-2]   # causal over the token keys, the last query aligned with the last key
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq).view(1, 1, Tq, Tk)
     gqa = k.shape[1] != H
@@ -210,12 +210,14 @@ def sdpa_attention(
         if bias is not None:
             bias = torch.cat([bias.new_zeros(bias.shape[:-1] + (n_slot,)), bias], dim=-1)
         if slot_logit is not None:
-            col = slot_logit.to(torch.float32).view(1, H, 1, 1)
-            lead = torch.zeros(1, H, 1, k.shape[-2], device=q.device, dtype=torch.float32)
+            bdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+            col = slot_logit.to(bdt).view(1, H, 1, 1)
+            lead = torch.zeros(1, H, 1, k.shape[-2], device=q.device, dtype=bdt)
             lead = torch.cat([col, lead[..., 1:]], dim=-1)
             bias = lead if bias is None else bias + lead
         is_causal = False
-    attn_mask = None if (is_causal and bias is None) else mask
+    # SDPA's is_causal aligns top-left: only use it when queries and keys are the same positions
+    attn_mask = None if (is_causal and bias is None and Tq == k.shape[-2]) else mask
     if bias is not None:
         attn_mask = torch.where(mask, bias.to(q.dtype), torch.tensor(float("-inf"), dtype=q.dtype, device=q.device))
     if attn_mask is None:

@@ -167,6 +167,9 @@ class Config:
         if self.attn_impl in ("sdpa", "flex") and self.attn_op != "softmax":
             raise _bad("attn_impl", self.attn_impl, f"auto or eager with attn_op={self.attn_op!r} "
                                                    "(fused kernels only compute softmax attention)")
+        if self.pos_encoding in ("alibi", "relative") and self.attn_op not in ("softmax", "sigmoid", "elu"):
+            raise _bad("pos_encoding", self.pos_encoding, f"rope, nope, sinusoidal or learned with attn_op={self.attn_op!r} "
+                       "(an additive score bias needs a score-based operation: softmax, sigmoid, elu)")
         # extra slots
         if self.kv_bias_value != "zero" and self.kv_bias != "k":
             raise _bad("kv_bias_value", self.kv_bias_value,
@@ -269,7 +272,7 @@ _LLAMA_60M = dict(block_size=2048, vocab_size=50432, n_layer=10, n_head=8, n_emb
                   mlp="swiglu", norm_class="rmsnorm", norm_eps=1e-5, rope_base=10000.0, bias=False)
 
 NAMED_CONFIGS: Dict[str, Dict[str, Any]] = {
-    # the paper's default ~60M LLaMA (GPT-NeoX tokenizer 50277 -> padded 50432)
+    # the paper's default ~60M LLaMA; vocab 50432 as in the seed (GPT-NeoX has 50277 tokens; 50432 = 788 * 64)
     "tinyllama_60M": dict(_LLAMA_60M),
     "tinyllama_60M_head1": dict(_LLAMA_60M, n_head=1),
     "tinyllama_60M_head2": dict(_LLAMA_60M, n_head=2),

@@ -85,9 +85,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x if x.dtype == torch.float64 else x.float()      # normalise in fp32 (fp64 stays fp64)
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).to(x.dtype)
+        return (out * self.weight.to(xf.dtype)).to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -300,7 +300,8 @@ class CausalSelfAttention(nn.Module):
             y, w = self.attend(q, k_all, v_all, ctx.pos, k_pos, ctx, need_weights="attn" in ctx.need,
                                full_causal=ctx.full_causal and cache is None)
         if rec is not None and "attn" in ctx.need:
-            rec.attn.append((w[:, :, 1:] if ctx.drop_first else w).float().detach())
+            w = w[:, :, 1:] if ctx.drop_first else w
+            rec.attn.append((w if w.dtype in (torch.float32, torch.float64) else w.float()).detach())
         return self.merge_heads(y)
 
 
@@ -339,10 +340,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        if config.pos_encoding == "rope":
-            self.register_buffer("inv_freq", rope_inv_freq(config.rope_n_elem, config.rope_base), persistent=False)
-        if config.pos_encoding == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
+        # RoPE frequencies and ALiBi slopes are recomputed per forward (tiny), never cast by model.to(dtype)
         self.mask_fn = mask_from_config(config)
         self.reset_parameters()
 
@@ -411,7 +409,7 @@ class GPT(nn.Module):
     def bias_fn(self) -> Optional[Callable]:
         cfg = self.config
         if cfg.pos_encoding == "alibi":
-            slopes = self.alibi_slopes
+            slopes = alibi_slopes(cfg.n_head)
             return lambda qp, kp: alibi_bias(qp, kp, slopes)
         if cfg.pos_encoding == "relative":
             return self.rel_bias
@@ -420,7 +418,9 @@ class GPT(nn.Module):
     def rope_tables(self, pos: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         if self.config.pos_encoding != "rope":
             return None
-        cos, sin = rope_cos_sin(pos, self.inv_freq)          # (B|1, T, n)
+        dtype = torch.float64 if self.wte.weight.dtype == torch.float64 else torch.float32
+        inv_freq = rope_inv_freq(self.config.rope_n_elem, self.config.rope_base, device=pos.device)
+        cos, sin = rope_cos_sin(pos, inv_freq, dtype)          # (B|1, T, n)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
     # ------------------------------------------------------------------ forward

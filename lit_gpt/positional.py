@@ -21,24 +21,27 @@ import torch.nn as nn
 
 # ---------------------------------------------------------------------------- RoPE
 def rope_inv_freq(n_elem: int, base: float, device=None) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, n_elem, 2, device=device, dtype=torch.float64) / n_elem)).float()
+    """Inverse frequencies base^(-2i/n) in float64."""
+    return 1.0 / (base ** (torch.arange(0, n_elem, 2, device=device, dtype=torch.float64) / n_elem))
 
 
-def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape ``pos.shape + (n_elem,)`` in float32 (positions may be any integer tensor)."""
-    angles = pos.to(torch.float32).unsqueeze(-1) * inv_freq.to(pos.device)        # (..., n_elem/2)
+def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor,
+                 dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape ``pos.shape + (n_elem,)``. Angles are formed in float64 so that long streams
+    (positions of 10^5 and more) keep their precision, then cast to ``dtype`` (float32 by default)."""
+    angles = pos.to(torch.float64).unsqueeze(-1) * inv_freq.to(device=pos.device, dtype=torch.float64)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first ``cos.shape[-1]`` dims of ``x`` (B, H, T, d); cos/sin broadcast as (B|1, 1|H, T, n)."""
     n = cos.shape[-1]
     xr, xp = (x[..., :n], x[..., n:]) if n < x.shape[-1] else (x, None)
-    xf = xr.float()
+    xf = xr if xr.dtype == torch.float64 else xr.float()    # rotate in fp32 (fp64 stays fp64)
     half = n // 2
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    out = (xf * cos + rotated * sin).to(x.dtype)
+    out = (xf * cos.to(xf.dtype) + rotated * sin.to(xf.dtype)).to(x.dtype)
     return out if xp is None else torch.cat([out, xp], dim=-1)
 
 
@@ -72,9 +75,10 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 
 
 def alibi_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
-    """``-slope_h * |q - k|`` with q_pos (B|1, Tq), k_pos (B|1, Tk) -> (B|1, H, Tq, Tk) float32."""
-    dist = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)).abs().to(torch.float32)      # (B, Tq, Tk)
-    return -slopes.to(dist.device).view(1, -1, 1, 1) * dist.unsqueeze(1)
+    """``-slope_h * |q - k|`` with q_pos (B|1, Tq), k_pos (B|1, Tk) -> (B|1, H, Tq, Tk) float32.
+    (The attention functions cast it to the score dtype.)"""
+    dist = (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)).abs().to(torch.float64)      # (B, Tq, Tk)
+    return (-slopes.to(device=dist.device, dtype=torch.float64).view(1, -1, 1, 1) * dist.unsqueeze(1)).float()
 
 
 # ---------------------------------------------------------------------------- T5 relative

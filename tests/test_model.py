@@ -1,0 +1,384 @@
+"""The one model against reference maths: every variant is a config field of the same GPT.
+
+The reference block below recomputes a transformer block with explicit formulas and loops in float64 from
+the module's raw weights, so it shares no code path with lit_gpt/model.py.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_gpt import CHOICES, GPT, Config
+from lit_gpt.sink_metrics import SinkMeter
+from reference import alibi_slope_list, attention_loop, rope_rotate, sinusoid, t5_bucket
+
+V = 64
+
+
+def tiny(**overrides):
+    base = dict(block_size=32, vocab_size=V, padding_multiple=1, n_layer=2, n_head=4, n_embd=16,
+                intermediate_size=24)
+    base.update(overrides)
+    return Config(**base)
+
+
+def build(seed=0, dtype=torch.float64, **overrides):
+    torch.manual_seed(seed)
+    model = GPT(tiny(**overrides)).to(dtype)
+    # random (non-default) values for parameters initialised to constants, so the tests see them act
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sink_logit") or "norm" in name or name.startswith("ln_f"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+# ---------------------------------------------------------------------------- reference block
+def ref_norm(x, mod, cfg):
+    if cfg.norm_class == "rmsnorm":
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.norm_eps) * mod.weight.double()
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + cfg.norm_eps) * mod.weight.double() + mod.bias.double()
+
+
+def ref_act(name, x):
+    if name in ("relu", "reglu"):
+        return torch.where(x > 0, x, torch.zeros_like(x))
+    if name in ("gelu", "geglu"):
+        return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    return x / (1.0 + torch.exp(-x))        # swish / swiglu
+
+
+def linear(x, lin):
+    y = x @ lin.weight.double().T
+    return y + lin.bias.double() if lin.bias is not None else y
+
+
+def ref_mlp(x, mlp, cfg):
+    h = cfg.intermediate_size
+    if cfg.mlp in ("reglu", "geglu", "swiglu"):
+        W = mlp.fc.weight.double()
+        b = mlp.fc.bias.double() if mlp.fc.bias is not None else torch.zeros(2 * h, dtype=torch.float64)
+        gate = x @ W[:h].T + b[:h]
+        up = x @ W[h:].T + b[h:]
+        return linear(ref_act(cfg.mlp, gate) * up, mlp.proj)
+    return linear(ref_act(cfg.mlp, linear(x, mlp.fc)), mlp.proj)
+
+
+def ref_attention(x, attn, cfg, positions, rel_table=None):
+    """x (B, T, C) -> (output (B, T, C), weights, q, k) with explicit per-vector RoPE and loop attention."""
+    B, T, _ = x.shape
+    H, G, d = cfg.n_head, cfg.n_query_groups, cfg.head_size
+    W = attn.qkv.weight.double()
+    b = attn.qkv.bias.double() if attn.qkv.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+    q = (x @ W[: H * d].T + b[: H * d]).view(B, T, H, d).permute(0, 2, 1, 3).clone()
+    k = (x @ W[H * d:(H + G) * d].T + b[H * d:(H + G) * d]).view(B, T, G, d).permute(0, 2, 1, 3).clone()
+    v = (x @ W[(H + G) * d:].T + b[(H + G) * d:]).view(B, T, G, d).permute(0, 2, 1, 3).clone()
+    if cfg.kv_bias == "v":
+        v = v + attn.v_bias.double().view(1, -1, 1, d)
+    if cfg.pos_encoding == "rope":
+        n = int(cfg.rotary_percentage * d)
+        for bb, hh, t in itertools.product(range(B), range(H), range(T)):
+            q[bb, hh, t] = rope_rotate(q[bb, hh, t], positions[t], n, cfg.rope_base)
+        for bb, gg, t in itertools.product(range(B), range(G), range(T)):
+            k[bb, gg, t] = rope_rotate(k[bb, gg, t], positions[t], n, cfg.rope_base)
+    rep = H // G
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    bias = None
+    if cfg.pos_encoding == "alibi":
+        slopes = alibi_slope_list(H)
+        bias = lambda h, i, j: -slopes[h] * abs(i - j)
+    elif cfg.pos_encoding == "relative":
+        bidir = cfg.attn_mask == "prefix"
+        bias = lambda h, i, j: float(rel_table[t5_bucket(j - i, cfg.relative_buckets, cfg.relative_max_distance,
+                                                         bidir), h])
+    if cfg.attn_mask == "causal":
+        allowed = lambda i, j: j <= i
+    elif cfg.attn_mask == "window":
+        allowed = lambda i, j: j <= i and i - j < cfg.window_size
+    else:
+        allowed = lambda i, j: j <= i or (i < cfg.prefix_size and j < cfg.prefix_size)
+    phi = None
+    if cfg.attn_op == "elu_kernel":
+        phi = lambda t: torch.where(t > 0, t + 1.0, torch.exp(t))
+    elif cfg.attn_op == "mlp_kernel":
+        phi = lambda t: linear(torch.relu(linear(t, attn.kernel.fc1)), attn.kernel.fc2)
+    slot_keys = slot_values = slot_logits = None
+    if cfg.kv_bias in ("k", "kv"):
+        ks = attn.k_star.double()
+        ks = torch.cat([ks, torch.zeros(ks.shape[0], d - ks.shape[1], dtype=torch.float64)], 1)
+        slot_keys = ks.expand(H, d)
+        slot_values = attn.v_star.double().expand(H, d)
+    if cfg.sink_logit:
+        slot_logits = attn.sink_logit.double()
+    y, w = attention_loop(q, kr, vr, allowed, op=cfg.attn_op, normalize=cfg.attn_normalize,
+                          alpha=cfg.softmax_alpha, bias=bias, phi=phi, slot_keys=slot_keys,
+                          slot_values=slot_values, slot_logits=slot_logits, q_pos=positions, k_pos=positions)
+    if cfg.head_output == "sum":
+        out = linear(y.sum(1), attn.proj)
+    else:
+        out = linear(y.permute(0, 2, 1, 3).reshape(B, T, H * d), attn.proj)
+    return out, w, q, k
+
+
+def ref_block(x, block, cfg, positions, rel_table=None):
+    if cfg.norm_position == "pre":
+        a, w, q, k = ref_attention(ref_norm(x, block.norm_1, cfg), block.attn, cfg, positions, rel_table)
+        h = x + a
+        return h + ref_mlp(ref_norm(h, block.norm_2, cfg), block.mlp, cfg), w, q, k
+    a, w, q, k = ref_attention(x, block.attn, cfg, positions, rel_table)
+    h = ref_norm(x + a, block.norm_1, cfg)
+    return ref_norm(h + ref_mlp(h, block.mlp, cfg), block.norm_2, cfg), w, q, k
+
+
+VARIANTS = [
+    {},
+    dict(pos_encoding="nope"), dict(pos_encoding="sinusoidal"), dict(pos_encoding="learned"),
+    dict(pos_encoding="alibi"), dict(pos_encoding="relative"), dict(rotary_percentage=0.5, n_embd=32),
+    dict(mlp="relu"), dict(mlp="gelu"), dict(mlp="swish"), dict(mlp="reglu"), dict(mlp="geglu"),
+    dict(norm_position="post"), dict(norm_class="layernorm", bias=True),
+    dict(head_output="sum"), dict(n_query_groups=2), dict(n_head=1),
+    dict(attn_mask="window", window_size=3), dict(attn_mask="prefix", prefix_size=4),
+    dict(attn_mask="prefix", prefix_size=4, pos_encoding="relative"),
+    dict(kv_bias="k"), dict(kv_bias="kv"), dict(kv_bias="v"), dict(kv_bias="k", kv_bias_shared=True),
+    dict(kv_bias="kv", kv_bias_shared=True), dict(kv_bias="v", kv_bias_shared=True),
+    dict(kv_bias="k", kv_bias_value="one_hot", kv_bias_value_scale=2.0),
+    dict(kv_bias="k", kv_bias_value="uniform", kv_bias_value_scale=3.0),
+    dict(kv_bias="k", kv_bias_key_dims=1), dict(sink_logit=True), dict(sink_logit=True, kv_bias="kv"),
+    dict(softmax_alpha=2.5),
+    dict(attn_op="sigmoid", attn_normalize=False), dict(attn_op="sigmoid"), dict(attn_op="elu"),
+    dict(attn_op="elu", attn_normalize=False), dict(attn_op="elu_kernel"), dict(attn_op="elu_kernel", attn_normalize=False),
+    dict(attn_op="identity"), dict(attn_op="identity", attn_normalize=False), dict(attn_op="mlp_kernel"),
+    dict(attn_op="mlp_kernel", attn_normalize=False), dict(attn_op="sigmoid", attn_normalize=False, kv_bias="k"),
+    dict(attn_op="sigmoid", attn_normalize=False, pos_encoding="alibi"),
+    dict(attn_op="sigmoid", attn_normalize=False, pos_encoding="relative"),
+]
+
+
+def _id(v):
+    return ",".join(f"{k}={x}" for k, x in v.items()) or "default"
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=_id)
+@torch.no_grad()
+def test_blocks_match_reference_maths(overrides):
+    model = build(**overrides)
+    cfg = model.config
+    B, T = 2, 7
+    idx = torch.randint(0, V, (B, T))
+    logits, an = model(idx, return_analysis=True)
+    positions = list(range(T))
+    # embedding + absolute positions
+    x0 = model.wte.weight.double()[idx]
+    if cfg.pos_encoding == "sinusoidal":
+        x0 = x0 + torch.stack([sinusoid(t, cfg.n_embd) for t in positions])
+    elif cfg.pos_encoding == "learned":
+        x0 = x0 + model.wpe.weight.double()[:T]
+    torch.testing.assert_close(an.hidden[0], x0)
+    rel_table = model.rel_bias.embedding.weight.double() if cfg.pos_encoding == "relative" else None
+    for layer, block in enumerate(model.blocks):
+        out, w, q, k = ref_block(an.hidden[layer], block, cfg, positions, rel_table)
+        torch.testing.assert_close(an.attn[layer], w, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(an.q[layer], q, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(an.k[layer], k, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(an.hidden[layer + 1], out, rtol=1e-9, atol=1e-9)
+    final = ref_norm(an.hidden[-1], model.ln_f, cfg) @ model.lm_head.weight.double().T
+    torch.testing.assert_close(logits, final, rtol=1e-9, atol=1e-9)
+
+
+@torch.no_grad()
+def test_sink_token_is_a_prepended_learned_position_zero():
+    model = build(sink_token=True)
+    cfg = model.config
+    idx = torch.randint(0, V, (2, 6))
+    logits, an = model(idx, return_analysis=True)
+    # the same computation with the sink embedding as an explicit first token at position 0
+    x = torch.cat([model.sink_token.double().expand(2, 1, -1), model.wte.weight.double()[idx]], dim=1)
+    positions = list(range(7))
+    for layer, block in enumerate(model.blocks):
+        x, w, _, _ = ref_block(x, block, cfg, positions)
+        torch.testing.assert_close(an.attn[layer], w[:, :, 1:], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(an.hidden[layer + 1], x[:, 1:], rtol=1e-9, atol=1e-9)
+    assert an.n_extra == 1 and an.attn[0].shape[-1] == 7
+    torch.testing.assert_close(logits, model.lm_head(model.ln_f(x[:, 1:])))
+
+
+# ---------------------------------------------------------------------------- every field value
+def all_field_values():
+    cases = []
+    for name, values in CHOICES.items():
+        for value in values:
+            ov = {name: value}
+            if name == "attn_mask" and value == "window":
+                ov["window_size"] = 4
+            if name == "attn_mask" and value == "prefix":
+                ov["prefix_size"] = 3
+            if name == "kv_bias_value" and value != "zero":
+                ov["kv_bias"] = "k"
+            if name == "attn_impl" and value == "flex":
+                continue  # CUDA only (FlexAttention has no CPU backward); covered on the GPU benchmark
+            cases.append(ov)
+    combos = [
+        dict(attn_op="sigmoid", attn_normalize=False, pos_encoding="alibi", norm_position="post"),
+        dict(kv_bias="kv", kv_bias_shared=True, attn_mask="window", window_size=3, pos_encoding="relative"),
+        dict(sink_token=True, sink_logit=True, kv_bias="k", n_query_groups=2, head_output="sum"),
+        dict(mlp="geglu", norm_class="layernorm", bias=True, pos_encoding="learned", attn_mask="prefix", prefix_size=2),
+        dict(attn_op="mlp_kernel", attn_normalize=False, kv_bias="k", kv_bias_key_dims=2, n_head=2),
+        dict(kv_bias="k", kv_bias_value="uniform", kv_bias_value_scale=5.0, softmax_alpha=0.5),
+        dict(attn_op="elu_kernel", sink_token=True, pos_encoding="sinusoidal", tie_embeddings=True),
+    ]
+    return cases + combos
+
+
+@pytest.mark.parametrize("overrides", all_field_values(), ids=_id)
+def test_every_field_value_trains(overrides):
+    torch.manual_seed(0)
+    model = GPT(tiny(**overrides))
+    idx = torch.randint(0, V, (2, 12))
+    logits = model(idx[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, V), idx[:, 1:].reshape(-1))
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+# ---------------------------------------------------------------------------- fused == eager
+SOFTMAX_VARIANTS = [v for v in VARIANTS if v.get("attn_op", "softmax") == "softmax"] + [
+    dict(sink_token=True), dict(sink_token=True, pos_encoding="alibi", n_query_groups=2, kv_bias="k")]
+
+
+@pytest.mark.parametrize("overrides", SOFTMAX_VARIANTS, ids=_id)
+def test_fused_path_equals_eager_path(overrides):
+    model = build(**overrides)
+    idx = torch.randint(0, V, (2, 9))
+    fused = model(idx)
+    model.config.attn_impl = "eager"
+    eager = model(idx)
+    torch.testing.assert_close(fused, eager, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------- KV cache
+CACHE_VARIANTS = [dict(pos_encoding=p) for p in ("rope", "nope", "sinusoidal", "learned", "alibi", "relative")] + [
+    dict(rotary_percentage=0.5, n_embd=32), dict(n_query_groups=2), dict(kv_bias="kv"), dict(kv_bias="v"),
+    dict(sink_logit=True), dict(sink_token=True), dict(sink_token=True, pos_encoding="learned"),
+    dict(attn_mask="window", window_size=3), dict(attn_op="sigmoid", attn_normalize=False),
+    dict(attn_op="mlp_kernel"), dict(head_output="sum"), dict(norm_position="post"),
+]
+
+
+@pytest.mark.parametrize("overrides", CACHE_VARIANTS, ids=_id)
+def test_cached_decoding_equals_full_forward(overrides):
+    model = build(**overrides)
+    B, T = 2, 10
+    idx = torch.randint(0, V, (B, T))
+    full = model(idx)
+    model.set_kv_cache(B, max_seq_length=16)
+    prompt = 4
+    outs = [model(idx[:, :prompt], input_pos=torch.arange(prompt))]
+    for t in range(prompt, T):
+        outs.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t])))
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-9)
+    model.clear_kv_cache()
+
+
+def test_prefix_lm_cache_equals_full_forward_once_prefix_is_prefilled():
+    model = build(attn_mask="prefix", prefix_size=4)
+    idx = torch.randint(0, V, (2, 9))
+    full = model(idx)
+    model.set_kv_cache(2, 16)
+    outs = [model(idx[:, :4], input_pos=torch.arange(4))]
+    for t in range(4, 9):
+        outs.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t])))
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-9)
+
+
+def test_rows_with_different_positions_stay_independent():
+    model = build()
+    a = torch.randint(0, V, (1, 8))
+    b = torch.randint(0, V, (1, 5))
+    ref_a, ref_b = model(a), model(b)
+    model.set_kv_cache(2, 16)
+    # one batch: row 0 prefills 6 tokens at positions 0..5; row 1 prefills 3 real tokens at 0..2 and three
+    # padding tokens parked at positions 13..15, which causality hides from every later query of that row
+    ids = torch.cat([a[:, :6], torch.cat([b[:, :3], b.new_zeros(1, 3)], 1)])
+    pos = torch.stack([torch.arange(6), torch.tensor([0, 1, 2, 13, 14, 15])])
+    out = model(ids, input_pos=pos)
+    torch.testing.assert_close(out[0], ref_a[0, :6], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out[1, :3], ref_b[0, :3], rtol=1e-9, atol=1e-9)
+    step = model(torch.cat([a[:, 6:7], b[:, 3:4]]), input_pos=torch.tensor([[6], [3]]))
+    torch.testing.assert_close(step[0, 0], ref_a[0, 6], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(step[1, 0], ref_b[0, 3], rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------- returned maps
+def test_softmax_maps_sum_to_one_with_slot_columns():
+    for ov in ({}, dict(kv_bias="k"), dict(sink_logit=True), dict(sink_token=True),
+               dict(kv_bias="kv", sink_logit=True, sink_token=True)):
+        model = build(**ov)
+        _, an = model(torch.randint(0, V, (2, 8)), return_analysis={"attn"})
+        n_extra = model.config.n_extra_slots
+        assert an.n_extra == n_extra
+        for w in an.attn:
+            assert w.shape == (2, 4, 8, n_extra + 8)
+            torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 8, dtype=w.dtype))
+
+
+def test_first_token_dominance_shows_in_maps_and_sink_metric():
+    """Queries are a constant vector u (zero query weights, query bias u); only the embedding of token 7 has a
+    component that the key weights map onto u. Placing token 7 first makes every head attend to position 1."""
+    cfg = tiny(pos_encoding="nope", bias=True, n_layer=1)
+    model = GPT(cfg).double()
+    H, d, C = cfg.n_head, cfg.head_size, cfg.n_embd
+    with torch.no_grad():
+        W, b = model.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.bias
+        W.zero_(); b.zero_()
+        b[: H * d] = 1.0                                   # q = (1, ..., 1) in every head
+        model.wte.weight[7] = 0.0
+        model.wte.weight[7, 0] = 10.0                      # token 7's embedding has a unique direction
+        model.wte.weight[:, 0] = torch.where(torch.arange(V) == 7, 10.0, 0.0).double()
+        W[H * d:2 * H * d, 0] = 5.0                        # keys of token 7 align with q
+    idx = torch.randint(0, V, (3, 12))
+    idx[:, 0] = 7
+    idx[:, 1:] = torch.where(idx[:, 1:] == 7, 8, idx[:, 1:])
+    _, an = model(idx, return_analysis={"attn"})
+    w = an.attn[0]
+    assert float(w[..., 0].min()) > 0.99                 # every query puts > 99% on token 1
+    meter = SinkMeter()
+    meter.update(an.attn)
+    res = meter.compute()
+    assert res.sink[1] == 100.0 and res.sink[2] == 0.0
+
+
+# ---------------------------------------------------------------------------- sizes
+def test_named_60m_has_the_papers_size():
+    cfg = Config.from_name("tinyllama_60M")
+    model = torch.device("meta")
+    with torch.device("meta"):
+        m = GPT(cfg)
+    emb = cfg.vocab_size * cfg.n_embd * 2
+    non_emb = m.num_parameters() - emb
+    assert cfg.vocab_size == 50432 and cfg.n_layer == 10 and cfg.head_size == 96
+    assert 58e6 < non_emb < 61e6, non_emb
+    for n, h in (("tinyllama_60M_head1", 1), ("tinyllama_60M_head2", 2), ("tinyllama_60M_head4", 4)):
+        c = Config.from_name(n)
+        assert c.n_head == h and c.n_embd == 768 and c.head_size == 768 // h
+    big = Config.from_name("tinyllama_1_1b")
+    assert (big.n_layer, big.n_head, big.n_embd, big.intermediate_size) == (22, 16, 2048, 5632)
+    del model
+
+
+def test_init_follows_the_seed():
+    cfg = Config.from_name("tinyllama_demo")
+    m = GPT(cfg)
+    d = cfg.n_embd
+    assert abs(float(m.wte.weight.std()) - math.sqrt(2 / (5 * d))) < 0.002
+    qkv = m.blocks[0].attn.qkv.weight
+    assert abs(float(qkv.std()) - math.sqrt(2 / (5 * d))) < 0.005
+    proj = m.blocks[0].mlp.proj.weight
+    expected = 1 / math.sqrt(cfg.intermediate_size) / cfg.n_layer
+    assert abs(float(proj.std()) - expected) / expected < 0.05
