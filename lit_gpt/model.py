@@ -63,6 +63,7 @@ class ForwardContext:
     need: frozenset = frozenset()
     analysis: Optional[Analysis] = None
     drop_first: bool = False                 # a sink token was prepended in this call
+    use_cache: bool = False                  # input_pos was given: the layers' caches take part
 
 
 def _parse_need(return_analysis: Union[bool, Iterable[str]]) -> frozenset:
@@ -288,8 +289,8 @@ class CausalSelfAttention(nn.Module):
             for name, t in (("q", q), ("k", k), ("v", v)):
                 if name in ctx.need:
                     getattr(rec, name).append(t[:, :, s].detach())
-        cache = self.kv_cache
-        if cache is not None and ctx.pos is not None and getattr(cache, "attend", None) is not None:
+        cache = self.kv_cache if ctx.use_cache else None
+        if cache is not None and getattr(cache, "attend", None) is not None:
             # a streaming cache may compute attention itself (e.g. LM-Infinite's two position systems)
             y, w = cache.attend(self, q, k, v, ctx, need_weights="attn" in ctx.need)
         else:
@@ -429,7 +430,8 @@ class GPT(nn.Module):
         """Logits (B, T, vocab) or ``(logits, Analysis)`` when ``return_analysis`` is set.
 
         input_pos: None for a full forward from position 0 (caches untouched), or (T,) / (B, T) positions of
-            ``idx`` used with the caches set by :meth:`set_kv_cache` / :meth:`set_caches`.
+            ``idx`` used with the caches set by :meth:`set_kv_cache` / :meth:`set_caches`; a negative position
+            marks a padding token (streaming caches neither store it nor let other tokens see it).
         return_analysis: True or a subset of ``("attn", "hidden", "q", "k", "v")``.
         mask_fn: replaces the configured mask (a function of query and key positions).
         """
@@ -458,12 +460,12 @@ class GPT(nn.Module):
         x = self.wte(idx)
         prepend = cfg.sink_token and starts_at_zero
         if cfg.sink_token:
-            pos = pos + 1
+            pos = pos + 1 if input_pos is None else torch.where(pos >= 0, pos + 1, pos)   # padding stays < 0
             if prepend:
                 x = torch.cat([self.sink_token.to(x.dtype).expand(B, 1, -1), x], dim=1)
                 pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
         if cfg.pos_encoding == "learned":
-            x = x + self.wpe(pos)
+            x = x + self.wpe(pos if input_pos is None else pos.clamp(min=0))
         elif cfg.pos_encoding == "sinusoidal":
             x = x + sinusoidal_embedding(pos, cfg.n_embd).to(x.dtype)
         need = _parse_need(return_analysis)
@@ -473,6 +475,7 @@ class GPT(nn.Module):
             pos=pos, cos_sin=self.rope_tables(pos), mask_fn=effective_mask,
             full_causal=input_pos is None and effective_mask is causal_mask,
             bias_fn=self.bias_fn(), need=need, analysis=analysis, drop_first=prepend,
+            use_cache=input_pos is not None,
         )
         sl = slice(1, None) if prepend else slice(None)
         for block in self.blocks:

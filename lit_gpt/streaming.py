@@ -1,0 +1,651 @@
+"""Streaming attention over unbounded input: attention sinks + a recent window (StreamingLLM, Xiao et al. 2023)
+and LM-Infinite's Λ-shaped attention with a distance ceiling (Han et al. 2024). One implementation of the cache
+bookkeeping and of the attention over it serves our GPT (:class:`StreamingCache`) and Hugging Face models
+(:mod:`lit_gpt.hf_streaming`).
+
+The cache (:class:`SinkWindowKV`, one per layer)
+-------------------------------------------------
+``start_size`` sink slots hold the first tokens forever; ``recent_size`` ring slots hold the last tokens
+(token at position p lives in ring slot p mod recent_size and is overwritten in place by p + recent_size: no
+copy per token). The query at position p attends to
+
+* every token j with p - j < recent_size (the recent window, itself included), from the ring and the chunk;
+* every sink i < start_size that has left the window (p - i >= recent_size);
+
+so a full cache holds start_size + recent_size keys, the query's own key included (StreamingLLM's "4 + 252"
+is a 256-key cache). Rows of a batch carry their own positions; a negative position marks padding (not
+written, its output is finite and meaningless).
+
+Position policies (``StreamingSpec.policy``)
+--------------------------------------------
+* ``reindex`` (StreamingLLM): positions are re-indexed inside the cache: sinks at 0..s-1, the recent tokens
+  after them, the query last. For a recent key j the distance p - j is unchanged, so ring keys keep the
+  rotation of their original position; only the distance to sink i changes, to min(p, s + r - 1) - i.
+* ``lminfinite`` (LM-Infinite): original positions with a distance ceiling L = ``max_distance`` (L_pretrain,
+  default recent_size): sink ("global") keys are stored un-rotated (position 0) and the query that sees them is
+  rotated to min(p, L), i.e. every key beyond the local window is at distance L (the reference code's
+  "stationary" branch). Optional: ``topk`` middle tokens (keys neither global nor local) with the largest
+  logits under the ceiling, from layer ``topk_from_layer`` on (the paper's k=5 from layer 4, for retrieval);
+  this keeps all keys (O(n) cache memory), the Λ part stays O(s + r).
+* ``original``: no re-indexing, no ceiling (ablation; the only policy for absolute position embeddings).
+
+So both policies have the same two-group structure: sink keys at key position g(i) (i, or 0 for LM-Infinite)
+seen by the query at f(p) (min(p, s+r-1), min(p, L), or p), and local keys at their positions seen by the query
+at p. With RoPE this is done without re-rotating the cache: for one query per row (decoding) the s sink keys
+are re-rotated by p - f(p) into their slots (O(start_size) work per step, rotation is orthogonal so
+q_f . k = q_p . R(p - f) k); for several queries (chunked prefill) one fused SDPA call takes
+[q rotated to f(p) | q] on a doubled head dim against [k_sink | 0] and [0 | k_local] keys. ALiBi / T5
+biases take (f(p), g(i)) and (p, j) as their positions. Chunked prefill attends over [ring, chunk] before
+writing the chunk, so any chunk length gives the token-by-token result.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_gpt.attention import KERNEL_OPS, MaskFn, _with_slots, eager_attention, repeat_kv, sdpa_attention
+from lit_gpt.positional import apply_rope, rope_cos_sin, rope_inv_freq
+
+POLICIES = ("reindex", "original", "lminfinite")
+FEATURE_MAP_OPS = ("elu_kernel", "mlp_kernel")      # phi(q).phi(k): the rotation cannot move to the key side
+
+
+def _bad(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"StreamingSpec.{name}={value!r} is invalid; allowed: {allowed}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class StreamingSpec:
+    """What a streaming cache keeps and how it positions the keys (see the module docstring)."""
+
+    start_size: int = 4                    # sinks (LM-Infinite's n_global)
+    recent_size: int = 252                 # recent window, the query itself included (LM-Infinite's n_local)
+    policy: str = "reindex"                # reindex | original | lminfinite
+    max_distance: Optional[int] = None     # lminfinite: L_pretrain, the distance ceiling (default recent_size)
+    topk: int = 0                          # lminfinite: middle tokens attended per query and head (0 = off)
+    topk_from_layer: int = 4               # ... in layers with index >= this (0-based)
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.start_size) or self.start_size < 0:
+            raise _bad("start_size", self.start_size, "an integer >= 0")
+        if not _is_int(self.recent_size) or self.recent_size < 1:
+            raise _bad("recent_size", self.recent_size, "an integer >= 1 (the query sees itself)")
+        if self.policy not in POLICIES:
+            raise _bad("policy", self.policy, ", ".join(POLICIES))
+        if self.max_distance is not None:
+            if self.policy != "lminfinite":
+                raise _bad("max_distance", self.max_distance, f"null unless policy='lminfinite' (policy={self.policy!r})")
+            if not _is_int(self.max_distance) or self.max_distance < 1:
+                raise _bad("max_distance", self.max_distance, "a positive integer (L_pretrain)")
+        if not _is_int(self.topk) or self.topk < 0:
+            raise _bad("topk", self.topk, "an integer >= 0")
+        if self.topk and self.policy != "lminfinite":
+            raise _bad("topk", self.topk, f"0 unless policy='lminfinite' (policy={self.policy!r})")
+        if not _is_int(self.topk_from_layer) or self.topk_from_layer < 0:
+            raise _bad("topk_from_layer", self.topk_from_layer, "an integer >= 0")
+
+    @property
+    def cache_size(self) -> int:
+        return self.start_size + self.recent_size
+
+    @property
+    def ceiling(self) -> int:
+        return self.max_distance if self.max_distance is not None else self.recent_size
+
+    def sink_query_pos(self, p: torch.Tensor) -> torch.Tensor:
+        """f(p): the position of the query when it looks at sink keys."""
+        if self.policy == "reindex":
+            return p.clamp(max=self.cache_size - 1)
+        if self.policy == "lminfinite":
+            return p.clamp(max=self.ceiling)
+        return p
+
+    def sink_key_pos(self, i: torch.Tensor) -> torch.Tensor:
+        """g(i): the position a sink key is stored at (0 = un-rotated for LM-Infinite)."""
+        return torch.zeros_like(i) if self.policy == "lminfinite" else i
+
+    def uses_topk(self, layer_idx: int) -> bool:
+        return self.topk > 0 and layer_idx >= self.topk_from_layer
+
+    def describe(self) -> str:
+        s = f"{self.policy} sinks={self.start_size} recent={self.recent_size}"
+        if self.policy == "lminfinite":
+            s += f" L={self.ceiling}" + (f" topk={self.topk}@layer>={self.topk_from_layer}" if self.topk else "")
+        return s
+
+
+def dense_spec(max_len: int) -> StreamingSpec:
+    """A ring that never wraps: plain dense causal attention over up to ``max_len`` tokens (supports padding)."""
+    return StreamingSpec(start_size=0, recent_size=max_len, policy="original")
+
+
+@dataclass
+class PositionOps:
+    """How a model encodes positions, as far as the streaming attention needs to know.
+
+    kind: ``rope`` (rotate-half layout on the first 2*len(inv_freq) dims), ``bias`` (additive score bias
+    ``bias_fn(q_pos (B|1, Tq), k_pos (B|1, Tk)) -> (B|1, H, Tq, Tk)``), ``none`` (NoPE) or ``absolute``
+    (added to the input embedding; only the ``original`` policy is meaningful).
+    """
+
+    kind: str
+    inv_freq: Optional[torch.Tensor] = None
+    bias_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+
+    def rotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """RoPE of x (B, heads, T, d) by integer offsets ``delta`` (B|1, T); identity unless kind == 'rope'."""
+        if self.kind != "rope":
+            return x
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cos, sin = rope_cos_sin(delta, self.inv_freq, dtype)
+        return apply_rope(x, cos.unsqueeze(1), sin.unsqueeze(1))
+
+
+# ---------------------------------------------------------------------------- the cache
+class SinkWindowKV:
+    """One layer's sink + recent-window keys/values and the attention over them.
+
+    Buffers (allocated on first use, batch size fixed until :meth:`reset`):
+      k, v    (B, G, s + r, d): slots [0, s) sinks (for decoding: sink keys rotated for the current query),
+              [s, s + r) the ring (keys rotated at their original positions);
+      pos     (B, s + r): original position of each slot, -1 = empty;
+      sink_k  (B, G, s, d): sink keys rotated at g(i) (never modified after writing);
+      mid_k/v (B, G, N, d), mid_pos: only with top-k: every token's un-rotated key, indexed by position.
+    """
+
+    def __init__(self, spec: StreamingSpec, layer_idx: int = 0) -> None:
+        self.spec = spec
+        self.layer_idx = layer_idx
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+        self.pos: Optional[torch.Tensor] = None
+        self.sink_k: Optional[torch.Tensor] = None
+        self.mid_k: Optional[torch.Tensor] = None
+        self.mid_v: Optional[torch.Tensor] = None
+        self.mid_pos: Optional[torch.Tensor] = None
+
+    @property
+    def topk(self) -> bool:
+        return self.spec.uses_topk(self.layer_idx)
+
+    def reset(self) -> None:
+        """Empty the cache (keeps the allocation)."""
+        if self.pos is not None:
+            self.pos.fill_(-1)
+        self.mid_k = self.mid_v = self.mid_pos = None
+
+    def nbytes(self) -> int:
+        ts = (self.k, self.v, self.pos, self.sink_k, self.mid_k, self.mid_v, self.mid_pos)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def _alloc(self, B: int, G: int, d: int, dv: int, dtype: torch.dtype, device: torch.device) -> None:
+        s, S = self.spec.start_size, self.spec.cache_size
+        if self.k is not None and self.k.shape[0] == B and self.k.shape[1] == G and self.k.shape[-1] == d \
+                and self.v.shape[-1] == dv and self.k.dtype == dtype and self.k.device == device:
+            return
+        if self.pos is not None and bool((self.pos >= 0).any()):
+            raise ValueError(f"batch/heads/dtype changed from {tuple(self.k.shape)} {self.k.dtype} to "
+                             f"{(B, G, S, d)} {dtype} on a non-empty streaming cache: reset() it first")
+        self.k = torch.zeros(B, G, S, d, dtype=dtype, device=device)
+        self.v = torch.zeros(B, G, S, dv, dtype=dtype, device=device)
+        self.pos = torch.full((B, S), -1, dtype=torch.long, device=device)
+        self.sink_k = torch.zeros(B, G, s, d, dtype=dtype, device=device)
+
+    # -- writes
+    def _write_sinks(self, k, v, p, valid, ops: PositionOps) -> None:
+        m = valid & (p < self.spec.start_size)
+        if not bool(m.any()):
+            return
+        b, t = m.nonzero(as_tuple=True)
+        slot = p[b, t]
+        ks = k[b, :, t]                                           # (N, G, d)
+        delta = self.spec.sink_key_pos(slot) - slot
+        if ops.kind == "rope" and bool((delta != 0).any()):
+            ks = ops.rotate(ks.unsqueeze(2), delta.unsqueeze(1)).squeeze(2)
+        self.sink_k[b, :, slot] = ks.to(self.sink_k.dtype)
+        self.k[b, :, slot] = ks.to(self.k.dtype)
+        self.v[b, :, slot] = v[b, :, t].to(self.v.dtype)
+        self.pos[b, slot] = slot
+
+    def _write_ring(self, k, v, p, valid) -> None:
+        s, r = self.spec.start_size, self.spec.recent_size
+        last = torch.where(valid, p, torch.full_like(p, -1)).max(dim=1, keepdim=True).values
+        m = valid & (p > last - r)                                # only the last r tokens of each row survive
+        if not bool(m.any()):
+            return
+        b, t = m.nonzero(as_tuple=True)
+        pp = p[b, t]
+        slot = s + pp % r
+        self.k[b, :, slot] = k[b, :, t].to(self.k.dtype)
+        self.v[b, :, slot] = v[b, :, t].to(self.v.dtype)
+        self.pos[b, slot] = pp
+
+    def _write_middle(self, k, v, p, valid, ops: PositionOps) -> None:
+        B, G, _, d = k.shape
+        need = int(p.max()) + 1
+        if self.mid_k is None or self.mid_k.shape[2] < need:
+            cap = max(need, 2 * (0 if self.mid_k is None else self.mid_k.shape[2]), 64)
+            mk = k.new_zeros(B, G, cap, d)
+            mv = v.new_zeros(B, G, cap, v.shape[-1])
+            mp = torch.full((B, cap), -1, dtype=torch.long, device=k.device)
+            if self.mid_k is not None:
+                n = self.mid_k.shape[2]
+                mk[:, :, :n], mv[:, :, :n], mp[:, :n] = self.mid_k, self.mid_v, self.mid_pos
+            self.mid_k, self.mid_v, self.mid_pos = mk, mv, mp
+        if not bool(valid.any()):
+            return
+        b, t = valid.nonzero(as_tuple=True)
+        pp = p[b, t]
+        ks = ops.rotate(k[b, :, t].unsqueeze(2), (-pp).unsqueeze(1)).squeeze(2)   # un-rotated ("position 0")
+        self.mid_k[b, :, pp] = ks
+        self.mid_v[b, :, pp] = v[b, :, t]
+        self.mid_pos[b, pp] = pp
+
+    # -- attention
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, ops: PositionOps, *,
+               scale: float, op: str = "softmax", normalize: bool = True, alpha: float = 1.0,
+               kernel: Optional[Callable] = None, slot_k: Optional[torch.Tensor] = None,
+               slot_v: Optional[torch.Tensor] = None, slot_logit: Optional[torch.Tensor] = None,
+               mask_fn: Optional[MaskFn] = None, need_weights: bool = False
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Attend q (B, H, T, d) over the cache plus this chunk's k, v (B, G, T, d), then store the chunk.
+
+        q and k arrive rotated at their original positions ``pos`` (B|1, T) (RoPE models). ``mask_fn`` (the
+        model's own mask, in original positions) is AND-ed. Returns (B, H, T, dv) and the attention map over
+        columns [extra slots][sinks][ring][chunk] when ``need_weights``.
+        """
+        spec = self.spec
+        s, r = spec.start_size, spec.recent_size
+        B, H, T, d = q.shape
+        G, dv = k.shape[1], v.shape[-1]
+        p = pos.to(q.device).long().expand(B, T)
+        valid = p >= 0
+        self._alloc(B, G, d, dv, k.dtype, k.device)
+        self._write_sinks(k, v, p, valid, ops)
+        if self.topk:
+            if op != "softmax":
+                raise ValueError(f"StreamingSpec.topk={spec.topk} needs softmax attention (attn_op={op!r})")
+            self._write_middle(k, v, p, valid, ops)
+        fq = spec.sink_query_pos(p)
+        rotate_sinks = ops.kind == "rope" and spec.policy != "original" and s > 0
+        single = T == 1 and not self.topk and op not in FEATURE_MAP_OPS
+        phi = kernel if op in FEATURE_MAP_OPS else None
+        if single:
+            # decoding: write first (slot p mod r held p - r, which this query no longer sees), then rotate the
+            # s sink keys for this query: q_{f(p)} . k_i == q_p . R(p - f(p)) k_i
+            self._write_ring(k, v, p, valid)
+            if rotate_sinks:
+                self.k[:, :, :s] = ops.rotate(self.sink_k, (p - fq).expand(B, s)).to(self.k.dtype)
+            qq, keys, vals, kp = q, self.k, self.v, self.pos
+            sk = slot_k
+        else:
+            k_loc = torch.cat([self.k[:, :, s:], k.to(self.k.dtype)], dim=2)
+            vals = torch.cat([self.v, v.to(self.v.dtype)], dim=2)
+            kp = torch.cat([self.pos, p], dim=1)
+            k_sink = self.sink_k
+            if phi is not None:
+                k_sink, k_loc = phi(k_sink), phi(k_loc)
+            if rotate_sinks:
+                q_far = ops.rotate(q, fq - p)
+                if phi is not None:
+                    q_far, q = phi(q_far), phi(q)
+                qq = torch.cat([q_far, q], dim=-1)
+                keys = torch.cat([torch.cat([k_sink, torch.zeros_like(k_sink)], -1),
+                                  torch.cat([torch.zeros_like(k_loc), k_loc], -1)], dim=2)
+            else:
+                qq = phi(q) if phi is not None else q
+                keys = torch.cat([k_sink, k_loc], dim=2)
+            sk = slot_k
+            if sk is not None and phi is not None:
+                sk = phi(sk)
+            if sk is not None and rotate_sinks:
+                sk = torch.cat([torch.zeros_like(sk), sk], dim=-1)    # slots pair with the query at p
+        # visibility: sinks once they left the window, everything else inside the window
+        S = kp.shape[1]
+        is_sink = (torch.arange(S, device=q.device) < s).view(1, 1, S)
+        qp, kq = p.unsqueeze(-1), kp.unsqueeze(-2)
+        near = (qp - kq) < r
+        vis = (kq >= 0) & (kq <= qp) & torch.where(is_sink, ~near, near)
+        if mask_fn is not None:
+            vis = vis & mask_fn(qp, kq)
+        vis = vis | ~valid.unsqueeze(-1)                          # padding queries: anything finite
+        bias = None
+        if ops.kind == "bias":
+            b_sink = ops.bias_fn(fq, spec.sink_key_pos(kp[:, :s])).expand(B, -1, -1, -1)
+            b_loc = ops.bias_fn(p, kp[:, s:]).expand(B, -1, -1, -1)
+            bias = torch.cat([b_sink, b_loc], dim=-1)
+        if self.topk:
+            y, w = self._attend_topk(qq, keys, vals, vis, bias, q, p, fq, ops, scale, alpha, sk, slot_v,
+                                     slot_logit, mask_fn, need_weights)
+        elif op == "softmax" and not need_weights:
+            y = sdpa_attention(qq, keys, vals, mask=vis.unsqueeze(1), scale=scale, bias=bias, alpha=alpha,
+                               slot_k=sk, slot_v=slot_v, slot_logit=slot_logit)
+            w = None
+        else:
+            y, w = eager_attention(qq, keys, vals, mask=vis.unsqueeze(1), op=op, normalize=normalize, alpha=alpha,
+                                   scale=scale, bias=bias, slot_k=sk, slot_v=slot_v, slot_logit=slot_logit,
+                                   kernel=(lambda t: t) if phi is not None else kernel, need_weights=need_weights)
+        if not single:
+            self._write_ring(k, v, p, valid)
+        return y, w
+
+    def _attend_topk(self, qq, keys, vals, vis, bias, q, p, fq, ops, scale, alpha, slot_k, slot_v, slot_logit,
+                     mask_fn, need_weights):
+        """Λ attention plus, per query and head, the top-k middle keys by their logit under the ceiling."""
+        s, r = self.spec.start_size, self.spec.recent_size
+        B, H, T, _ = q.shape
+        kr, vr = repeat_kv(keys, H), repeat_kv(vals, H)
+        scores, mask, vr = _with_slots(qq, kr, vr, scale, bias, vis.unsqueeze(1).expand(B, H, -1, -1),
+                                       slot_k, slot_v, slot_logit)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        q_far = ops.rotate(q, fq - p)                             # the query at min(p, L) vs un-rotated keys
+        mk, mv, mpos = repeat_kv(self.mid_k, H), repeat_kv(self.mid_v, H), self.mid_pos
+        mid = (q_far @ mk.transpose(-1, -2)) * scale              # (B, H, T, N)
+        if ops.kind == "bias":
+            mid = mid + ops.bias_fn(fq, torch.zeros_like(mpos)).to(mid.dtype)
+        qp, kq = p.unsqueeze(-1), mpos.unsqueeze(-2)
+        cand = (kq >= s) & (kq <= qp) & (qp - kq >= r)
+        if mask_fn is not None:
+            cand = cand & mask_fn(qp, kq)
+        mid = mid.masked_fill(~cand.unsqueeze(1), float("-inf"))
+        kk = min(self.spec.topk, mid.shape[-1])
+        top, idx = mid.topk(kk, dim=-1)                           # (B, H, T, kk); -inf where fewer candidates
+        w = torch.softmax(torch.cat([scores, top], dim=-1), dim=-1)
+        n_main = scores.shape[-1]
+        dv = mv.shape[-1]
+        picked = torch.gather(mv.unsqueeze(2).expand(B, H, T, mv.shape[2], dv), 3,
+                              idx.unsqueeze(-1).expand(B, H, T, kk, dv))
+        y = w[..., :n_main] @ vr + (w[..., n_main:].unsqueeze(-1) * picked).sum(-2)
+        if alpha != 1.0:
+            y, w = y * alpha, w * alpha
+        return y, (w if need_weights else None)
+
+
+# ---------------------------------------------------------------------------- our GPT
+def gpt_position_ops(config, bias_fn: Optional[Callable] = None, device=None) -> PositionOps:
+    pe = config.pos_encoding
+    if pe == "rope":
+        return PositionOps("rope", inv_freq=rope_inv_freq(config.rope_n_elem, config.rope_base, device=device))
+    if pe in ("alibi", "relative"):
+        return PositionOps("bias", bias_fn=bias_fn)
+    if pe == "nope":
+        return PositionOps("none")
+    return PositionOps("absolute")
+
+
+def check_streaming_config(spec: StreamingSpec, config) -> None:
+    """One-line errors for the combinations of model config and streaming spec that have no meaning."""
+    pe = config.pos_encoding
+    if pe in ("learned", "sinusoidal") and spec.policy != "original":
+        raise ValueError(f"StreamingSpec.policy={spec.policy!r} is invalid with pos_encoding={pe!r}; allowed: "
+                         "'original' (absolute positions are added to the token embedding, so cached keys can be "
+                         "neither re-indexed nor given a distance ceiling)")
+    if config.attn_mask == "prefix":
+        raise ValueError("Config.attn_mask='prefix' is invalid for streaming; allowed: causal, window "
+                         "(a bidirectional prefix cannot be processed chunk by chunk from a cache)")
+    if spec.topk and config.attn_op != "softmax":
+        raise ValueError(f"StreamingSpec.topk={spec.topk} is invalid with attn_op={config.attn_op!r}; allowed: "
+                         "0, or attn_op='softmax' (top-k joins the softmax)")
+
+
+class StreamingCache(nn.Module):
+    """Our GPT's per-layer streaming cache: the model calls :meth:`attend` (see ``CausalSelfAttention``)."""
+
+    def __init__(self, spec: StreamingSpec, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.spec = spec
+        self.kv = SinkWindowKV(spec, layer_idx)
+
+    def attend(self, attn, q, k, v, ctx, need_weights: bool):
+        cfg = attn.config
+        ops = gpt_position_ops(cfg, ctx.bias_fn, device=q.device)
+        return self.kv.attend(q, k, v, ctx.pos, ops, scale=attn.scale, op=cfg.attn_op, normalize=cfg.attn_normalize,
+                              alpha=cfg.softmax_alpha, kernel=attn.feature_map(), mask_fn=ctx.mask_fn,
+                              need_weights=need_weights, **attn.slots())
+
+    def forward(self, k, v, pos):  # pragma: no cover - the model calls attend()
+        raise TypeError("StreamingCache computes attention itself (attend()); it does not return keys/values")
+
+    def reset(self) -> None:
+        self.kv.reset()
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes()
+
+
+def install_streaming(model, spec: StreamingSpec) -> List[StreamingCache]:
+    """Give every layer of our GPT a fresh streaming cache; returns them (``model.clear_kv_cache()`` removes)."""
+    check_streaming_config(spec, model.config)
+    caches = [StreamingCache(spec, i) for i in range(len(model.blocks))]
+    model.set_caches(caches)
+    return caches
+
+
+# ---------------------------------------------------------------------------- runners and drivers
+class GPTRunner:
+    """Uniform streaming interface over our GPT (the HF counterpart is ``hf_streaming.HFRunner``).
+
+    ``start(batch, spec)`` installs fresh caches (spec None: no cache), ``step(ids, pos)`` runs a chunk at
+    positions (B, T) (negative = padding) and returns float logits, ``fresh(ids)`` is a cache-free forward
+    from position 0, ``stop()`` removes the caches.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.caches: List[StreamingCache] = []
+        self.block_size = model.config.block_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def start(self, batch_size: int, spec: Optional[StreamingSpec]) -> None:
+        self.caches = install_streaming(self.model, spec) if spec is not None else []
+
+    def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, input_pos=pos)
+
+    def fresh(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids)
+
+    def stop(self) -> None:
+        self.model.clear_kv_cache()
+        self.caches = []
+
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes() for c in self.caches)
+
+
+def chunk_positions(lengths: torch.Tensor, c0: int, c1: int, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Positions (B, c1 - c0) of columns [c0, c1) for rows of ``lengths`` tokens (-1 past a row's end)."""
+    cols = torch.arange(c0, c1, device=lengths.device).unsqueeze(0)
+    pos = cols + (0 if offset is None else offset.unsqueeze(1))
+    return torch.where(cols < lengths.unsqueeze(1), pos, torch.full_like(pos, -1))
+
+
+@torch.no_grad()
+def stream_nll(runner, tokens: torch.Tensor, spec: Optional[StreamingSpec], *, chunk_size: int = 1,
+               lengths: Optional[torch.Tensor] = None, progress: Optional[Callable[[int, int], None]] = None
+               ) -> torch.Tensor:
+    """Per-token negative log-likelihood (nats) of a stream fed chunk by chunk through a streaming cache.
+
+    tokens (B, n) (rows shorter than n padded on the right, ``lengths`` (B,)); spec None = dense attention
+    (a ring that never wraps). Returns (B, n - 1) float64: entry t is -log p(tokens[t + 1] | tokens[:t + 1])
+    under the method, NaN past a row's end.
+    """
+    B, n = tokens.shape
+    device = runner.device
+    tokens = tokens.to(device)
+    lengths = torch.full((B,), n, device=device) if lengths is None else lengths.to(device)
+    runner.start(B, spec if spec is not None else dense_spec(n))
+    nll = torch.full((B, n - 1), float("nan"), dtype=torch.float64)
+    try:
+        for c0 in range(0, n, chunk_size):
+            c1 = min(n, c0 + chunk_size)
+            pos = chunk_positions(lengths, c0, c1)
+            logits = runner.step(tokens[:, c0:c1], pos)
+            t1 = min(c1, n - 1)
+            if t1 > c0:
+                lp = torch.log_softmax(_wide(logits[:, : t1 - c0]), dim=-1)
+                tgt = tokens[:, c0 + 1: t1 + 1]
+                val = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().cpu()
+                ok = (torch.arange(c0 + 1, t1 + 1, device=device).unsqueeze(0) < lengths.unsqueeze(1)).cpu()
+                nll[:, c0:t1] = torch.where(ok, val, torch.full_like(val, float("nan")))
+            if progress is not None:
+                progress(c1, n)
+    finally:
+        runner.stop()
+    return nll
+
+
+@torch.no_grad()
+def recompute_nll(runner, tokens: torch.Tensor, window: int, stride: int = 1,
+                  progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """Sliding window with recomputation: every prediction sees at most ``window`` tokens, re-encoded from
+    scratch at positions 0.. (quadratic). One forward per ``stride`` targets: targets (b - stride, b] come from
+    the forward over tokens [b - window, b) (so each sees between window - stride + 1 and window tokens;
+    stride 1 is exact recomputation).
+    tokens (B, n) -> (B, n - 1) float64 as :func:`stream_nll`."""
+    if not _is_int(window) or window < 1:
+        raise ValueError(f"window={window!r} is invalid; allowed: a positive integer")
+    if not _is_int(stride) or not 1 <= stride <= window:
+        raise ValueError(f"stride={stride!r} is invalid; allowed: an integer in [1, window={window}]")
+    B, n = tokens.shape
+    tokens = tokens.to(runner.device)
+    nll = torch.full((B, n - 1), float("nan"), dtype=torch.float64)
+    runner.stop()
+    b, prev = min(window, n - 1), 0
+    while True:
+        a = max(0, b - window)
+        logits = runner.fresh(tokens[:, a:b])
+        lo = prev + 1                                             # targets prev+1..b (token index)
+        lp = torch.log_softmax(_wide(logits[:, lo - 1 - a: b - a]), dim=-1)
+        tgt = tokens[:, lo: b + 1]
+        nll[:, lo - 1: b] = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().cpu()
+        if progress is not None:
+            progress(b, n - 1)
+        if b >= n - 1:
+            break
+        prev, b = b, min(b + stride, n - 1)
+    return nll
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half types; float32/float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def process_rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@dataclass
+class TokenEvent:
+    """One decoding step of :func:`stream_generate` (what the progress display and the log receive)."""
+    step: int
+    tokens: List[int]          # the token chosen for every row
+    positions: List[int]       # the position each row's token will take
+    latency_s: float
+    cache_bytes: int
+    rss_bytes: int
+    cuda_bytes: int
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B, V) -> (B,): greedy for temperature 0, else softmax sampling (optionally from the top k)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def prefill(runner, prompts: Sequence[Sequence[int]], *, chunk_size: int = 256,
+            offsets: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Feed ragged prompts (one list per row) chunk by chunk through the installed caches, starting at position
+    ``offsets`` (B,) (default 0). Returns (last-token logits (B, V), lengths (B,)); rows with an empty prompt
+    get NaN logits."""
+    device = runner.device
+    B = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    n = int(lengths.max()) if B else 0
+    ids = torch.zeros(B, max(n, 1), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, : len(p)] = torch.as_tensor(list(p), device=device)
+    last = None
+    for c0 in range(0, n, chunk_size):
+        c1 = min(n, c0 + chunk_size)
+        logits = _wide(runner.step(ids[:, c0:c1], chunk_positions(lengths, c0, c1, offsets)))
+        if last is None:
+            last = torch.full((B, logits.shape[-1]), float("nan"), device=device, dtype=logits.dtype)
+        ends = lengths - 1
+        rows = ((ends >= c0) & (ends < c1)).nonzero(as_tuple=True)[0]
+        last[rows] = logits[rows, ends[rows] - c0]
+    return last, lengths
+
+
+@torch.no_grad()
+def stream_generate(runner, prompts: Sequence[Sequence[int]], spec: Optional[StreamingSpec],
+                    max_new_tokens: int, *, chunk_size: int = 256, temperature: float = 0.0,
+                    top_k: Optional[int] = None, eos_id: Optional[int] = None, seed: int = 0,
+                    on_token: Optional[Callable[[TokenEvent], None]] = None, keep_cache: bool = False
+                    ) -> List[List[int]]:
+    """Generate ``max_new_tokens`` for each (ragged) prompt past any window: chunked sink-aware prefill, then
+    one token per row per step, every row at its own position. Rows that emit ``eos_id`` stop (they keep
+    stepping as padding). ``on_token`` receives a :class:`TokenEvent` per step (latency, cache and process
+    memory). With ``keep_cache`` the caches stay installed (multi-turn chat continues from them)."""
+    device = runner.device
+    B = len(prompts)
+    if spec is None:
+        spec = dense_spec(max(len(p) for p in prompts) + max_new_tokens)
+    runner.start(B, spec)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out: List[List[int]] = [[] for _ in range(B)]
+    try:
+        t0 = time.perf_counter()
+        logits, lengths = prefill(runner, prompts, chunk_size=chunk_size)
+        next_pos = lengths.clone()
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            tok = sample_next(logits.cpu(), temperature, top_k, gen).to(device)
+            for i in range(B):
+                if not bool(done[i]):
+                    out[i].append(int(tok[i]))
+            if eos_id is not None:
+                done = done | (tok == eos_id)
+            if on_token is not None:
+                cuda = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+                on_token(TokenEvent(step, tok.tolist(), next_pos.tolist(), time.perf_counter() - t0,
+                                    runner.cache_bytes(), process_rss_bytes(), cuda))
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            t0 = time.perf_counter()
+            pos = torch.where(done, torch.full_like(next_pos, -1), next_pos).unsqueeze(1)
+            logits = _wide(runner.step(tok.unsqueeze(1), pos)[:, -1])
+            next_pos = next_pos + (~done).long()
+    finally:
+        if not keep_cache:
+            runner.stop()
+    return out
