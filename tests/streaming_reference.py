@@ -40,66 +40,128 @@ def lminfinite_middle(n_global: int, n_local: int) -> Callable[[int], List[int]]
     return lambda p: [j for j in range(p + 1) if j >= n_global and p - j >= n_local]
 
 
-# ---------------------------------------------------------------------------- a llama-style GPT in loops
-def _rms(x, w, eps):
+# ---------------------------------------------------------------------------- attention by plan
+def plan_attention(q, k, v, plan: Plan, *, n_rot: int = 0, base: float = 10000.0, slopes=None, topk: int = 0,
+                   middle: Optional[Callable[[int], List[int]]] = None, ceiling: int = 0) -> torch.Tensor:
+    """Softmax attention of q (B, T, H, d) over k, v (B, T, G, d) (pre-positional; GQA by h // (H / G)), the
+    query at p attending to ``plan(p)``: RoPE on the first ``n_rot`` dims (rotate-half pairs) at the plan's
+    positions, or ALiBi ``slopes``. With ``topk`` also the top-k of ``middle(p)`` by logit at distance
+    ``ceiling``. Returns (B, T, H, d) float64."""
+    B, T, H, d = q.shape
+    G = k.shape[2]
+
+    def enc(vec, pos):
+        return rope_rotate(vec, pos, n_rot, base) if n_rot else vec.double()
+
+    def logit(b, h, g, p, j, qp, kp):
+        s = float(enc(q[b, p, h], qp) @ enc(k[b, j, g], kp)) / math.sqrt(d)
+        return s - (slopes[h] * (qp - kp) if slopes is not None else 0.0)
+
+    y = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // G)
+            for p in range(T):
+                scores = [logit(b, h, g, p, j, qp, kp) for j, qp, kp in plan(p)]
+                vals = [v[b, j, g] for j, _, _ in plan(p)]
+                if topk:
+                    mids = sorted(((logit(b, h, g, p, j, j + ceiling, j), j) for j in middle(p)), reverse=True)
+                    for sc, j in mids[:topk]:
+                        scores.append(sc)
+                        vals.append(v[b, j, g])
+                s = torch.tensor(scores, dtype=torch.float64)
+                w = torch.exp(s - s.max())
+                w = w / w.sum()
+                y[b, p, h] = sum(wi * vi.double() for wi, vi in zip(w, vals))
+    return y
+
+
+def rms(x, w, eps):
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w.double()
 
 
-def _silu(x):
+def layer_norm(x, mod):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + mod.eps) * mod.weight.double() + mod.bias.double()
+
+
+def silu(x):
     return x / (1.0 + torch.exp(-x))
 
 
-def ref_gpt_logits(model, idx: torch.Tensor, plan: Plan, *, topk: int = 0, topk_from_layer: int = 0,
-                   middle: Optional[Callable[[int], List[int]]] = None, ceiling: int = 0) -> torch.Tensor:
-    """Logits (B, T, V) of our GPT (pre-norm RMSNorm, SwiGLU, no biases; rope / alibi / nope) where the query
-    at position p attends to ``plan(p)``; with ``topk`` (layers >= topk_from_layer) it also attends, per head,
-    to the ``topk`` keys of ``middle(p)`` with the largest logits at distance ``ceiling``."""
+def gelu(x):
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def lin(x, mod):
+    y = x @ mod.weight.double().T
+    return y + mod.bias.double() if mod.bias is not None else y
+
+
+# ---------------------------------------------------------------------------- models written out
+def ref_gpt_logits(model, idx: torch.Tensor, plan: Plan, **attn_kw) -> torch.Tensor:
+    """Our GPT (pre-norm RMSNorm, SwiGLU, no biases; rope / alibi / nope) with attention by plan.
+    ``attn_kw`` (topk, middle, ceiling) applies to layers >= ``topk_from_layer``."""
     cfg = model.config
     assert cfg.norm_class == "rmsnorm" and cfg.norm_position == "pre" and cfg.mlp == "swiglu" and not cfg.bias
+    from_layer = attn_kw.pop("topk_from_layer", 0)
     B, T = idx.shape
     H, G, d = cfg.n_head, cfg.n_query_groups, cfg.head_size
-    n_rot = cfg.rope_n_elem
-    slopes = alibi_slope_list(H) if cfg.pos_encoding == "alibi" else None
-
-    def enc(vec, pos):
-        return rope_rotate(vec, pos, n_rot, cfg.rope_base) if cfg.pos_encoding == "rope" else vec.double()
-
-    def bias(h, dist):
-        return -slopes[h] * dist if slopes is not None else 0.0
-
+    pos_kw = dict(n_rot=cfg.rope_n_elem if cfg.pos_encoding == "rope" else 0, base=cfg.rope_base,
+                  slopes=alibi_slope_list(H) if cfg.pos_encoding == "alibi" else None)
     x = model.wte.weight.double()[idx]
     for li, block in enumerate(model.blocks):
-        attn = block.attn
-        hdn = _rms(x, block.norm_1.weight, cfg.norm_eps)
-        W = attn.qkv.weight.double()
+        hdn = rms(x, block.norm_1.weight, cfg.norm_eps)
+        W = block.attn.qkv.weight.double()
         q = (hdn @ W[: H * d].T).view(B, T, H, d)
         k = (hdn @ W[H * d:(H + G) * d].T).view(B, T, G, d)
         v = (hdn @ W[(H + G) * d:].T).view(B, T, G, d)
-        y = torch.zeros(B, T, H, d, dtype=torch.float64)
-        use_topk = topk > 0 and li >= topk_from_layer
-        for b in range(B):
-            for h in range(H):
-                g = h // (H // G)
-                for p in range(T):
-                    scores, vals = [], []
-                    for j, qp, kp in plan(p):
-                        scores.append(float(enc(q[b, p, h], qp) @ enc(k[b, j, g], kp)) / math.sqrt(d)
-                                      + bias(h, qp - kp))
-                        vals.append(v[b, j, g])
-                    if use_topk:
-                        mids = [(float(enc(q[b, p, h], j + ceiling) @ enc(k[b, j, g], j)) / math.sqrt(d)
-                                 + bias(h, ceiling), j) for j in middle(p)]
-                        for sc, j in sorted(mids, reverse=True)[:topk]:
-                            scores.append(sc)
-                            vals.append(v[b, j, g])
-                    s = torch.tensor(scores, dtype=torch.float64)
-                    w = torch.exp(s - s.max())
-                    w = w / w.sum()
-                    y[b, p, h] = sum(wi * vi for wi, vi in zip(w, vals))
-        x = x + y.reshape(B, T, H * d) @ attn.proj.weight.double().T
-        hdn = _rms(x, block.norm_2.weight, cfg.norm_eps)
-        fc = block.mlp.fc.weight.double()
-        n = cfg.intermediate_size
-        x = x + (_silu(hdn @ fc[:n].T) * (hdn @ fc[n:].T)) @ block.mlp.proj.weight.double().T
-    x = _rms(x, model.ln_f.weight, cfg.norm_eps)
-    return x @ model.lm_head.weight.double().T
+        y = plan_attention(q, k, v, plan, **pos_kw, **(attn_kw if li >= from_layer else {}))
+        x = x + lin(y.reshape(B, T, H * d), block.attn.proj)
+        hdn = rms(x, block.norm_2.weight, cfg.norm_eps)
+        gate, up = lin(hdn, block.mlp.fc).chunk(2, dim=-1)
+        x = x + lin(silu(gate) * up, block.mlp.proj)
+    return lin(rms(x, model.ln_f.weight, cfg.norm_eps), model.lm_head)
+
+
+def ref_hf_llama_logits(model, idx: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """transformers LlamaForCausalLM (default RoPE, no biases) written out, attention by plan."""
+    cfg = model.config
+    B, T = idx.shape
+    H, G = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.hidden_size // H
+    x = model.model.embed_tokens.weight.double()[idx]
+    for layer in model.model.layers:
+        a = layer.self_attn
+        hdn = rms(x, layer.input_layernorm.weight, cfg.rms_norm_eps)
+        q, k, v = (lin(hdn, m).view(B, T, -1, d) for m in (a.q_proj, a.k_proj, a.v_proj))
+        y = plan_attention(q, k, v, plan, n_rot=d, base=cfg.rope_parameters["rope_theta"])
+        x = x + lin(y.reshape(B, T, H * d), a.o_proj)
+        hdn = rms(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
+        m = layer.mlp
+        x = x + lin(silu(lin(hdn, m.gate_proj)) * lin(hdn, m.up_proj), m.down_proj)
+    return lin(rms(x, model.model.norm.weight, cfg.rms_norm_eps), model.lm_head)
+
+
+def ref_hf_neox_logits(model, idx: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """transformers GPTNeoXForCausalLM (partial rotary, parallel residual or not) written out."""
+    cfg = model.config
+    B, T = idx.shape
+    H = cfg.num_attention_heads
+    d = cfg.hidden_size // H
+    n_rot = int(d * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
+    x = model.gpt_neox.embed_in.weight.double()[idx]
+    for layer in model.gpt_neox.layers:
+        a = layer.attention
+        qkv = lin(layer_norm(x, layer.input_layernorm), a.query_key_value).view(B, T, H, 3 * d)
+        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+        y = plan_attention(q, k, v, plan, n_rot=n_rot, base=cfg.rope_parameters["rope_theta"])
+        attn_out = lin(y.reshape(B, T, H * d), a.dense)
+        mlp = lambda t: lin(gelu(lin(t, layer.mlp.dense_h_to_4h)), layer.mlp.dense_4h_to_h)
+        if cfg.use_parallel_residual:
+            x = x + attn_out + mlp(layer_norm(x, layer.post_attention_layernorm))
+        else:
+            x = x + attn_out
+            x = x + mlp(layer_norm(x, layer.post_attention_layernorm))
+    return lin(layer_norm(x, model.gpt_neox.final_layer_norm), model.get_output_embeddings())
