@@ -28,8 +28,8 @@ import torch
 
 from lit_gpt.streaming import recompute_nll, stream_nll
 from lit_gpt.streaming_io import (
-    METHODS, book_stream, load_lm, make_method, markdown_table, plot_log_ppl, sampled_stream, shared_dir,
-    write_json,
+    METHODS, add_model_args, book_stream, lm_from_args, make_method, markdown_table, plot_log_ppl, sampled_stream,
+    shared_dir, write_json,
 )
 from lit_gpt.utils import atomic_torch_save
 
@@ -62,8 +62,6 @@ def summarize(nll: torch.Tensor, window: int) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="llama2.c folder, lit_gpt checkpoint, HF folder/.gguf/hub id")
-    ap.add_argument("--tokenizer", default=None, help="for lit_gpt checkpoints (or to override an HF tokenizer)")
     ap.add_argument("--text", default="books", choices=("books", "sampled", "file"),
                     help="books: concatenated books from ../shared/corpus validation files; sampled: the model's "
                          "own stories after one BOS; file: --text-file")
@@ -78,7 +76,7 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk", type=int, default=1, help="tokens per forward for streaming methods (1 = token by token)")
     ap.add_argument("--stride", type=int, default=1, help="recompute: targets per re-encoded window")
     ap.add_argument("--lminf-global", type=int, default=None, help="LM-Infinite n_global (default --start-size)")
-    ap.add_argument("--lminf-local", type=int, default=None, help="LM-Infinite n_local (default --cache-size)")
+    ap.add_argument("--lminf-local", type=int, default=None, help="LM-Infinite n_local (default --cache-size minus n_global)")
     ap.add_argument("--lminf-ceiling", type=int, default=None, help="LM-Infinite L_pretrain (default n_local)")
     ap.add_argument("--topk", type=int, default=0, help="LM-Infinite top-k middle tokens (0 = off)")
     ap.add_argument("--topk-from-layer", type=int, default=4)
@@ -86,16 +84,12 @@ def main(argv=None) -> None:
     ap.add_argument("--cache-sweep", default=None, help="e.g. 128,256,512: window vs sinks at each cache size")
     ap.add_argument("--plot-width", type=int, default=128, help="tokens in the rolling mean of the plot")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
+    add_model_args(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
     t_load = time.perf_counter()
-    lm = load_lm(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
+    lm = lm_from_args(args)
     print(f"loaded {lm.name} in {time.perf_counter() - t_load:.0f}s (train window {lm.train_window})", file=sys.stderr)
 
     info = dict(model=args.model, text=args.text, tokens=args.tokens, cache_size=args.cache_size,

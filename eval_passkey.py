@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from lit_gpt.streaming import dense_spec, stream_generate
-from lit_gpt.streaming_io import load_lm, make_method, markdown_table, parse_passkey, passkey_prompt, write_json
+from lit_gpt.streaming_io import (
+    add_model_args, lm_from_args, make_method, markdown_table, parse_passkey, passkey_prompt, write_json,
+)
 from lit_gpt.utils import atomic_write_bytes
 
 PASSKEY_METHODS = ("dense", "window", "sink", "lminfinite")
@@ -57,8 +59,6 @@ def plot_accuracy(path: Path, table, lengths, title: str) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--train-window", type=int, default=None, help="default: the model's block size / max positions")
     ap.add_argument("--multiples", default="1,2,4,8", help="prompt lengths as multiples of the training window")
     ap.add_argument("--lengths", default=None, help="explicit prompt lengths in tokens (overrides --multiples)")
@@ -74,14 +74,10 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=8, help="prompts per forward")
     ap.add_argument("--bos", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
+    add_model_args(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lm = load_lm(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
+    lm = lm_from_args(args)
     window = args.train_window or lm.train_window
     if not window:
         ap.error("the model does not say its training window: give --train-window")

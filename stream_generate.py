@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lit_gpt.streaming import StreamSession, TokenEvent, dense_spec
-from lit_gpt.streaming_io import load_lm, make_method
+from lit_gpt.streaming_io import add_model_args, lm_from_args, make_method
 from lit_gpt.utils import atomic_write_text
 
 GEN_METHODS = ("sink", "window", "lminfinite", "dense", "sink_original")
@@ -60,8 +60,6 @@ class Display:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--prompt", action="append", default=None, help="repeat for a batch (rows may differ in length)")
     ap.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
     ap.add_argument("--method", default="sink", choices=GEN_METHODS)
@@ -77,13 +75,9 @@ def main(argv=None) -> None:
     ap.add_argument("--log", default=None, help="CSV of per-token latency and memory")
     ap.add_argument("--status-every", type=int, default=100)
     ap.add_argument("--quiet", action="store_true", help="no text on stdout (benchmarks)")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None)
+    add_model_args(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lm = load_lm(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
+    lm = lm_from_args(args)
     tok = lm.tokenizer
     from lit_gpt.llama2c import Llama2cTokenizer
     bos = args.bos or isinstance(tok, Llama2cTokenizer)

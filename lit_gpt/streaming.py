@@ -174,6 +174,7 @@ class SinkWindowKV:
         self.mid_k: Optional[torch.Tensor] = None
         self.mid_v: Optional[torch.Tensor] = None
         self.mid_pos: Optional[torch.Tensor] = None
+        self.filled = 0                 # ring slots used so far (attention never looks past them)
 
     @property
     def topk(self) -> bool:
@@ -184,6 +185,7 @@ class SinkWindowKV:
         if self.pos is not None:
             self.pos.fill_(-1)
         self.mid_k = self.mid_v = self.mid_pos = None
+        self.filled = 0
 
     def nbytes(self) -> int:
         ts = (self.k, self.v, self.pos, self.sink_k, self.mid_k, self.mid_v, self.mid_pos)
@@ -230,6 +232,7 @@ class SinkWindowKV:
         self.k[b, :, slot] = k[b, :, t].to(self.k.dtype)
         self.v[b, :, slot] = v[b, :, t].to(self.v.dtype)
         self.pos[b, slot] = pp
+        self.filled = max(self.filled, min(r, int(pp.max()) + 1))
 
     def _write_middle(self, k, v, p, valid, ops: PositionOps) -> None:
         B, G, _, d = k.shape
@@ -263,7 +266,7 @@ class SinkWindowKV:
 
         q and k arrive rotated at their original positions ``pos`` (B|1, T) (RoPE models). ``mask_fn`` (the
         model's own mask, in original positions) is AND-ed. Returns (B, H, T, dv) and the attention map over
-        columns [extra slots][sinks][ring][chunk] when ``need_weights``.
+        columns [extra slots][sinks][ring slots used so far][chunk] when ``need_weights``.
         """
         spec = self.spec
         s, r = spec.start_size, spec.recent_size
@@ -287,12 +290,14 @@ class SinkWindowKV:
             self._write_ring(k, v, p, valid)
             if rotate_sinks:
                 self.k[:, :, :s] = ops.rotate(self.sink_k, (p - fq).expand(B, s)).to(self.k.dtype)
-            qq, keys, vals, kp = q, self.k, self.v, self.pos
+            n = s + self.filled
+            qq, keys, vals, kp = q, self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :n]
             sk = slot_k
         else:
-            k_loc = torch.cat([self.k[:, :, s:], k.to(self.k.dtype)], dim=2)
-            vals = torch.cat([self.v, v.to(self.v.dtype)], dim=2)
-            kp = torch.cat([self.pos, p], dim=1)
+            n = s + self.filled
+            k_loc = torch.cat([self.k[:, :, s:n], k.to(self.k.dtype)], dim=2)
+            vals = torch.cat([self.v[:, :, :n], v.to(self.v.dtype)], dim=2)
+            kp = torch.cat([self.pos[:, :n], p], dim=1)
             k_sink = self.sink_k
             if phi is not None:
                 k_sink, k_loc = phi(k_sink), phi(k_loc)

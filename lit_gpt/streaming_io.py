@@ -94,6 +94,21 @@ def load_lm(source: str, *, tokenizer: Optional[str] = None, dtype: str = "float
     return LoadedLM(HFRunner(model), HFTokenizer(tok), path.stem if path.exists() else source, window)
 
 
+def add_model_args(ap) -> None:
+    """--model/--tokenizer/--dtype/--device/--threads, shared by the streaming scripts."""
+    ap.add_argument("--model", required=True, help="llama2.c folder, lit_gpt checkpoint, HF folder / .gguf / hub id")
+    ap.add_argument("--tokenizer", default=None, help="for lit_gpt checkpoints (or to override an HF tokenizer)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def lm_from_args(args) -> LoadedLM:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_lm(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
+
+
 # ---------------------------------------------------------------------------- methods
 METHODS = ("dense", "window", "sink", "sink_original", "lminfinite", "recompute")
 
@@ -123,7 +138,7 @@ def make_method(name: str, *, cache_size: int, start_size: int = 4, lminf_global
         return Method(name, label, StreamingSpec(start_size, cache_size - start_size, pol))
     if name == "lminfinite":
         g = start_size if lminf_global is None else lminf_global
-        local = lminf_local or cache_size
+        local = lminf_local or cache_size - g          # the same key budget as sinks + window
         L = lminf_ceiling or local
         label = f"LM-Infinite {g} + {local}, L={L}" + (f", top-{topk}" if topk else "")
         return Method(name, label, StreamingSpec(g, local, "lminfinite", max_distance=L, topk=topk,
@@ -251,8 +266,8 @@ def plot_log_ppl(path: Path, curves: Dict[str, torch.Tensor], *, width: int = 64
         for pos, text in markers:
             ax.axvline(pos, color="grey", lw=0.7, ls="--")
         ax.grid(alpha=0.3)
-    for pos, text in markers:
-        axes[0, 0].text(pos, 1.0, f" {text}", va="bottom", fontsize=7, color="grey",
+    for i, (pos, text) in enumerate(markers):
+        axes[0, 0].text(pos, 1.0 + 0.07 * i, f" {text}", va="bottom", fontsize=7, color="grey",
                         transform=axes[0, 0].get_xaxis_transform())
     axes[-1, 0].set_xlabel("position (tokens)")
     axes[0, 0].set_title(title, fontsize=9, pad=12)

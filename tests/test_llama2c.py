@@ -11,12 +11,7 @@ from conftest import shared_path
 from lit_gpt.llama2c import Llama2cTokenizer, load_llama2c, load_llama2c_folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_random_llama2c(path, dim=16, hidden=24, L=2, H=4, G=2, V=40, seq=32, shared=True, seed=0):

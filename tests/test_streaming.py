@@ -21,13 +21,7 @@ from streaming_reference import lminfinite_middle, lminfinite_plan, ref_gpt_logi
 V = 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 models: thread start-up costs more than the maths (and the CPU is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(seed=0, **overrides):
@@ -230,8 +224,11 @@ def test_analysis_maps_come_back_through_the_streaming_cache():
     install_streaming(model, StreamingSpec(2, 4, "reindex"))
     idx = torch.randint(0, V, (1, 9))
     out, an = model(idx, input_pos=torch.arange(9), return_analysis={"attn"})
-    w = an.attn[0]                                     # columns: 2 sinks, 4 ring slots, 9 chunk keys
-    assert w.shape == (1, 4, 9, 15)
+    w = an.attn[0]                                     # columns: 2 sinks, no ring slot used yet, 9 chunk keys
+    assert w.shape == (1, 4, 9, 11)
     torch.testing.assert_close(w.sum(-1), torch.ones(1, 4, 9, dtype=w.dtype))
-    assert (w[0, :, 8, 2:6] == 0).all() and (w[0, :, 8, :2] > 0).all()   # empty ring; sinks seen from p=8
+    assert (w[0, :, 8, :2] > 0).all() and (w[0, :, 8, 2:7] == 0).all()  # sinks seen from p=8, not via the chunk
+    assert (w[0, :, 8, 7:] > 0).all()                  # the window: positions 5..8
+    out, an = model(idx[:, :1], input_pos=torch.tensor([9]), return_analysis={"attn"})
+    assert an.attn[0].shape == (1, 4, 1, 6)            # decoding: 2 sinks + the 4-slot ring
     model.clear_kv_cache()
