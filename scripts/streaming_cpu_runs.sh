@@ -40,4 +40,7 @@ if [[ $what == passkey || $what == all ]]; then
   # passkey with a pretend 256-token window (SmolLM2's real window is 8192: its 1x-8x needs a GPU)
   $PY eval_passkey.py --model $SMOL --train-window 256 --multiples 1,2,4,8 --depths 0.1,0.5,0.9 --samples 2 \
       --methods dense,sink,lminfinite --topk 5 --topk-from-layer 4 --threads $T --out $OUT/passkey_smol_w256
+  # the same prompts, LM-Infinite without the top-k middle tokens
+  $PY eval_passkey.py --model $SMOL --train-window 256 --multiples 1,2,4,8 --depths 0.1,0.5,0.9 --samples 2 \
+      --methods lminfinite --threads $T --out $OUT/passkey_smol_w256_no_topk
 fi
