@@ -63,6 +63,15 @@ class ForwardContext:
     need: frozenset = frozenset()
     analysis: Optional[Analysis] = None
     drop_first: bool = False                 # a sink token was prepended in this call
+    no_cache: bool = True                    # full forward: positions are 0..T-1, keys are this call's tokens
+    memo: Dict[Any, Any] = field(default_factory=dict)   # masks / biases shared by all layers of one forward
+
+    def cached(self, key, make: Callable[[], Any], pin: tuple = ()):
+        """Compute once per forward: every layer sees the same positions, hence the same mask and bias.
+        ``pin`` keeps the tensors whose ids form the key alive, so an id cannot be reused within the forward."""
+        if key not in self.memo:
+            self.memo[key] = (make(), pin)
+        return self.memo[key][0]
 
 
 def _parse_need(return_analysis: Union[bool, Iterable[str]]) -> frozenset:
@@ -253,20 +262,25 @@ class CausalSelfAttention(nn.Module):
                full_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Attention core over already position-encoded q (B,H,Tq,d), k/v (B,G,Tk,d) with their positions."""
         cfg = self.config
-        bias = ctx.bias_fn(q_pos, k_pos) if ctx.bias_fn is not None else None
+        key = (id(q_pos), id(k_pos), id(ctx.mask_fn))
+        pin = (q_pos, k_pos)
+        bias = ctx.cached(("bias",) + key, lambda: ctx.bias_fn(q_pos, k_pos), pin) if ctx.bias_fn is not None else None
         slots = self.slots()
         eager = need_weights or cfg.attn_op != "softmax" or cfg.attn_impl == "eager"
+        make_mask = lambda: dense_mask(ctx.mask_fn, q_pos, k_pos)
         if eager:
-            mask = dense_mask(ctx.mask_fn, q_pos, k_pos)
+            mask = ctx.cached(("mask",) + key, make_mask, pin)
             return eager_attention(q, k, v, mask=mask, op=cfg.attn_op, normalize=cfg.attn_normalize,
                                    alpha=cfg.softmax_alpha, scale=self.scale, bias=bias,
                                    kernel=self.feature_map(), need_weights=need_weights, **slots)
-        if cfg.attn_impl == "flex" and q.is_cuda:
-            from lit_gpt.flex import flex_attention_forward
-            y = flex_attention_forward(q, k, v, q_pos, k_pos, ctx.mask_fn, alpha=cfg.softmax_alpha,
-                                       scale=self.scale, bias=bias, **slots)
-            return y, None
-        mask = None if full_causal else dense_mask(ctx.mask_fn, q_pos, k_pos)
+        if cfg.attn_impl == "flex" and ctx.no_cache and (q.is_cuda or not torch.is_grad_enabled()):
+            from lit_gpt.flex import flex_attention_forward, flex_supported
+            if flex_supported(cfg, has_cache=False):
+                slopes = alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None
+                y = flex_attention_forward(q, k, v, ctx.mask_fn, scale=self.scale, alpha=cfg.softmax_alpha,
+                                           alibi_slopes=slopes)
+                return y, None
+        mask = None if full_causal else ctx.cached(("mask",) + key, make_mask, pin)
         y = sdpa_attention(q, k, v, mask=mask, is_causal=full_causal, alpha=cfg.softmax_alpha,
                            scale=self.scale, bias=bias, **slots)
         return y, None
@@ -472,7 +486,7 @@ class GPT(nn.Module):
         ctx = ForwardContext(
             pos=pos, cos_sin=self.rope_tables(pos), mask_fn=effective_mask,
             full_causal=input_pos is None and effective_mask is causal_mask,
-            bias_fn=self.bias_fn(), need=need, analysis=analysis, drop_first=prepend,
+            bias_fn=self.bias_fn(), need=need, analysis=analysis, drop_first=prepend, no_cache=input_pos is None,
         )
         sl = slice(1, None) if prepend else slice(None)
         for block in self.blocks:

@@ -382,3 +382,23 @@ def test_init_follows_the_seed():
     proj = m.blocks[0].mlp.proj.weight
     expected = 1 / math.sqrt(cfg.intermediate_size) / cfg.n_layer
     assert abs(float(proj.std()) - expected) / expected < 0.05
+
+
+FLEX_VARIANTS = [{}, dict(attn_mask="window", window_size=3), dict(attn_mask="prefix", prefix_size=5),
+                 dict(pos_encoding="alibi", attn_mask="window", window_size=4), dict(n_query_groups=2, softmax_alpha=2.0),
+                 dict(sink_token=True, attn_mask="window", window_size=2)]
+
+
+@pytest.mark.parametrize("overrides", FLEX_VARIANTS, ids=_id)
+@torch.no_grad()
+def test_flex_path_equals_eager_forward(overrides):
+    """FlexAttention (forward on CPU; it trains on CUDA only) computes the same function as the eager path."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    import warnings
+    model = build(dtype=torch.float32, attn_impl="flex", **overrides)
+    idx = torch.randint(0, V, (2, 20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flex = model(idx)
+    model.config.attn_impl = "eager"
+    torch.testing.assert_close(flex, model(idx), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,62 @@
+"""FlexAttention path (``attn_impl: flex``): block-sparse masks and ALiBi as a score_mod.
+
+Sliding windows and prefix masks are expressed with the same mask functions as everywhere else
+(:mod:`lit_gpt.attention`) and turned into a block mask once per (mask, length, device), so a window of w
+tokens costs about T*w instead of T^2 work. ALiBi becomes a score_mod; everything else that needs extra key
+columns (k*/v* slots, sink logits) or a learned bias table (T5 relative) takes the SDPA path instead: see
+:func:`flex_supported`. FlexAttention has no CPU backward, so training with it needs a GPU; it is compiled on
+first use on CUDA.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+_BLOCK_MASKS: Dict[Tuple, object] = {}
+_COMPILED: Dict[str, Callable] = {}
+
+
+def _flex_fn(device: torch.device) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if "cuda" not in _COMPILED:
+        _COMPILED["cuda"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED["cuda"]
+
+
+def flex_supported(config, has_cache: bool) -> bool:
+    """Whether a forward of this config can run on FlexAttention (otherwise the caller uses SDPA)."""
+    return (config.attn_op == "softmax" and not has_cache and config.kv_bias not in ("k", "kv")
+            and not config.sink_logit and config.pos_encoding != "relative")
+
+
+def block_mask_for(mask_fn: Callable, T: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (mask_fn, T, str(device))
+    if key not in _BLOCK_MASKS:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask_fn(q_idx, kv_idx)
+        block = 128 if T >= 128 else max(16, 1 << (T - 1).bit_length())
+        _BLOCK_MASKS[key] = create_block_mask(mask_mod, None, None, T, T, device=str(device), BLOCK_SIZE=block)
+    return _BLOCK_MASKS[key]
+
+
+def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_fn: Callable, *,
+                           scale: float, alpha: float = 1.0, alibi_slopes: Optional[torch.Tensor] = None
+                           ) -> torch.Tensor:
+    """Full-sequence softmax attention (positions 0..T-1) under ``mask_fn``; q (B,H,T,d), k/v (B,G,T,d)."""
+    T = q.shape[-2]
+    block_mask = block_mask_for(mask_fn, T, q.device)
+    score_mod = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(device=q.device, dtype=torch.float32)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score - slopes[h] * (q_idx - kv_idx).abs()
+    y = _flex_fn(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                           enable_gqa=k.shape[1] != q.shape[1])
+    return y * alpha if alpha != 1.0 else y
