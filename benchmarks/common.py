@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -21,8 +22,8 @@ def environment() -> Dict:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
         dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                              text=True).strip())
-    except Exception:
-        commit, dirty = "unknown", False
+    except Exception:   # no .git (e.g. a copied working tree on a remote GPU box): take it from the environment
+        commit, dirty = os.environ.get("GIT_COMMIT", "unknown"), False
     env = {"command": " ".join([Path(sys.executable).name] + sys.argv), "git_commit": commit + ("+dirty" if dirty else ""),
            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
