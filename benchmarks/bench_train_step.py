@@ -22,9 +22,13 @@ VARIANTS = {
     "window 256 sdpa": dict(attn_mask="window", window_size=256),
     "window 256 flex": dict(attn_mask="window", window_size=256, attn_impl="flex"),
     "alibi sdpa": dict(pos_encoding="alibi"),
+    "alibi flex": dict(pos_encoding="alibi", attn_impl="flex"),
     "relative bias sdpa": dict(pos_encoding="relative"),
+    "relative bias flex": dict(pos_encoding="relative", attn_impl="flex"),
     "kv bias (k* slot) sdpa": dict(kv_bias="kv"),
+    "kv bias (k* slot) flex": dict(kv_bias="kv", attn_impl="flex"),
     "sink logit sdpa": dict(sink_logit=True),
+    "sink logit flex": dict(sink_logit=True, attn_impl="flex"),
     "sigmoid Z=1 (eager)": dict(attn_op="sigmoid", attn_normalize=False),
     "elu kernel (eager)": dict(attn_op="elu_kernel"),
 }
@@ -36,6 +40,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    ap.add_argument("--only-compiled", action="store_true", help="time torch.compile(model) only")
     ap.add_argument("--variants", nargs="*", default=None, help="subset of variant names")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
@@ -53,7 +58,7 @@ def main() -> None:
         overrides = dict(VARIANTS[name])
         if "window_size" in overrides:
             overrides["window_size"] = min(overrides["window_size"], a.seq // 4)
-        for compiled in ([False, True] if a.compile else [False]):
+        for compiled in ([True] if a.only_compiled else [False, True] if a.compile else [False]):
             torch.manual_seed(0)
             cfg = Config.from_name(a.model, block_size=max(a.seq, 64), **overrides)
             model = GPT(cfg).to(device)

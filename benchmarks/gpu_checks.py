@@ -22,6 +22,11 @@ CASES = {
     "flex_window64": dict(attn_mask="window", window_size=64, attn_impl="flex"),
     "flex_alibi_window": dict(pos_encoding="alibi", attn_mask="window", window_size=64, attn_impl="flex"),
     "flex_causal": dict(attn_impl="flex"),
+    "flex_relative": dict(pos_encoding="relative", attn_impl="flex"),
+    "flex_kv_bias": dict(kv_bias="kv", attn_impl="flex"),
+    "flex_sink_logit": dict(sink_logit=True, attn_impl="flex"),
+    "flex_slots_gqa_alpha": dict(sink_logit=True, kv_bias="k", n_query_groups=2, softmax_alpha=0.5, attn_impl="flex"),
+    "flex_prefix_sink_token": dict(attn_mask="window", window_size=32, sink_token=True, attn_impl="flex"),
 }
 
 

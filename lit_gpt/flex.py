@@ -29,8 +29,7 @@ def _flex_fn(device: torch.device) -> Callable:
 
 def flex_supported(config, has_cache: bool) -> bool:
     """Whether a forward of this config can run on FlexAttention (otherwise the caller uses SDPA)."""
-    return (config.attn_op == "softmax" and not has_cache and config.kv_bias not in ("k", "kv")
-            and not config.sink_logit and config.pos_encoding != "relative")
+    return config.attn_op == "softmax" and not has_cache
 
 
 def block_mask_for(mask_fn: Callable, T: int, device: torch.device):
@@ -45,10 +44,45 @@ def block_mask_for(mask_fn: Callable, T: int, device: torch.device):
     return _BLOCK_MASKS[key]
 
 
+def merge_slots(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, scale: float,
+                slot_k: Optional[torch.Tensor], slot_v: Optional[torch.Tensor],
+                slot_logit: Optional[torch.Tensor]) -> torch.Tensor:
+    """Add extra key/value columns to a finished softmax over the token keys, exactly.
+
+    With token output ``out`` and log-normaliser ``lse`` (B, H, T), and slot logits s_m with values u_m
+    (a sink logit: s = learned scalar, u = 0; a k* slot: s = q.k* * scale, u = v*):
+        y = e^(lse - M) out + sum_m e^(s_m - M) u_m,   M = logsumexp(lse, s_1, ..., s_S).
+    """
+    B, H, T, d = q.shape
+    logits, values = [lse.float().unsqueeze(-1)], []
+    if slot_logit is not None:
+        logits.append(slot_logit.float().view(1, H, 1, 1).expand(B, H, T, 1))
+        values.append(None)
+    if slot_k is not None:
+        logits.append((q.float() @ slot_k.float().transpose(-1, -2)) * scale)           # (B, H, T, S)
+        values.append(slot_v)
+    all_logits = torch.cat(logits, dim=-1)
+    w = torch.softmax(all_logits, dim=-1)                                                # (B, H, T, 1 + S)
+    y = w[..., :1] * out.float()
+    col = 1
+    if slot_logit is not None:
+        col += 1                       # zero value: only renormalises
+    if slot_k is not None:
+        S = slot_k.shape[-2]
+        y = y + w[..., col:col + S] @ slot_v.float().expand(B, H, S, d)
+    return y.to(out.dtype)
+
+
 def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_fn: Callable, *,
-                           scale: float, alpha: float = 1.0, alibi_slopes: Optional[torch.Tensor] = None
+                           scale: float, alpha: float = 1.0, alibi_slopes: Optional[torch.Tensor] = None,
+                           rel_bias: Optional[Callable] = None, slot_k: Optional[torch.Tensor] = None,
+                           slot_v: Optional[torch.Tensor] = None, slot_logit: Optional[torch.Tensor] = None
                            ) -> torch.Tensor:
-    """Full-sequence softmax attention (positions 0..T-1) under ``mask_fn``; q (B,H,T,d), k/v (B,G,T,d)."""
+    """Full-sequence softmax attention (positions 0..T-1) under ``mask_fn``; q (B,H,T,d), k/v (B,G,T,d).
+
+    ALiBi and the T5 relative bias become score_mods; k*/v* slots and sink logits are merged exactly through the
+    returned log-normaliser (:func:`merge_slots`), so none of them needs a dense T x T mask.
+    """
     T = q.shape[-2]
     block_mask = block_mask_for(mask_fn, T, q.device)
     score_mod = None
@@ -57,6 +91,13 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score - slopes[h] * (q_idx - kv_idx).abs()
-    y = _flex_fn(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                           enable_gqa=k.shape[1] != q.shape[1])
+    elif rel_bias is not None:
+        table, buckets = rel_bias.embedding.weight, rel_bias.buckets(T, q.device)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + table[buckets[q_idx, kv_idx], h]
+    need_lse = slot_k is not None or slot_logit is not None
+    res = _flex_fn(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                             enable_gqa=k.shape[1] != q.shape[1], return_lse=need_lse)
+    y = merge_slots(res[0], res[1], q, scale, slot_k, slot_v, slot_logit) if need_lse else res
     return y * alpha if alpha != 1.0 else y

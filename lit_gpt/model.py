@@ -64,6 +64,7 @@ class ForwardContext:
     analysis: Optional[Analysis] = None
     drop_first: bool = False                 # a sink token was prepended in this call
     no_cache: bool = True                    # full forward: positions are 0..T-1, keys are this call's tokens
+    rel_bias: Optional[nn.Module] = None     # the model's T5 relative-bias table (for the flex score_mod)
     memo: Dict[Any, Any] = field(default_factory=dict)   # masks / biases shared by all layers of one forward
 
     def cached(self, key, make: Callable[[], Any], pin: tuple = ()):
@@ -260,26 +261,29 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q, k, v, q_pos, k_pos, ctx: ForwardContext, need_weights: bool,
                full_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Attention core over already position-encoded q (B,H,Tq,d), k/v (B,G,Tk,d) with their positions."""
+        """Attention core over already position-encoded q (B,H,Tq,d), k/v (B,G,Tk,d) with their positions.
+
+        Path: eager when maps are requested or the operation is not softmax; FlexAttention when
+        ``attn_impl='flex'`` on a full forward (CUDA, or CPU without grad); otherwise SDPA."""
         cfg = self.config
-        key = (id(q_pos), id(k_pos), id(ctx.mask_fn))
-        pin = (q_pos, k_pos)
-        bias = ctx.cached(("bias",) + key, lambda: ctx.bias_fn(q_pos, k_pos), pin) if ctx.bias_fn is not None else None
         slots = self.slots()
         eager = need_weights or cfg.attn_op != "softmax" or cfg.attn_impl == "eager"
+        if (not eager and cfg.attn_impl == "flex" and ctx.no_cache
+                and (q.is_cuda or not torch.is_grad_enabled())):
+            from lit_gpt.flex import flex_attention_forward
+            y = flex_attention_forward(
+                q, k, v, ctx.mask_fn, scale=self.scale, alpha=cfg.softmax_alpha,
+                alibi_slopes=alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None,
+                rel_bias=ctx.rel_bias if cfg.pos_encoding == "relative" else None, **slots)
+            return y, None
+        key, pin = (id(q_pos), id(k_pos), id(ctx.mask_fn)), (q_pos, k_pos)
+        bias = ctx.cached(("bias",) + key, lambda: ctx.bias_fn(q_pos, k_pos), pin) if ctx.bias_fn is not None else None
         make_mask = lambda: dense_mask(ctx.mask_fn, q_pos, k_pos)
         if eager:
             mask = ctx.cached(("mask",) + key, make_mask, pin)
             return eager_attention(q, k, v, mask=mask, op=cfg.attn_op, normalize=cfg.attn_normalize,
                                    alpha=cfg.softmax_alpha, scale=self.scale, bias=bias,
                                    kernel=self.feature_map(), need_weights=need_weights, **slots)
-        if cfg.attn_impl == "flex" and ctx.no_cache and (q.is_cuda or not torch.is_grad_enabled()):
-            from lit_gpt.flex import flex_attention_forward, flex_supported
-            if flex_supported(cfg, has_cache=False):
-                slopes = alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None
-                y = flex_attention_forward(q, k, v, ctx.mask_fn, scale=self.scale, alpha=cfg.softmax_alpha,
-                                           alibi_slopes=slopes)
-                return y, None
         mask = None if full_causal else ctx.cached(("mask",) + key, make_mask, pin)
         y = sdpa_attention(q, k, v, mask=mask, is_causal=full_causal, alpha=cfg.softmax_alpha,
                            scale=self.scale, bias=bias, **slots)
@@ -487,6 +491,7 @@ class GPT(nn.Module):
             pos=pos, cos_sin=self.rope_tables(pos), mask_fn=effective_mask,
             full_causal=input_pos is None and effective_mask is causal_mask,
             bias_fn=self.bias_fn(), need=need, analysis=analysis, drop_first=prepend, no_cache=input_pos is None,
+            rel_bias=getattr(self, "rel_bias", None),
         )
         sl = slice(1, None) if prepend else slice(None)
         for block in self.blocks:

@@ -386,7 +386,9 @@ def test_init_follows_the_seed():
 
 FLEX_VARIANTS = [{}, dict(attn_mask="window", window_size=3), dict(attn_mask="prefix", prefix_size=5),
                  dict(pos_encoding="alibi", attn_mask="window", window_size=4), dict(n_query_groups=2, softmax_alpha=2.0),
-                 dict(sink_token=True, attn_mask="window", window_size=2)]
+                 dict(sink_token=True, attn_mask="window", window_size=2), dict(pos_encoding="relative"),
+                 dict(kv_bias="kv"), dict(kv_bias="k", kv_bias_shared=True, kv_bias_value="one_hot"),
+                 dict(sink_logit=True), dict(sink_logit=True, kv_bias="kv", n_query_groups=2, softmax_alpha=0.5)]
 
 
 @pytest.mark.parametrize("overrides", FLEX_VARIANTS, ids=_id)
