@@ -1,11 +1,13 @@
-"""FlexAttention path (``attn_impl: flex``): block-sparse masks and ALiBi as a score_mod.
+"""FlexAttention path: block-sparse masks, ALiBi / T5 relative bias as score_mods, extra slots via the LSE.
 
 Sliding windows and prefix masks are expressed with the same mask functions as everywhere else
 (:mod:`lit_gpt.attention`) and turned into a block mask once per (mask, length, device), so a window of w
-tokens costs about T*w instead of T^2 work. ALiBi becomes a score_mod; everything else that needs extra key
-columns (k*/v* slots, sink logits) or a learned bias table (T5 relative) takes the SDPA path instead: see
-:func:`flex_supported`. FlexAttention has no CPU backward, so training with it needs a GPU; it is compiled on
-first use on CUDA.
+tokens costs about T*w instead of T^2 work. k*/v* slots and sink logits are merged exactly through the
+log-normaliser that FlexAttention returns (:func:`merge_slots`), so no variant needs a dense T x T float mask.
+FlexAttention has no CPU backward: training with it needs a GPU; it is compiled on first use on CUDA. When it
+fails for a layout (a compile error or a Triton resource limit), :func:`flex_failed` warns once and the model
+uses SDPA for that layout. ``attn_impl='auto'`` picks it on CUDA where it measured faster (see
+``lit_gpt.model.use_flex``).
 """
 from __future__ import annotations
 
@@ -27,9 +29,30 @@ def _flex_fn(device: torch.device) -> Callable:
     return _COMPILED["cuda"]
 
 
-def flex_supported(config, has_cache: bool) -> bool:
-    """Whether a forward of this config can run on FlexAttention (otherwise the caller uses SDPA)."""
-    return config.attn_op == "softmax" and not has_cache
+_FAILED: Dict[str, str] = {}
+
+
+def flex_available(config) -> bool:
+    """FlexAttention is importable and has not failed for this config's attention layout in this process."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return _layout_key(config) not in _FAILED
+
+
+def _layout_key(config) -> str:
+    return f"{config.pos_encoding}|{config.attn_mask}|{config.kv_bias}|{config.sink_logit}|{config.head_size}"
+
+
+def flex_failed(config, error: Exception) -> None:
+    """Remember a failure (compile / resource limit) and warn once; the caller falls back to SDPA."""
+    import warnings
+
+    key = _layout_key(config)
+    if key not in _FAILED:
+        _FAILED[key] = f"{type(error).__name__}: {str(error)[:200]}"
+        warnings.warn(f"FlexAttention failed for {key} ({_FAILED[key]}); using SDPA for this layout instead")
 
 
 def block_mask_for(mask_fn: Callable, T: int, device: torch.device):

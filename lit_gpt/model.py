@@ -193,6 +193,21 @@ class KVCache(nn.Module):
 
 
 # ---------------------------------------------------------------------------- attention
+def use_flex(cfg: Config, q: torch.Tensor, full_causal: bool) -> bool:
+    """FlexAttention for a full-sequence softmax forward: always with attn_impl='flex' (on CUDA, or on CPU
+    without grad: it has no CPU backward); with attn_impl='auto' on CUDA where it measured faster than SDPA on an
+    H100 (windows, prefix masks, ALiBi, k*/v* slots, sink logits; see benchmarks/results/train_step.json).
+    Plain causal attention stays on SDPA's flash kernel, T5 relative bias on SDPA (its learned-table score_mod
+    exceeds Triton's shared memory at d=96)."""
+    from lit_gpt.flex import flex_available
+    if cfg.attn_impl == "flex":
+        return (q.is_cuda or not torch.is_grad_enabled()) and flex_available(cfg)
+    if cfg.attn_impl != "auto" or not q.is_cuda or not flex_available(cfg):
+        return False
+    needs_dense = (not full_causal or cfg.pos_encoding == "alibi" or cfg.kv_bias in ("k", "kv") or cfg.sink_logit)
+    return needs_dense and cfg.pos_encoding != "relative"
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config, layer_idx: int = 0) -> None:
         super().__init__()
@@ -268,14 +283,16 @@ class CausalSelfAttention(nn.Module):
         cfg = self.config
         slots = self.slots()
         eager = need_weights or cfg.attn_op != "softmax" or cfg.attn_impl == "eager"
-        if (not eager and cfg.attn_impl == "flex" and ctx.no_cache
-                and (q.is_cuda or not torch.is_grad_enabled())):
-            from lit_gpt.flex import flex_attention_forward
-            y = flex_attention_forward(
-                q, k, v, ctx.mask_fn, scale=self.scale, alpha=cfg.softmax_alpha,
-                alibi_slopes=alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None,
-                rel_bias=ctx.rel_bias if cfg.pos_encoding == "relative" else None, **slots)
-            return y, None
+        if not eager and ctx.no_cache and use_flex(cfg, q, full_causal):
+            from lit_gpt.flex import flex_attention_forward, flex_failed
+            try:
+                y = flex_attention_forward(
+                    q, k, v, ctx.mask_fn, scale=self.scale, alpha=cfg.softmax_alpha,
+                    alibi_slopes=alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None,
+                    rel_bias=ctx.rel_bias if cfg.pos_encoding == "relative" else None, **slots)
+                return y, None
+            except Exception as e:   # e.g. a Triton resource limit at this shape: SDPA computes the same function
+                flex_failed(cfg, e)
         key, pin = (id(q_pos), id(k_pos), id(ctx.mask_fn)), (q_pos, k_pos)
         bias = ctx.cached(("bias",) + key, lambda: ctx.bias_fn(q_pos, k_pos), pin) if ctx.bias_fn is not None else None
         make_mask = lambda: dense_mask(ctx.mask_fn, q_pos, k_pos)
