@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 
 from lit_gpt.analysis import batched, evaluate_model
-from lit_gpt.hf import hf_probe_tokens, load_hf
 from lit_gpt.plots import plot_cos_norm, plot_norms
-from lit_gpt.sweep import add_common_args, common_meta, load_probe, model_list, run_sweep, write_table
+from lit_gpt.sweep import add_common_args, common_meta, run_hf_sweep, write_table
 from lit_gpt.utils import atomic_write_text
 
 
@@ -28,18 +27,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, "results/activations_open_source", ("natural",))
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    texts = load_probe(args, "natural" in args.inputs)
 
-    def done(folder: Path) -> bool:
-        return all((folder / f"activations_{i}.json").is_file() for i in args.inputs)
-
-    def run_one(spec: str, folder: Path) -> None:
-        model, tok = load_hf(spec, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
-                             device_map=args.device_map, trust_remote_code=args.trust_remote_code)
-        for kind in args.inputs:
-            tokens = hf_probe_tokens(model, tok, kind, args.n, args.T, texts=texts, seed=args.seed,
-                                     repeat_token=args.repeat_token)
+    def per_model(spec: str, model, tok, folder: Path, inputs) -> None:
+        for kind, tokens in inputs:
             ev = evaluate_model(model, batched(tokens, args.batch_size), T=args.T, activations=True)
             act = ev["activations"]
             d = act.to_dict()
@@ -53,10 +43,9 @@ def main(argv=None) -> int:
             title = f"{folder.name}, {kind} input (n={args.n}, T={args.T})"
             plot_norms(act, folder / f"norms_{kind}.png", title=title)
             plot_cos_norm(act, folder / f"cos_norm_{kind}.png", title=title)
-        del model
 
-    failed = run_sweep(model_list(args), out, done, run_one, args.overwrite)
-    summarize(out)
+    failed = run_hf_sweep(args, "activations", per_model)
+    summarize(Path(args.out))
     return 1 if failed else 0
 
 

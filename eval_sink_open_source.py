@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import List, Optional
 
 from lit_gpt.analysis import batched, evaluate_model
-from lit_gpt.hf import hf_probe_tokens, load_hf, text_config
+from lit_gpt.hf import text_config
 from lit_gpt.plots import plot_attention_maps, plot_model_bars, plot_sink
 from lit_gpt.sink_metrics import format_sink
-from lit_gpt.sweep import add_common_args, common_meta, load_probe, model_list, run_sweep, write_table
+from lit_gpt.sweep import add_common_args, common_meta, run_hf_sweep, write_table
 from lit_gpt.utils import atomic_write_text
 
 
@@ -50,25 +50,16 @@ def main(argv=None) -> int:
                          "head 0)")
     args = ap.parse_args(argv)
     heads = parse_heads(args.plot_heads)
-    out = Path(args.out)
-    texts = load_probe(args, "natural" in args.inputs)
 
-    def done(folder: Path) -> bool:
-        return all((folder / f"sink_{i}.json").is_file() for i in args.inputs)
-
-    def run_one(spec: str, folder: Path) -> None:
-        model, tok = load_hf(spec, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
-                             device_map=args.device_map, trust_remote_code=args.trust_remote_code)
-        n_layer = int(text_config(model).num_hidden_layers)
-        chosen = heads or default_heads(n_layer)
+    def per_model(spec: str, model, tok, folder: Path, inputs) -> None:
+        chosen = heads or default_heads(int(text_config(model).num_hidden_layers))
         curves, per_layer = {}, {}
-        for kind in args.inputs:
-            tokens = hf_probe_tokens(model, tok, kind, args.n, args.T, texts=texts, seed=args.seed,
-                                     repeat_token=args.repeat_token)
+        for kind, tokens in inputs:
             ev = evaluate_model(model, batched(tokens, args.batch_size), T=args.T, eps=args.eps, k_max=args.k_max,
                                 activations=False, attention_maps=chosen)
             res = ev["sink"]
-            res.meta = {"model": spec, "input": kind, **common_meta(args), "first_tokens": tokens[0, :4].tolist()}
+            res.meta = {"model": spec, "input": kind, **common_meta(args),
+                        "first_tokens": tokens[0, :4].tolist()}
             print(f"[{folder.name}] {kind:9s} {format_sink(res, 3)}", flush=True)
             d = res.to_dict()
             d["loss"] = ev["loss"]
@@ -78,10 +69,9 @@ def main(argv=None) -> int:
             plot_attention_maps({f"layer {l} head {h}": m for (l, h), m in ev["attention_maps"].items()},
                                 folder / f"attention_{kind}.png", title=f"{folder.name}, {kind} input")
         plot_sink(curves, per_layer, folder / "sink.png", title=folder.name, eps=args.eps)
-        del model
 
-    failed = run_sweep(model_list(args), out, done, run_one, args.overwrite)
-    summarize(out)
+    failed = run_hf_sweep(args, "sink", per_model)
+    summarize(Path(args.out))
     return 1 if failed else 0
 
 

@@ -122,12 +122,32 @@ def write_table(rows: List[Dict], columns: Sequence[str], out: Path, stem: str =
     atomic_write_text(out / f"{stem}.csv", buf.getvalue())
 
 
-def load_probe(args, needed: bool) -> Optional[List[str]]:
-    from lit_gpt.probe import load_probe_texts
-
-    return load_probe_texts(args.probe) if needed else None
-
-
 def common_meta(args) -> dict:
     return {"n": args.n, "T": args.T, "dtype": args.dtype, "seed": args.seed, "probe": str(args.probe),
             "repeat_token": args.repeat_token if args.repeat_token is not None else "random per sample"}
+
+
+def run_hf_sweep(args, result_stem: str, per_model: Callable) -> int:
+    """Every model of the list (options of :func:`add_common_args`), one at a time: load it, then call
+    ``per_model(spec, model, tokenizer, folder, inputs)`` where ``inputs`` yields ``(kind, (n, T) tokens)`` for each
+    requested input. A model counts as done when every ``folder/<result_stem>_<input>.json`` exists.
+    Returns the number of failed models."""
+    from lit_gpt.hf import hf_probe_tokens, load_hf
+    from lit_gpt.probe import load_probe_texts
+
+    texts = load_probe_texts(args.probe) if "natural" in args.inputs else None
+
+    def done(folder: Path) -> bool:
+        return all((folder / f"{result_stem}_{i}.json").is_file() for i in args.inputs)
+
+    def run_one(spec: str, folder: Path) -> None:
+        model, tok = load_hf(spec, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
+                             device_map=args.device_map, trust_remote_code=args.trust_remote_code)
+        inputs = ((kind, hf_probe_tokens(model, tok, kind, args.n, args.T, texts=texts, seed=args.seed,
+                                          repeat_token=args.repeat_token)) for kind in args.inputs)
+        try:
+            per_model(spec, model, tok, folder, inputs)
+        finally:
+            del model
+
+    return run_sweep(model_list(args), Path(args.out), done, run_one, args.overwrite)
