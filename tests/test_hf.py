@@ -231,3 +231,27 @@ def test_open_source_drivers_end_to_end(saved, tmp_path):
     assert len(res["summary"]["massive_ratio"]) == 3 and len(res["summary"]["key_norm"]["first"]) == 2
     assert list(out2.glob("*/norms_natural.png")) and list(out2.glob("*/cos_norm_natural.png"))
     assert "massive" in (out2 / "summary.md").read_text()
+
+
+def test_gguf_path_loads_locally_only(tmp_path, monkeypatch):
+    """A .gguf path goes to transformers as (folder, gguf_file=name, local_files_only=True) for the model and
+    its tokenizer, so nothing tries the Hub."""
+    import transformers as tf
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(name, **kwargs):
+        calls.append((name, kwargs))
+        raise Stop
+
+    monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained", fake)
+    g = tmp_path / "SmolLM2.Q4_1.gguf"
+    g.write_bytes(b"GGUF")
+    with pytest.raises(Stop):
+        load_hf(g, device="cpu")
+    name, kwargs = calls[0]
+    assert name == str(tmp_path.resolve()) and kwargs["gguf_file"] == g.name and kwargs["local_files_only"] is True
+    assert kwargs["attn_implementation"] == CAPTURE_IMPL
