@@ -81,8 +81,8 @@ class ActivationResult:
     """Per-position means (float64 tensors) and the derived first-vs-rest statistics."""
 
     n_samples: int
-    hidden_norm: torch.Tensor            # (L+1, T) mean ‖h_t‖ (input of block l; last = output of the last block)
-    hidden_maxabs: torch.Tensor          # (L+1, T) mean over samples of max_c |h_t,c|
+    hidden_norm: Optional[torch.Tensor]  # (L+1, T) mean ‖h_t‖ (input of block l; last = output of the last block)
+    hidden_maxabs: Optional[torch.Tensor]  # (L+1, T) mean over samples of max_c |h_t,c|
     query_norm: Optional[torch.Tensor]   # (L, T) mean over samples and heads of ‖q_t‖
     key_norm: Optional[torch.Tensor]     # (L, T)
     value_norm: Optional[torch.Tensor]   # (L, T)
@@ -96,8 +96,10 @@ class ActivationResult:
     logn_edges: torch.Tensor = field(default_factory=lambda: torch.linspace(*LOGN_RANGE, LOGN_BINS + 1))
 
     @property
-    def massive_ratio(self) -> torch.Tensor:
-        """(L+1,) ‖h_1‖ / mean_{t>1} ‖h_t‖ per layer."""
+    def massive_ratio(self) -> Optional[torch.Tensor]:
+        """(L+1,) ‖h_1‖ / mean_{t>1} ‖h_t‖ per layer (None without hidden states)."""
+        if self.hidden_norm is None:
+            return None
         first, rest = first_vs_rest(self.hidden_norm)
         return first / rest
 
@@ -109,7 +111,8 @@ class ActivationResult:
             if t is not None:
                 first, rest = first_vs_rest(t)
                 out[name] = {"first": first.tolist(), "rest_mean": rest.tolist()}
-        out["massive_ratio"] = self.massive_ratio.tolist()
+        if self.hidden_norm is not None:
+            out["massive_ratio"] = self.massive_ratio.tolist()
         if self.cos_first is not None:
             for name in ("cos_first", "cos_rest", "normprod_first", "normprod_rest"):
                 t = getattr(self, name)
@@ -130,6 +133,20 @@ class ActivationResult:
         d["cos_edges"] = self.cos_edges.tolist()
         d["logn_edges"] = self.logn_edges.tolist()
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ActivationResult":
+        """Inverse of :meth:`to_dict` (re-plot from a results JSON without rerunning the model)."""
+        def t(x):
+            if x is None:
+                return None
+            return torch.tensor([[math.nan if v is None else v for v in row] for row in x], dtype=torch.float64)
+
+        hist = {k: None if d[k] is None else torch.tensor(d[k], dtype=torch.float64) for k in ("hist_first", "hist_rest")}
+        return cls(n_samples=d["n_samples"], **{k: t(d[k]) for k in (
+            "hidden_norm", "hidden_maxabs", "query_norm", "key_norm", "value_norm", "cos_first", "cos_rest",
+            "normprod_first", "normprod_rest")}, **hist,
+            cos_edges=torch.tensor(d["cos_edges"]), logn_edges=torch.tensor(d["logn_edges"]))
 
 
 def _hist2d(cos: torch.Tensor, logn: torch.Tensor) -> torch.Tensor:

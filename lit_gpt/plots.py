@@ -85,7 +85,8 @@ def plot_norms(act, path: Union[str, Path], title: str = "") -> Path:
     from lit_gpt.analysis import first_vs_rest
 
     plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.3))
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    fig.subplots_adjust(wspace=0.3, top=0.82)
     panels = (("hidden_norm", "‖h‖ (input of layer l)"), ("key_norm", "‖k‖"), ("value_norm", "‖v‖"))
     for ax, (name, label) in zip(axes, panels):
         t = getattr(act, name)
@@ -135,14 +136,19 @@ def plot_cos_norm(act, path: Union[str, Path], title: str = "") -> Path:
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax)
     extent = [float(act.logn_edges[0]), float(act.logn_edges[-1]), float(act.cos_edges[0]), float(act.cos_edges[-1])]
-    for ax, name, label in ((axes[0, 2], "hist_first", "key 1: all layers/heads/queries"),
-                            (axes[1, 2], "hist_rest", "keys j>1: all layers/heads/causal pairs")):
+    used = ((act.hist_first.sum((0, 1)) + act.hist_rest.sum((0, 1))) > 0).nonzero().flatten()
+    xlim = (float(act.logn_edges[max(int(used.min()) - 1, 0)]), float(act.logn_edges[min(int(used.max()) + 2,
+                                                                                          len(act.logn_edges) - 1)]))
+    for ax, name, label in ((axes[0, 2], "hist_first", "(cos, ‖q‖‖k‖) of key 1, all layers/heads/queries"),
+                            (axes[1, 2], "hist_rest", "(cos, ‖q‖‖k‖) of keys j>1, all causal pairs")):
         h = getattr(act, name).sum(0)
         h = h / h.sum().clamp_min(1)
         ax.imshow(np.log10(h.numpy() + 1e-6), origin="lower", extent=extent, aspect="auto", cmap="Blues")
+        ax.set_xlim(*xlim)
         ax.set_xlabel("log10 ‖q‖‖k‖")
         ax.set_ylabel("cos(q, k)")
         ax.set_title(label, fontsize=9)
+    fig.subplots_adjust(hspace=0.35, wspace=0.35)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)

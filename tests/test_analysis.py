@@ -1,4 +1,5 @@
 """Activation statistics and the per-checkpoint evaluation against explicit float64 loops."""
+import json
 import math
 
 import pytest
@@ -88,6 +89,8 @@ def test_cos_norm_statistics_with_grouped_keys_match_loops():
     assert res.hist_first.shape == (1, COS_BINS, LOGN_BINS)
     assert res.hist_first.sum().item() == 2 * 4 * 5
     assert res.hist_rest.sum().item() == 2 * 4 * (5 * 6 / 2 - 5)
+    back = type(res).from_dict(json.loads(json.dumps(res.to_dict())))
+    assert torch.allclose(back.cos_rest, res.cos_rest) and torch.equal(back.hist_first, res.hist_first)
     # key norms: mean over samples and groups
     kn = sum(float(k[b, gg, 0].norm()) for b in range(2) for gg in range(2)) / 4
     assert res.key_norm[0, 0].item() == pytest.approx(kn, rel=1e-6)
