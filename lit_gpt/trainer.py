@@ -186,6 +186,18 @@ class Plan:
 def preflight(cfg: RunConfig) -> Plan:
     """All input checks; raises PreflightError (or DataError / ShardError / RunConfigError) before any work."""
     mc = cfg.model_config()
+    try:
+        rd = open_run_data(cfg, mc)
+    except (DataError, ShardError) as e:
+        raise PreflightError(str(e)) from e
+    if not rd.valid:
+        print("note: data.valid is empty: no validation loss will be logged")
+    try:
+        probe, where = make_probe(cfg, rd)
+    except DataError as e:
+        raise PreflightError(str(e)) from e
+    if probe.max() >= mc.vocab_size:
+        raise PreflightError(f"probe token id {int(probe.max())} >= model vocab_size={mc.vocab_size}")
     out_dir = cfg.out_dir
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,18 +224,6 @@ def preflight(cfg: RunConfig) -> Plan:
         candidates = [p]
     elif resume in (True, "auto"):
         candidates = existing
-    try:
-        rd = open_run_data(cfg, mc)
-    except (DataError, ShardError) as e:
-        raise PreflightError(str(e)) from e
-    if not rd.valid:
-        print("note: data.valid is empty: no validation loss will be logged")
-    try:
-        probe, where = make_probe(cfg, rd)
-    except DataError as e:
-        raise PreflightError(str(e)) from e
-    if probe.max() >= mc.vocab_size:
-        raise PreflightError(f"probe token id {int(probe.max())} >= model vocab_size={mc.vocab_size}")
     return Plan(cfg, mc, out_dir, rd, probe, where, candidates, loss_skip(cfg, mc))
 
 
@@ -259,7 +259,7 @@ class MetricsCSV:
         self._w = csv.DictWriter(self._f, fieldnames=self.columns, extrasaction="ignore")
 
     def write(self, row: Dict[str, Any]) -> None:
-        self._w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self._w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
         self._f.flush()
 
     def close(self) -> None:
@@ -442,6 +442,11 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
     else:
         if plan.resume_from:
             raise PreflightError(f"no readable checkpoint among {[p.name for p in plan.resume_from]}")
+    if step >= t.max_steps:
+        fabric.print(f"{resumed_from} is at step {step} >= train.max_steps={t.max_steps}: nothing to do "
+                     "(raise train.max_steps to train further)")
+        done = out_dir / "summary.json"
+        return json.loads(done.read_text()) if done.is_file() else {"step": step, "final": {}, "out_dir": str(out_dir)}
 
     val_cols = ([f"val_loss/{k}" for k in plan.data.valid] + ["val_loss"]) if plan.data.valid else []
     sink_cols = [f"sink_{k}" for k in range(1, cfg.probe.k_max + 1)] + \
