@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -153,11 +154,25 @@ def _unknown(key: str, allowed: Sequence[str], where: str) -> RunConfigError:
     return RunConfigError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(sorted(allowed))}")
 
 
+_SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _numbers(x: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; read it as the number everyone means."""
+    if isinstance(x, dict):
+        return {k: _numbers(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_numbers(v) for v in x]
+    if isinstance(x, str) and _SCI.match(x):
+        return float(x)
+    return x
+
+
 def _read_yaml(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise RunConfigError(f"config file not found: {path}")
     try:
-        d = yaml.safe_load(path.read_text()) or {}
+        d = _numbers(yaml.safe_load(path.read_text()) or {})
     except yaml.YAMLError as e:
         raise RunConfigError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(d, dict):
@@ -221,7 +236,7 @@ def parse_overrides(args: Sequence[str]) -> Dict[str, Any]:
             raise RunConfigError(f"override {k!r} is invalid; allowed: <section>.<key> with section in "
                                  f"{', '.join(SECTIONS)}")
         try:
-            value = yaml.safe_load(v)
+            value = _numbers(yaml.safe_load(v))
         except yaml.YAMLError:
             value = v
         node = out

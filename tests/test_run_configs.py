@@ -99,7 +99,8 @@ def test_composition_and_overrides(tmp_path):
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["train.min_lr=1"], "min_lr"),
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["data.random_tokens={start: 3, end: 2}"], "start < end"),
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["probe.T=4096"], "probe.T=4096"),
-    ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["train.lr"], "no value"),
+    ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["--train.lr"], "no value"),
+    ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["train.lr"], "section.key=value"),
 ])
 def test_bad_configs_fail_with_the_key_named(tmp_path, content, overrides, match):
     path = write_yaml(tmp_path / "c.yaml", content)
