@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True, help="run YAML (configs/...)")
     ap.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     args, overrides = ap.parse_known_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)     # progress lines reach `| tee` logs as they happen
     try:
         cfg = load_run_config(args.config, overrides)
         if args.print_config:

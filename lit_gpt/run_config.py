@@ -86,6 +86,7 @@ class TrainConfig:
     stop_at_step: Optional[int] = None               # leave (with a checkpoint) after this step; resume later
     max_time_s: Optional[float] = None               # leave (with a checkpoint) after this many seconds
     fsdp_activation_checkpointing: bool = False
+    cpu_threads: Optional[int] = None                # torch threads on CPU (None: torch's default)
     save_final: bool = True                          # write final.pth at max_steps
 
 
@@ -378,6 +379,8 @@ def validate(cfg: RunConfig) -> None:
             raise RunConfigError(f"train.loss_skip_first={t.loss_skip_first} is invalid; allowed: < block_size")
     if t.keep_last is not None:
         _positive_int("train.keep_last", t.keep_last)
+    if t.cpu_threads is not None:
+        _positive_int("train.cpu_threads", t.cpu_threads)
     if t.stop_at_step is not None:
         _positive_int("train.stop_at_step", t.stop_at_step)
     if t.max_time_s is not None and not (isinstance(t.max_time_s, (int, float)) and t.max_time_s > 0):

@@ -44,7 +44,7 @@ from lit_gpt.evaluate import probe_tokens, sink_on_probe, sink_summary
 from lit_gpt.packed import ShardError
 from lit_gpt.run_config import RunConfig, RunConfigError, loss_skip
 from lit_gpt.sink_metrics import format_sink
-from lit_gpt.utils import atomic_torch_save, atomic_write_text
+from lit_gpt.utils import atomic_torch_save, atomic_write_text, check_writable_dir
 
 
 class PreflightError(ValueError):
@@ -200,10 +200,7 @@ def preflight(cfg: RunConfig) -> Plan:
         raise PreflightError(f"probe token id {int(probe.max())} >= model vocab_size={mc.vocab_size}")
     out_dir = cfg.out_dir
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        test = out_dir / f".write-test-{os.getpid()}"
-        test.write_bytes(b"")
-        test.unlink()
+        check_writable_dir(out_dir)
     except OSError as e:
         raise PreflightError(f"train.out_dir={str(out_dir)!r} is not writable ({e.strerror or e})") from e
     existing = list_checkpoints(out_dir)
@@ -292,9 +289,8 @@ def make_loggers(cfg: RunConfig, out_dir: Path) -> list:
 
 
 # ---------------------------------------------------------------------------- fabric
-def make_fabric(cfg: RunConfig, loggers: list):
-    import lightning as L
-
+def resolve_hardware(cfg: RunConfig) -> Tuple[str, int, str]:
+    """(accelerator, devices per node, precision) with the ``auto`` values filled in."""
     t = cfg.train
     accelerator = t.accelerator
     if accelerator == "auto":
@@ -306,6 +302,14 @@ def make_fabric(cfg: RunConfig, loggers: list):
     if precision == "auto":
         precision = "bf16-mixed" if accelerator in ("cuda", "gpu") and torch.cuda.is_bf16_supported() else \
             ("16-mixed" if accelerator in ("cuda", "gpu") else "32-true")
+    return accelerator, devices, precision
+
+
+def make_fabric(cfg: RunConfig, loggers: list):
+    import lightning as L
+
+    t = cfg.train
+    accelerator, devices, precision = resolve_hardware(cfg)
     strategy: Any = t.strategy
     world = devices * t.num_nodes
     if strategy == "auto":
@@ -394,6 +398,8 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
     t, mc, out_dir = cfg.train, plan.mc, plan.out_dir
     fabric = make_fabric(cfg, make_loggers(cfg, out_dir))
     fabric.launch()
+    if fabric.device.type == "cpu" and t.cpu_threads:
+        torch.set_num_threads(t.cpu_threads)
     world = fabric.world_size
     per_step = t.micro_batch_size * world
     if t.global_batch_size % per_step:
@@ -409,7 +415,7 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         raw = GPT(mc)
     fabric.print(f"model {mc.name}: {raw.num_parameters() / 1e6:.2f}M parameters; world {world} x micro "
                  f"{t.micro_batch_size} x accum {accum} = global batch {t.global_batch_size} x {mc.block_size} "
-                 f"tokens; precision {fabric.strategy.precision.__class__.__name__}; data: "
+                 f"tokens; precision {resolve_hardware(cfg)[2]}; data: "
                  f"{', '.join(f'{k}={w}' for k, w in cfg.data.train.items())}; probe: {plan.probe_where}")
     model = torch.compile(raw) if t.compile else raw
     model = fabric.setup(model)
@@ -536,7 +542,11 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         tokens_seen += tokens_per_step
         metrics: Dict[str, Any] = {}
         final = step == t.max_steps
-        if step % t.log_interval == 0 or final:
+        if t.stop_at_step is not None and step >= t.stop_at_step and not final:
+            stopped = f"train.stop_at_step={t.stop_at_step}"
+        if t.max_time_s is not None and time.perf_counter() - t_start >= t.max_time_s and not final:
+            stopped = f"train.max_time_s={t.max_time_s}"
+        if step % t.log_interval == 0 or final or stopped:
             loss_val = float(fabric.all_reduce(loss_sum / accum, reduce_op="mean"))
             now = time.perf_counter()
             dt = max(now - t_mark - overhead, 1e-9)      # training time only: evaluation and saving excluded
@@ -550,11 +560,6 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
             if cfg.logging.progress:
                 fabric.print(f"step {step}/{t.max_steps} loss {loss_val:.4f} lr {lr:.3g} "
                              f"{speed:,.0f} tok/s")
-        if t.stop_at_step is not None and step >= t.stop_at_step and not final:
-            stopped = f"train.stop_at_step={t.stop_at_step}"
-        elapsed = time.perf_counter() - t_start
-        if t.max_time_s is not None and elapsed >= t.max_time_s and not final:
-            stopped = f"train.max_time_s={t.max_time_s}"
         ending = final or stopped is not None
         do_val = bool(plan.data.valid_set) and ((t.eval_interval and step % t.eval_interval == 0) or ending)
         do_sink = (t.sink_interval and step % t.sink_interval == 0) or ending
@@ -581,7 +586,7 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         "stopped_early": stopped, "resumed_from": str(resumed_from) if resumed_from else None,
         "tokens_seen": tokens_seen, "world_size": world, "accum": accum,
         "device": torch.cuda.get_device_name() if fabric.device.type == "cuda" else "cpu",
-        "precision": str(fabric.strategy.precision.__class__.__name__),
+        "precision": resolve_hardware(cfg)[2],
         "params_M": raw.num_parameters() / 1e6,
         "tokens_per_s_median": statistics.median(speeds[1:] or speeds) if speeds else None,
         "train_seconds": train_seconds,

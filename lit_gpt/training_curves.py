@@ -45,20 +45,21 @@ def plot_curves(metrics_csv: Union[str, Path], out_png: Union[str, Path], title:
     ax1.set_ylabel("loss (nats/token)")
     ax1.legend()
     ax1.grid(alpha=0.3)
-    drawn = False
+    drawn, top = False, 0.0
     for k in sink_ks:
         key = f"sink_{k}"
         if key in m:
             xs, ys = zip(*m[key])
             ax2.plot(xs, ys, "o-", label=f"Sink_{k}", markersize=3)
-            drawn = True
+            drawn, top = True, max(top, max(ys))
     for key in sorted(k for k in m if k.startswith("sink_extra_")):
         xs, ys = zip(*m[key])
         ax2.plot(xs, ys, "^--", label=key.replace("sink_extra_", "Sink_1* slot "), markersize=3)
-        drawn = True
+        drawn, top = True, max(top, max(ys))
     ax2.set_xlabel("step")
     ax2.set_ylabel("Sink_k (% of heads, eps=0.3)")
-    ax2.set_ylim(-2, 102)
+    hi = min(100.0, max(5.0, 1.15 * top))          # small sinks stay visible; 100% is the ceiling
+    ax2.set_ylim(-0.02 * hi, hi)
     if drawn:
         ax2.legend()
     ax2.grid(alpha=0.3)

@@ -41,7 +41,7 @@ if __package__ in (None, ""):   # `python preprocess/prepare.py` from the repo r
 from lit_gpt.packed import SHARD_SUFFIX, ShardWriter, dtype_for_vocab, read_header
 from lit_gpt.textio import JSONL_SUFFIXES, iter_texts, list_text_files
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import atomic_write_text
+from lit_gpt.utils import atomic_write_text, check_writable_dir
 
 VALID_WORDS = ("valid", "validation", "val", "dev", "test")
 SPLIT_WORDS = VALID_WORDS + ("train",)
@@ -220,10 +220,7 @@ def _existing_shards(out_dir: Path, prefix: str) -> List[Path]:
 
 def _check_writable(out_dir: Path) -> None:
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        check_writable_dir(out_dir)
     except OSError as e:
         raise PrepareError(f"output folder {out_dir} is not writable ({e.strerror or e})") from e
 
