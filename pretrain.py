@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     except INPUT_ERRORS as e:        # found after launch (e.g. batch sizes vs. world size)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if summary.get("rank", 0) != 0:
+        return 0
     final = summary["final"]
     print(f"done: step {summary['step']}, train_loss {final.get('train_loss', float('nan')):.4f}, "
           f"val_loss {final.get('val_loss', float('nan')):.4f}, Sink_1 {final.get('sink_1', float('nan')):.2f}%; "

@@ -582,7 +582,7 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
             break
 
     summary = {
-        "run": cfg.run_name, "out_dir": str(out_dir), "step": step, "max_steps": t.max_steps,
+        "run": cfg.run_name, "out_dir": str(out_dir), "rank": fabric.global_rank, "step": step, "max_steps": t.max_steps,
         "stopped_early": stopped, "resumed_from": str(resumed_from) if resumed_from else None,
         "tokens_seen": tokens_seen, "world_size": world, "accum": accum,
         "device": torch.cuda.get_device_name() if fabric.device.type == "cuda" else "cpu",
