@@ -186,6 +186,14 @@ class Plan:
 def preflight(cfg: RunConfig) -> Plan:
     """All input checks; raises PreflightError (or DataError / ShardError / RunConfigError) before any work."""
     mc = cfg.model_config()
+    accelerator, devices, _ = resolve_hardware(cfg)
+    if cfg.train.strategy == "fsdp" and accelerator == "cpu":
+        raise PreflightError("train.strategy=fsdp is invalid on CPU (Lightning's FSDP needs GPUs); allowed on CPU: "
+                             "auto, ddp")
+    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise PreflightError(f"train.accelerator={cfg.train.accelerator!r} but no GPU is visible; allowed here: cpu")
+    if devices < 1:
+        raise PreflightError("train.devices=auto found no GPU; set train.accelerator=cpu or train.devices")
     try:
         rd = open_run_data(cfg, mc)
     except (DataError, ShardError) as e:

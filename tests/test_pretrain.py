@@ -158,6 +158,10 @@ def test_bad_input_is_one_clear_error_before_any_work(packed, tmp_path, capsys):
     rc, err = run_main(tmp_path, tiny_run(packed, out), capsys, "train.micro_batchsize=2")
     assert rc == 2 and "unknown key 'micro_batchsize'" in err and "micro_batch_size" in err
 
+    if not torch.cuda.is_available():
+        rc, err = run_main(tmp_path, tiny_run(packed, out, strategy="fsdp"), capsys)
+        assert rc == 2 and "fsdp is invalid on CPU" in err
+
     (tmp_path / "afile").write_text("x")
     rc, err = run_main(tmp_path, tiny_run(packed, tmp_path / "afile" / "run"), capsys)
     assert rc == 2 and "not writable" in err
