@@ -552,8 +552,13 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         final = step == t.max_steps
         if t.stop_at_step is not None and step >= t.stop_at_step and not final:
             stopped = f"train.stop_at_step={t.stop_at_step}"
-        if t.max_time_s is not None and time.perf_counter() - t_start >= t.max_time_s and not final:
-            stopped = f"train.max_time_s={t.max_time_s}"
+        if t.max_time_s is not None and not final:
+            # rank 0's clock decides for everyone: ranks that stop at different steps deadlock in the next collective
+            out_of_time = time.perf_counter() - t_start >= t.max_time_s
+            if world > 1:
+                out_of_time = bool(fabric.broadcast(out_of_time, src=0))
+            if out_of_time:
+                stopped = f"train.max_time_s={t.max_time_s}"
         if step % t.log_interval == 0 or final or stopped:
             loss_val = float(fabric.all_reduce(loss_sum / accum, reduce_op="mean"))
             now = time.perf_counter()

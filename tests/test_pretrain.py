@@ -241,3 +241,33 @@ def test_sink_on_probe_matches_hand_loops():
     slot_model = GPT(Config.from_name("tiny", n_layer=2, kv_bias="k", block_size=32)).eval()
     res, _ = sink_on_probe(slot_model, tokens, k_max=3)
     assert res.sink_extra is not None and len(res.sink_extra) == 1
+
+
+DDP_RUNNER = """
+import json, os, sys, time
+sys.path.insert(0, {repo!r})
+if os.environ.get("LOCAL_RANK", "0") == "1":      # rank 1's clock runs at half speed: the ranks disagree on time
+    _pc, _t0 = time.perf_counter, time.perf_counter()
+    time.perf_counter = lambda: _t0 + (_pc() - _t0) * 0.5
+from lit_gpt.run_config import load_run_config
+from lit_gpt.trainer import fit
+summary = fit(load_run_config({cfg!r}))
+with open({out!r} + f".rank{{os.environ.get('LOCAL_RANK', '0')}}", "w") as f:
+    json.dump({{"step": summary["step"], "stopped": summary["stopped_early"]}}, f)
+"""
+
+
+def test_ddp_ranks_stop_together_on_a_time_budget(packed, tmp_path):
+    """Two CPU processes (gloo) whose clocks disagree: rank 0 decides when max_time_s is reached, so both stop at
+    the same step instead of one waiting forever in the next all-reduce."""
+    d = tiny_run(packed, tmp_path / "run", devices=2, max_steps=100000, max_time_s=4, save_interval=0,
+                 eval_interval=0, sink_interval=0, save_final=False)
+    cfg_path = write_yaml(tmp_path / "ddp.yaml", d)
+    script = tmp_path / "ddp_runner.py"
+    script.write_text(DDP_RUNNER.format(repo=str(REPO), cfg=str(cfg_path), out=str(tmp_path / "done")))
+    proc = subprocess.run([sys.executable, str(script)], cwd=str(REPO), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r0 = json.loads((tmp_path / "done.rank0").read_text())
+    r1 = json.loads((tmp_path / "done.rank1").read_text())
+    assert r0["stopped"] == r1["stopped"] == "train.max_time_s=4"
+    assert r0["step"] == r1["step"] > 0
