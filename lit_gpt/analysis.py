@@ -306,11 +306,8 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, T
     Returns ``{"sink": SinkResult, "activations": ActivationResult | None, "loss": float | None,
     "n_loss_tokens": int, "attention_maps": {(l, h): (T, S+T) tensor}}``.
     """
-    from lit_gpt.model import GPT
-
-    n_extra = model.config.n_extra_slots if isinstance(model, GPT) else 0
     need = {"attn"} | ({"hidden", "q", "k", "v"} if activations else set())
-    sink = SinkMeter(eps=eps, k_max=k_max, n_extra=n_extra)
+    sink: Optional[SinkMeter] = None      # made at the first batch: the analysis says how many extra slots
     act = ActivationMeter() if activations else None
     maps: Dict[Tuple[int, int], torch.Tensor] = {}
     loss_sum, loss_n = 0.0, 0
@@ -330,6 +327,8 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, T
             lf = logits[:, :n_t].float()
             loss_sum += float(F.cross_entropy(lf.reshape(-1, lf.shape[-1]), targets.reshape(-1), reduction="sum"))
             loss_n += targets.numel()
+        if sink is None:
+            sink = SinkMeter(eps=eps, k_max=k_max, n_extra=getattr(an, "n_extra", 0))
         sink.update(an.attn)
         for (layer, head) in attention_maps:
             if not (0 <= layer < len(an.attn) and 0 <= head < an.attn[layer].shape[1]):
@@ -339,7 +338,7 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, T
             maps[(layer, head)] = maps.get((layer, head), 0) + m
         if act is not None:
             act.update(hidden=an.hidden, q=an.q, k=an.k, v=an.v)
-    if sink.n_samples == 0:
+    if sink is None:
         raise ValueError("evaluate_model: no batches")
     result = sink.compute()
     return {

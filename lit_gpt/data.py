@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from lit_gpt.packed import SHARD_SUFFIX, PackedShard, ShardError, read_header
+from lit_gpt.packed import SHARD_SUFFIX, PackedShard, read_header
 
 _BLOCK = 4096          # domain choices are drawn in blocks of this many global samples
 _TAG_CHOICE, _TAG_POOL, _TAG_PERM, _TAG_RANDOM = 0xC401CE, 0x9001, 0x9E53, 0x5A11D

@@ -21,58 +21,43 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from lit_gpt.sink_metrics import DEFAULT_EPS, DEFAULT_K, SinkMeter, SinkResult, format_sink
+from lit_gpt.sink_metrics import DEFAULT_EPS, DEFAULT_K, SinkResult, format_sink
 
 
 @torch.no_grad()
 def sink_on_probe(model: torch.nn.Module, tokens: torch.Tensor, eps: float = DEFAULT_EPS, k_max: int = DEFAULT_K,
-                  batch_size: int = 20, has_targets: bool = True, n_extra: Optional[int] = None
-                  ) -> Tuple[SinkResult, Optional[float]]:
-    """Sink_1..k_max^eps (in %) of ``model`` on probe rows, and the mean next-token loss on them.
+                  batch_size: int = 20, has_targets: bool = True) -> Tuple[SinkResult, Optional[float]]:
+    """Sink_1..k_max^eps (in %) of ``model`` on probe rows, and the mean next-token loss on them: the training-time
+    view of :func:`lit_gpt.analysis.evaluate_model` (which also serves eval_sink.py and the HF scripts).
 
     Args:
-        model: a GPT-like module: ``model(idx, return_analysis={"attn"}) -> (logits, analysis)`` with
-            ``analysis.attn`` one ``(B, H, T, n_extra + T)`` map per layer and ``analysis.n_extra``.
+        model: our GPT or a Hugging Face causal LM.
         tokens: ``(n, T + 1)`` ids when ``has_targets`` (inputs ``[:, :T]``, loss on ``[:, 1:]``, as the seed
             reported next to the sink), else ``(n, T)`` inputs and no loss.
         eps, k_max: the metric's threshold and how many leading positions to report.
         batch_size: probe rows per forward.
-        has_targets: the last column is a target only (see ``tokens``).
-        n_extra: extra key slots before the tokens (k*, sink token, ...); default from the model's analysis.
 
     Returns:
         ``(SinkResult, loss)``; the model is left in the train/eval mode it came in.
     """
+    from lit_gpt.analysis import batched, evaluate_model
+
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (n, T) or (n, T+1), got shape {tuple(tokens.shape)}")
     T = tokens.shape[1] - int(has_targets)
     if T < k_max:
         raise ValueError(f"probe rows of {T} tokens are shorter than k_max={k_max}")
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    meter: Optional[SinkMeter] = None
-    loss_sum, n_tok = 0.0, 0
     try:
-        for s in range(0, tokens.shape[0], batch_size):
-            rows = tokens[s:s + batch_size].to(device)
-            logits, an = model(rows[:, :T], return_analysis={"attn"})
-            if meter is None:
-                meter = SinkMeter(eps=eps, k_max=k_max, n_extra=an.n_extra if n_extra is None else n_extra)
-            meter.update(an.attn)
-            if has_targets:
-                loss_sum += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                  rows[:, 1:T + 1].reshape(-1), reduction="sum"))
-                n_tok += rows.shape[0] * T
+        out = evaluate_model(model, batched(tokens, batch_size), T=T, eps=eps, k_max=k_max, activations=False)
     finally:
         model.train(was_training)
-    return meter.compute(), (loss_sum / n_tok if has_targets else None)
+    return out["sink"], (out["loss"] if has_targets else None)
 
 
 def probe_tokens(source: str, n: int, T: int, tokenizer=None, valid_set=None, transforms: Sequence = ()

@@ -42,7 +42,7 @@ from lit_gpt.data import (
 )
 from lit_gpt.evaluate import probe_tokens, sink_on_probe, sink_summary
 from lit_gpt.packed import ShardError
-from lit_gpt.run_config import RunConfig, RunConfigError, loss_skip
+from lit_gpt.run_config import RunConfig, loss_skip
 from lit_gpt.sink_metrics import format_sink
 from lit_gpt.utils import atomic_torch_save, atomic_write_text, check_writable_dir
 

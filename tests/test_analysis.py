@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lit_gpt import GPT, Config
 from lit_gpt.analysis import (

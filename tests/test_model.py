@@ -333,7 +333,7 @@ def test_first_token_dominance_shows_in_maps_and_sink_metric():
     component that the key weights map onto u. Placing token 7 first makes every head attend to position 1."""
     cfg = tiny(pos_encoding="nope", bias=True, n_layer=1)
     model = GPT(cfg).double()
-    H, d, C = cfg.n_head, cfg.head_size, cfg.n_embd
+    H, d = cfg.n_head, cfg.head_size
     with torch.no_grad():
         W, b = model.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.bias
         W.zero_(); b.zero_()

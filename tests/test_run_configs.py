@@ -72,9 +72,9 @@ def test_configs_mean_what_their_names_say(rel, check):
 
 
 def test_composition_and_overrides(tmp_path):
-    base = write_yaml(tmp_path / "base.yaml", {"model": {"name": "tiny", "n_layer": 3},
-                                               "data": {"train": {"a": 1.0, "b": 2.0}, "seed": 5},
-                                               "train": {"lr": 1e-3, "min_lr": 1e-4}})
+    write_yaml(tmp_path / "base.yaml", {"model": {"name": "tiny", "n_layer": 3},
+                                             "data": {"train": {"a": 1.0, "b": 2.0}, "seed": 5},
+                                             "train": {"lr": 1e-3, "min_lr": 1e-4}})
     (tmp_path / "sub").mkdir()
     write_yaml(tmp_path / "sub" / "mix.yaml", {"train": {"m": 1.0}, "valid": {"v": 1.0}})
     child = write_yaml(tmp_path / "sub" / "child.yaml", {"base": "../base.yaml", "model": {"n_head": 2},
