@@ -7,12 +7,22 @@
 # 3. prints Sink_1..10 of the final model and writes checkpoints/demo_cpu/curves.png (loss + Sink_k vs step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+# use the current python when it has what the repo needs, else install into ./.venv (scripts/install.sh)
+if [ -z "${PYTHON:-}" ]; then
+  if python -c "import torch, lightning, yaml, numpy, matplotlib" 2>/dev/null; then
+    PYTHON=python
+  else
+    bash scripts/install.sh
+    PYTHON=.venv/bin/python
+  fi
+fi
 DEMO=datasets/demo_cpu
 if [ ! -f "$DEMO/packed/manifest.json" ]; then
   "$PYTHON" -m preprocess.demo_corpus --out "$DEMO" --source "${DEMO_SOURCE:-stdlib}" --tokenizer bytes --block_size 64
 fi
-rm -rf checkpoints/demo_cpu
+if [ -d checkpoints/demo_cpu ]; then        # keep the previous demo run (one generation) instead of deleting it
+  rm -rf checkpoints/demo_cpu.prev && mv checkpoints/demo_cpu checkpoints/demo_cpu.prev
+fi
 "$PYTHON" pretrain.py --config configs/demo_cpu.yaml "$@"
 "$PYTHON" - <<'PY'
 import json
