@@ -98,7 +98,7 @@ class Config:
     sink_token: bool = False               # learnable sink token prepended to every sequence (StreamingLLM §3.3)
     sink_logit: bool = False               # learned per-head logit in the softmax denominator (gpt-oss form)
     # ---- implementation ----
-    attn_impl: str = "auto"                # auto: fused SDPA for softmax, eager for the rest
+    attn_impl: str = "auto"                # auto: SDPA / FlexAttention (CUDA) for softmax, eager for the rest
     extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes carried into checkpoints
 
     def __post_init__(self) -> None:

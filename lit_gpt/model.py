@@ -63,7 +63,16 @@ class ForwardContext:
     need: frozenset = frozenset()
     analysis: Optional[Analysis] = None
     drop_first: bool = False                 # a sink token was prepended in this call
-    use_cache: bool = False                  # input_pos was given: the layers' caches take part
+    no_cache: bool = True                    # full forward: positions are 0..T-1, keys are this call's tokens
+    rel_bias: Optional[nn.Module] = None     # the model's T5 relative-bias table (for the flex score_mod)
+    memo: Dict[Any, Any] = field(default_factory=dict)   # masks / biases shared by all layers of one forward
+
+    def cached(self, key, make: Callable[[], Any], pin: tuple = ()):
+        """Compute once per forward: every layer sees the same positions, hence the same mask and bias.
+        ``pin`` keeps the tensors whose ids form the key alive, so an id cannot be reused within the forward."""
+        if key not in self.memo:
+            self.memo[key] = (make(), pin)
+        return self.memo[key][0]
 
 
 def _parse_need(return_analysis: Union[bool, Iterable[str]]) -> frozenset:
@@ -184,6 +193,21 @@ class KVCache(nn.Module):
 
 
 # ---------------------------------------------------------------------------- attention
+def use_flex(cfg: Config, q: torch.Tensor, full_causal: bool) -> bool:
+    """FlexAttention for a full-sequence softmax forward: always with attn_impl='flex' (on CUDA, or on CPU
+    without grad: it has no CPU backward); with attn_impl='auto' on CUDA where it measured faster than SDPA on an
+    H100 (windows, prefix masks, ALiBi, k*/v* slots, sink logits; see benchmarks/results/train_step.json).
+    Plain causal attention stays on SDPA's flash kernel, T5 relative bias on SDPA (its learned-table score_mod
+    exceeds Triton's shared memory at d=96)."""
+    from lit_gpt.flex import flex_available
+    if cfg.attn_impl == "flex":
+        return (q.is_cuda or not torch.is_grad_enabled()) and flex_available(cfg)
+    if cfg.attn_impl != "auto" or not q.is_cuda or not flex_available(cfg):
+        return False
+    needs_dense = (not full_causal or cfg.pos_encoding == "alibi" or cfg.kv_bias in ("k", "kv") or cfg.sink_logit)
+    return needs_dense and cfg.pos_encoding != "relative"
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config, layer_idx: int = 0) -> None:
         super().__init__()
@@ -252,22 +276,32 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q, k, v, q_pos, k_pos, ctx: ForwardContext, need_weights: bool,
                full_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Attention core over already position-encoded q (B,H,Tq,d), k/v (B,G,Tk,d) with their positions."""
+        """Attention core over already position-encoded q (B,H,Tq,d), k/v (B,G,Tk,d) with their positions.
+
+        Path: eager when maps are requested or the operation is not softmax; FlexAttention when
+        ``attn_impl='flex'`` on a full forward (CUDA, or CPU without grad); otherwise SDPA."""
         cfg = self.config
-        bias = ctx.bias_fn(q_pos, k_pos) if ctx.bias_fn is not None else None
         slots = self.slots()
         eager = need_weights or cfg.attn_op != "softmax" or cfg.attn_impl == "eager"
+        if not eager and ctx.no_cache and use_flex(cfg, q, full_causal):
+            from lit_gpt.flex import flex_attention_forward, flex_failed
+            try:
+                y = flex_attention_forward(
+                    q, k, v, ctx.mask_fn, scale=self.scale, alpha=cfg.softmax_alpha,
+                    alibi_slopes=alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None,
+                    rel_bias=ctx.rel_bias if cfg.pos_encoding == "relative" else None, **slots)
+                return y, None
+            except Exception as e:   # e.g. a Triton resource limit at this shape: SDPA computes the same function
+                flex_failed(cfg, e)
+        key, pin = (id(q_pos), id(k_pos), id(ctx.mask_fn)), (q_pos, k_pos)
+        bias = ctx.cached(("bias",) + key, lambda: ctx.bias_fn(q_pos, k_pos), pin) if ctx.bias_fn is not None else None
+        make_mask = lambda: dense_mask(ctx.mask_fn, q_pos, k_pos)
         if eager:
-            mask = dense_mask(ctx.mask_fn, q_pos, k_pos)
+            mask = ctx.cached(("mask",) + key, make_mask, pin)
             return eager_attention(q, k, v, mask=mask, op=cfg.attn_op, normalize=cfg.attn_normalize,
                                    alpha=cfg.softmax_alpha, scale=self.scale, bias=bias,
                                    kernel=self.feature_map(), need_weights=need_weights, **slots)
-        if cfg.attn_impl == "flex" and q.is_cuda:
-            from lit_gpt.flex import flex_attention_forward
-            y = flex_attention_forward(q, k, v, q_pos, k_pos, ctx.mask_fn, alpha=cfg.softmax_alpha,
-                                       scale=self.scale, bias=bias, **slots)
-            return y, None
-        mask = None if full_causal else dense_mask(ctx.mask_fn, q_pos, k_pos)
+        mask = None if full_causal else ctx.cached(("mask",) + key, make_mask, pin)
         y = sdpa_attention(q, k, v, mask=mask, is_causal=full_causal, alpha=cfg.softmax_alpha,
                            scale=self.scale, bias=bias, **slots)
         return y, None
@@ -289,7 +323,7 @@ class CausalSelfAttention(nn.Module):
             for name, t in (("q", q), ("k", k), ("v", v)):
                 if name in ctx.need:
                     getattr(rec, name).append(t[:, :, s].detach())
-        cache = self.kv_cache if ctx.use_cache else None
+        cache = None if ctx.no_cache else self.kv_cache       # a full forward leaves the caches untouched
         if cache is not None and getattr(cache, "attend", None) is not None:
             # a streaming cache may compute attention itself (e.g. LM-Infinite's two position systems)
             y, w = cache.attend(self, q, k, v, ctx, need_weights="attn" in ctx.need)
@@ -474,8 +508,8 @@ class GPT(nn.Module):
         ctx = ForwardContext(
             pos=pos, cos_sin=self.rope_tables(pos), mask_fn=effective_mask,
             full_causal=input_pos is None and effective_mask is causal_mask,
-            bias_fn=self.bias_fn(), need=need, analysis=analysis, drop_first=prepend,
-            use_cache=input_pos is not None,
+            bias_fn=self.bias_fn(), need=need, analysis=analysis, drop_first=prepend, no_cache=input_pos is None,
+            rel_bias=getattr(self, "rel_bias", None),
         )
         sl = slice(1, None) if prepend else slice(None)
         for block in self.blocks:

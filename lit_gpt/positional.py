@@ -13,7 +13,7 @@ positions.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -108,6 +108,16 @@ class RelativePositionBias(nn.Module):
         super().__init__()
         self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
         self.embedding = nn.Embedding(num_buckets, n_head)
+
+    def buckets(self, T: int, device) -> torch.Tensor:
+        """(T, T) bucket ids of a full sequence 0..T-1 (queries x keys), cached per length and device."""
+        key = (T, str(device))
+        cache = self.__dict__.setdefault("_bucket_cache", {})
+        if key not in cache:
+            pos = torch.arange(T, device=device)
+            cache[key] = relative_bucket(pos.view(1, T) - pos.view(T, 1), self.num_buckets, self.max_distance,
+                                         self.bidirectional)
+        return cache[key]
 
     def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """q_pos (B|1, Tq), k_pos (B|1, Tk) -> (B|1, H, Tq, Tk)."""

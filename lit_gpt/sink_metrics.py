@@ -13,9 +13,18 @@ over all T queries. The paper reports it as Sink_1^*.
 
 Attention maps are consumed one batch at a time by :class:`SinkMeter`; its memory does not grow with the
 number of samples (the seed stored a (samples, layers, heads, T, T) array before computing anything).
+
+Notes on the definition
+* Only rows i >= k enter α_k, whatever mask produced the map. Under a causal mask this equals the seed's
+  "sum every row, divide by T-k+1"; under a prefix-LM mask (bidirectional prefix) the seed would also count the
+  prefix queries i < k that can see key k, the paper's formula (used here) does not.
+* The threshold is applied per (sample, layer, head) and the indicator averaged over all of them, which is the
+  seed's "per-sample threshold, then average". ``sink_std`` is the spread of the per-sample Sink_k over samples.
+* Maps with NaN/inf (e.g. an fp16 overflow) are refused: a NaN α would silently count as "no sink".
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -72,10 +81,12 @@ class SinkResult:
     eps: float
     sink: Dict[int, float]                      # k (1-indexed token) -> Sink_k^eps in %
     sink_extra: Optional[List[float]]           # one value per extra slot (Sink_1^*), None if no slots
+    sink_std: Dict[int, float]                  # k -> std over samples of the per-sample Sink_k (in %)
     n_samples: int
     n_layers: int
     n_heads: int
-    mean_alpha: torch.Tensor                    # (L, H, n_extra + K): α averaged over samples
+    mean_alpha: torch.Tensor                    # (L, H, n_extra + K): α averaged over samples (NaN where a
+                                                #   layer has fewer than H heads)
     eps_grid: torch.Tensor                      # (E,)
     sink_vs_eps: torch.Tensor                   # (n_extra + K, E) in %
     per_layer: torch.Tensor                     # (L, n_extra + K): share of heads with α > eps, in %
@@ -87,11 +98,13 @@ class SinkResult:
             "eps": self.eps,
             "sink": {f"sink_{k}": v for k, v in self.sink.items()},
             "sink_extra": self.sink_extra,
+            "sink_std": {f"sink_{k}": v for k, v in self.sink_std.items()},
             "n_samples": self.n_samples,
             "n_layers": self.n_layers,
             "n_heads": self.n_heads,
             "n_extra": self.n_extra,
-            "mean_alpha": self.mean_alpha.tolist(),
+            "mean_alpha": [[[None if math.isnan(x) else x for x in head] for head in layer]
+                           for layer in self.mean_alpha.tolist()],
             "eps_grid": self.eps_grid.tolist(),
             "sink_vs_eps": self.sink_vs_eps.tolist(),
             "per_layer": self.per_layer.tolist(),
@@ -109,8 +122,8 @@ class SinkMeter:
 
     def __init__(self, eps: float = DEFAULT_EPS, k_max: int = DEFAULT_K, n_extra: int = 0,
                  eps_grid: Optional[torch.Tensor] = None) -> None:
-        if not 0.0 <= eps < 1.0:
-            raise ValueError(f"eps={eps} is out of range; allowed: 0 <= eps < 1")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0.0):
+            raise ValueError(f"eps={eps!r} is out of range; allowed: a finite number >= 0")
         if k_max < 1:
             raise ValueError(f"k_max={k_max} is out of range; allowed: k_max >= 1")
         self.eps = float(eps)
@@ -123,6 +136,8 @@ class SinkMeter:
         self._alpha_sum: Optional[torch.Tensor] = None     # (L, H, C)
         self._hits: Optional[torch.Tensor] = None          # (L, H, C) count of α > eps
         self._grid_hits: Optional[torch.Tensor] = None     # (C, E)
+        self._sample_sum: Optional[torch.Tensor] = None    # (C,) sum over samples of per-sample Sink share
+        self._sample_sq: Optional[torch.Tensor] = None     # (C,) sum of squares
         self.n_samples = 0
         self._n_heads: List[int] = []
 
@@ -134,6 +149,9 @@ class SinkMeter:
         for layer, a in enumerate(attn_per_layer):
             if a.dim() != 4:
                 raise ValueError(f"layer {layer}: attention map must be (B, H, T, S+T), got {tuple(a.shape)}")
+            if not bool(torch.isfinite(a).all()):
+                raise ValueError(f"layer {layer}: attention map holds NaN/inf (overflow in a low-precision dtype?); "
+                                 "rerun in float32 or bfloat16")
             alpha = importance_scores(a, self.n_extra)                     # (B, H, S+T)
             C = self.n_extra + self.k_max
             if alpha.shape[-1] < C:
@@ -147,15 +165,25 @@ class SinkMeter:
             self._alpha_sum = torch.zeros(L, Hm, C, dtype=torch.float64)
             self._hits = torch.zeros(L, Hm, C, dtype=torch.float64)
             self._grid_hits = torch.zeros(C, len(self.eps_grid), dtype=torch.float64)
+            self._sample_sum = torch.zeros(C, dtype=torch.float64)
+            self._sample_sq = torch.zeros(C, dtype=torch.float64)
         elif heads != self._n_heads:
             raise ValueError(f"layer/head layout changed between batches: {self._n_heads} then {heads}")
         B = alphas[0].shape[0]
+        if any(x.shape[0] != B for x in alphas):
+            raise ValueError(f"batch sizes differ between layers: {[x.shape[0] for x in alphas]}")
+        per_sample = torch.zeros(B, alphas[0].shape[-1], dtype=torch.float64)   # hits per sample over (l, h)
         for layer, alpha in enumerate(alphas):
             H = alpha.shape[1]
+            hit = (alpha > self.eps).double()                                   # (B, H, C)
             self._alpha_sum[layer, :H] += alpha.sum(0)
-            self._hits[layer, :H] += (alpha > self.eps).double().sum(0)
+            self._hits[layer, :H] += hit.sum(0)
+            per_sample += hit.sum(1)
             # (B, H, C, 1) > (E,) -> count per (C, E)
             self._grid_hits += (alpha.unsqueeze(-1) > self.eps_grid).double().sum((0, 1))
+        share = per_sample / sum(heads) * 100.0
+        self._sample_sum += share.sum(0)
+        self._sample_sq += (share ** 2).sum(0)
         self.n_samples += B
 
     def compute(self) -> SinkResult:
@@ -164,6 +192,12 @@ class SinkMeter:
         heads = torch.tensor(self._n_heads, dtype=torch.float64)            # (L,)
         total_pairs = heads.sum() * self.n_samples
         mean_alpha = self._alpha_sum / self.n_samples
+        for layer, h in enumerate(self._n_heads):
+            mean_alpha[layer, h:] = float("nan")
+        n = self.n_samples
+        mean_s = self._sample_sum / n
+        var = (self._sample_sq / n - mean_s ** 2).clamp_min(0.0) * (n / (n - 1) if n > 1 else 0.0)
+        std = var.sqrt()
         per_col = self._hits.sum((0, 1)) / total_pairs * 100.0              # (C,)
         per_layer = self._hits.sum(1) / (heads[:, None] * self.n_samples) * 100.0
         sink_vs_eps = self._grid_hits / total_pairs * 100.0
@@ -172,6 +206,7 @@ class SinkMeter:
             eps=self.eps,
             sink={k + 1: float(per_col[S + k]) for k in range(self.k_max)},
             sink_extra=[float(per_col[j]) for j in range(S)] if S else None,
+            sink_std={k + 1: float(std[S + k]) for k in range(self.k_max)},
             n_samples=self.n_samples,
             n_layers=len(self._n_heads),
             n_heads=max(self._n_heads),

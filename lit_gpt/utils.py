@@ -9,11 +9,16 @@ from typing import Any, Union
 import torch
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic_replace(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)      # mkstemp makes 0600 files; give the usual umask permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -52,3 +57,12 @@ def parse_dtype(name: Union[str, torch.dtype]) -> torch.dtype:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_writable_dir(path: Union[str, Path]) -> None:
+    """Create ``path`` if needed and prove a file can be written there; raises OSError (with its reason) if not."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()

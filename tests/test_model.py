@@ -333,7 +333,7 @@ def test_first_token_dominance_shows_in_maps_and_sink_metric():
     component that the key weights map onto u. Placing token 7 first makes every head attend to position 1."""
     cfg = tiny(pos_encoding="nope", bias=True, n_layer=1)
     model = GPT(cfg).double()
-    H, d, C = cfg.n_head, cfg.head_size, cfg.n_embd
+    H, d = cfg.n_head, cfg.head_size
     with torch.no_grad():
         W, b = model.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.bias
         W.zero_(); b.zero_()
@@ -382,3 +382,25 @@ def test_init_follows_the_seed():
     proj = m.blocks[0].mlp.proj.weight
     expected = 1 / math.sqrt(cfg.intermediate_size) / cfg.n_layer
     assert abs(float(proj.std()) - expected) / expected < 0.05
+
+
+FLEX_VARIANTS = [{}, dict(attn_mask="window", window_size=3), dict(attn_mask="prefix", prefix_size=5),
+                 dict(pos_encoding="alibi", attn_mask="window", window_size=4), dict(n_query_groups=2, softmax_alpha=2.0),
+                 dict(sink_token=True, attn_mask="window", window_size=2), dict(pos_encoding="relative"),
+                 dict(kv_bias="kv"), dict(kv_bias="k", kv_bias_shared=True, kv_bias_value="one_hot"),
+                 dict(sink_logit=True), dict(sink_logit=True, kv_bias="kv", n_query_groups=2, softmax_alpha=0.5)]
+
+
+@pytest.mark.parametrize("overrides", FLEX_VARIANTS, ids=_id)
+@torch.no_grad()
+def test_flex_path_equals_eager_forward(overrides):
+    """FlexAttention (forward on CPU; it trains on CUDA only) computes the same function as the eager path."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    import warnings
+    model = build(dtype=torch.float32, attn_impl="flex", **overrides)
+    idx = torch.randint(0, V, (2, 20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flex = model(idx)
+    model.config.attn_impl = "eager"
+    torch.testing.assert_close(flex, model(idx), rtol=1e-4, atol=1e-4)

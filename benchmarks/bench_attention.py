@@ -1,0 +1,71 @@
+"""Attention implementations head to head: forward+backward time and peak memory of one attention call.
+
+    python benchmarks/bench_attention.py                      # GPU sizes (B=8, H=8, d=96, T=1024..4096)
+    python benchmarks/bench_attention.py --quick              # tiny CPU smoke run
+Prints a table and writes JSON (command, git commit, hardware) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from common import environment, print_table, time_fn, write_json  # noqa: F401
+from lit_gpt.attention import causal_mask, dense_mask, eager_attention, sdpa_attention, window_mask
+from lit_gpt.positional import alibi_bias, alibi_slopes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/attention.json")
+    ap.add_argument("--lengths", type=int, nargs="*", default=None)
+    ap.add_argument("--window", type=int, default=256)
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    B, H, d = (8, 8, 96) if not a.quick else (1, 2, 16)
+    lengths = a.lengths or ([1024, 2048, 4096] if not a.quick else [64, 128])
+    rows = []
+    for T in lengths:
+        q, k, v = (torch.randn(B, H, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        pos = torch.arange(T, device=device).unsqueeze(0)
+        cmask = dense_mask(causal_mask, pos, pos)
+        w = min(a.window, T // 2)
+        wfn = window_mask(w)
+        wmask = dense_mask(wfn, pos, pos)
+        bias = alibi_bias(pos, pos, alibi_slopes(H)).to(device)
+        cases = {
+            "eager softmax causal": lambda: eager_attention(q, k, v, mask=cmask)[0],
+            "sdpa causal (is_causal)": lambda: sdpa_attention(q, k, v, mask=None, is_causal=True),
+            f"eager softmax window{w}": lambda: eager_attention(q, k, v, mask=wmask)[0],
+            f"sdpa window{w} (dense mask)": lambda: sdpa_attention(q, k, v, mask=wmask),
+            "sdpa alibi (float mask)": lambda: sdpa_attention(q, k, v, mask=cmask, bias=bias),
+            "eager sigmoid causal (Z=1)": lambda: eager_attention(q, k, v, mask=cmask, op="sigmoid", normalize=False)[0],
+        }
+        if device.type == "cuda":
+            from lit_gpt.flex import flex_attention_forward
+            cases[f"flex window{w} (block sparse)"] = lambda: flex_attention_forward(q, k, v, wfn, scale=1 / math.sqrt(d))
+            cases["flex causal"] = lambda: flex_attention_forward(q, k, v, causal_mask, scale=1 / math.sqrt(d))
+        for name, fn in cases.items():
+            def step():
+                out = fn()
+                out.float().sum().backward()
+                q.grad = k.grad = v.grad = None
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                sec = time_fn(step, device, warmup=3, repeat=10 if not a.quick else 3)
+                mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+                flops = 4 * B * H * T * T * d * 3 / 2 * (1 if "window" not in name else 2 * w / T)  # fwd+bwd, causal
+                rows.append({"T": T, "impl": name, "ms": round(sec * 1e3, 3), "peak_MiB": round(mem, 1),
+                             "TFLOP/s(useful)": round(flops / sec / 1e12, 1)})
+            except Exception as e:  # report, don't hide
+                rows.append({"T": T, "impl": name, "ms": f"error: {type(e).__name__}: {str(e)[:80]}"})
+    print_table(rows, ["T", "impl", "ms", "peak_MiB", "TFLOP/s(useful)"])
+    write_json(a.out, rows, {"shape": {"B": B, "H": H, "d": d, "dtype": str(dtype)}})
+
+
+if __name__ == "__main__":
+    main()

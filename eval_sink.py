@@ -1,0 +1,108 @@
+"""Sink_1..10, probe-set loss and per-layer norms of our checkpoints (config and weights from the checkpoint).
+
+    python eval_sink.py checkpoints/tinyllama_60M/final.pth
+    python eval_sink.py checkpoints/run_a checkpoints/run_b --inputs natural random repeated --out results/sink.json
+
+Inputs: the natural-text probe (JSONL; n samples, the first T+1 tokens each: T as input, loss on predicting
+tokens 2..T+1 as in the seed), uniformly random tokens, one repeated token. The tokenizer is the checkpoint's
+run_config["tokenizer"] when recorded, else --tokenizer. Attention maps come from the model's analysis path
+and go batch by batch through lit_gpt.sink_metrics.SinkMeter (lit_gpt.analysis.evaluate_model).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lit_gpt.analysis import INPUT_KINDS, batched, evaluate_model, evaluation_to_dict, first_vs_rest, probe_inputs
+from lit_gpt.sink_metrics import format_sink
+from lit_gpt.utils import DTYPES, atomic_write_text, default_device, parse_dtype
+
+DEFAULT_TOKENIZER = str(Path(__file__).resolve().parent.parent / "shared" / "tokenizers" / "gpt-neox-20b")
+
+
+def evaluate_checkpoint(path: str, args, texts) -> dict:
+    from lit_gpt.checkpoint import load_model
+    from lit_gpt.tokenizer import Tokenizer
+
+    device = args.device or default_device()
+    model, payload = load_model(path, device=device, dtype=parse_dtype(args.dtype))
+    cfg = model.config
+    tok_path = (payload.get("run_config") or {}).get("tokenizer") or args.tokenizer
+    tok = Tokenizer(tok_path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok_path} has vocab_size={tok.vocab_size} > the model's {cfg.vocab_size}; "
+                         "pass the checkpoint's tokenizer with --tokenizer")
+    prefix = [tok.bos_id] if args.bos else []
+    exclude = [i for i in (tok.bos_id, tok.eos_id) if i is not None]
+    record = {"checkpoint": payload["_path"], "config": cfg.name, "step": payload.get("step"),
+              "tokenizer": str(tok_path), "bos": bool(args.bos), "inputs": {}}
+    print(f"== {payload['_path']} ({cfg.name}, step {payload.get('step')}, tokenizer {tok.name})")
+    for kind in args.inputs:
+        tokens = probe_inputs(kind, args.n, args.T + 1, encode=lambda t: tok.encode(t, bos=args.bos), texts=texts,
+                              vocab_size=tok.vocab_size, prefix=prefix, exclude=exclude, seed=args.seed,
+                              repeat_token=args.repeat_token)
+        ev = evaluate_model(model, batched(tokens, args.batch_size), T=args.T, eps=args.eps, k_max=args.k_max,
+                            activations=True, attention_maps=[(l, 0) for l in sorted({0, cfg.n_layer - 1})])
+        ev["sink"].meta = {"input": kind, "n": args.n, "T": args.T}
+        print(f"  {kind:9s} {format_sink(ev['sink'])}  loss {ev['loss']:.4f}")
+        act = ev["activations"]
+        first, rest = first_vs_rest(act.hidden_norm)
+        rows = ["  layer | ‖h_1‖ | mean ‖h_t>1‖ | ratio | Sink_1 in layer (%)"]
+        for l in range(len(first)):
+            s1 = f"{float(ev['sink'].per_layer[l, ev['sink'].n_extra]):.1f}" if l < cfg.n_layer else "-"
+            rows.append(f"  {l:5d} | {float(first[l]):9.2f} | {float(rest[l]):12.2f} | "
+                        f"{float(first[l] / rest[l]):6.2f} | {s1}")
+        print("\n".join(rows))
+        record["inputs"][kind] = evaluation_to_dict(ev)
+        if args.plots:
+            _plots(ev, Path(args.plots) / Path(payload["_path"]).stem, kind, cfg)
+    return record
+
+
+def _plots(ev, folder: Path, kind: str, cfg) -> None:
+    from lit_gpt.plots import plot_attention_maps, plot_cos_norm, plot_norms, plot_sink
+
+    res = ev["sink"]
+    col = res.n_extra
+    plot_sink({kind: (res.eps_grid, res.sink_vs_eps[col])}, {kind: res.per_layer[:, col]},
+              folder / f"sink_{kind}.png", title=f"{cfg.name} ({kind})", eps=res.eps)
+    plot_norms(ev["activations"], folder / f"norms_{kind}.png", title=f"{cfg.name} ({kind})")
+    plot_cos_norm(ev["activations"], folder / f"cos_norm_{kind}.png", title=f"{cfg.name} ({kind})")
+    plot_attention_maps({f"layer {l} head {h}": m for (l, h), m in ev["attention_maps"].items()},
+                        folder / f"attention_{kind}.png", title=f"{cfg.name} ({kind})", n_extra=res.n_extra)
+
+
+def main(argv=None) -> int:
+    from lit_gpt.probe import DEFAULT_PROBE, load_probe_texts
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", nargs="+", help="checkpoint files or run folders (final.pth / latest step)")
+    ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+                    help="used when the checkpoint's run_config records no tokenizer")
+    ap.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS (off: as in pretraining)")
+    ap.add_argument("--inputs", nargs="+", default=["natural"], choices=INPUT_KINDS)
+    ap.add_argument("--probe", default=str(DEFAULT_PROBE))
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--T", type=int, default=64)
+    ap.add_argument("--eps", type=float, default=0.3)
+    ap.add_argument("--k-max", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat-token", type=int, default=None)
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default=None, help="JSON file with every number (and the per-layer arrays)")
+    ap.add_argument("--plots", default=None, help="folder for PNG plots (one sub-folder per checkpoint)")
+    args = ap.parse_args(argv)
+    texts = load_probe_texts(args.probe) if "natural" in args.inputs else None
+    records = [evaluate_checkpoint(p, args, texts) for p in args.checkpoints]
+    if args.out:
+        atomic_write_text(args.out, json.dumps({"args": vars(args), "checkpoints": records}))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""FlexAttention path: block-sparse masks, ALiBi / T5 relative bias as score_mods, extra slots via the LSE.
+
+Sliding windows and prefix masks are expressed with the same mask functions as everywhere else
+(:mod:`lit_gpt.attention`) and turned into a block mask once per (mask, length, device), so a window of w
+tokens costs about T*w instead of T^2 work. k*/v* slots and sink logits are merged exactly through the
+log-normaliser that FlexAttention returns (:func:`merge_slots`), so no variant needs a dense T x T float mask.
+FlexAttention has no CPU backward: training with it needs a GPU; it is compiled on first use on CUDA. When it
+fails for a layout (a compile error or a Triton resource limit), :func:`flex_failed` warns once and the model
+uses SDPA for that layout. ``attn_impl='auto'`` picks it on CUDA where it measured faster (see
+``lit_gpt.model.use_flex``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+_BLOCK_MASKS: Dict[Tuple, object] = {}
+_COMPILED: Dict[str, Callable] = {}
+
+
+def _flex_fn(device: torch.device) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if "cuda" not in _COMPILED:
+        _COMPILED["cuda"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED["cuda"]
+
+
+_FAILED: Dict[str, str] = {}
+
+
+def flex_available(config) -> bool:
+    """FlexAttention is importable and has not failed for this config's attention layout in this process."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return _layout_key(config) not in _FAILED
+
+
+def _layout_key(config) -> str:
+    return f"{config.pos_encoding}|{config.attn_mask}|{config.kv_bias}|{config.sink_logit}|{config.head_size}"
+
+
+def flex_failed(config, error: Exception) -> None:
+    """Remember a failure (compile / resource limit) and warn once; the caller falls back to SDPA."""
+    import warnings
+
+    key = _layout_key(config)
+    if key not in _FAILED:
+        _FAILED[key] = f"{type(error).__name__}: {str(error)[:200]}"
+        warnings.warn(f"FlexAttention failed for {key} ({_FAILED[key]}); using SDPA for this layout instead")
+
+
+def block_mask_for(mask_fn: Callable, T: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (mask_fn, T, str(device))
+    if key not in _BLOCK_MASKS:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask_fn(q_idx, kv_idx)
+        block = 128 if T >= 128 else max(16, 1 << (T - 1).bit_length())
+        _BLOCK_MASKS[key] = create_block_mask(mask_mod, None, None, T, T, device=str(device), BLOCK_SIZE=block)
+    return _BLOCK_MASKS[key]
+
+
+def merge_slots(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, scale: float,
+                slot_k: Optional[torch.Tensor], slot_v: Optional[torch.Tensor],
+                slot_logit: Optional[torch.Tensor]) -> torch.Tensor:
+    """Add extra key/value columns to a finished softmax over the token keys, exactly.
+
+    With token output ``out`` and log-normaliser ``lse`` (B, H, T), and slot logits s_m with values u_m
+    (a sink logit: s = learned scalar, u = 0; a k* slot: s = q.k* * scale, u = v*):
+        y = e^(lse - M) out + sum_m e^(s_m - M) u_m,   M = logsumexp(lse, s_1, ..., s_S).
+    """
+    B, H, T, d = q.shape
+    logits, values = [lse.float().unsqueeze(-1)], []
+    if slot_logit is not None:
+        logits.append(slot_logit.float().view(1, H, 1, 1).expand(B, H, T, 1))
+        values.append(None)
+    if slot_k is not None:
+        logits.append((q.float() @ slot_k.float().transpose(-1, -2)) * scale)           # (B, H, T, S)
+        values.append(slot_v)
+    all_logits = torch.cat(logits, dim=-1)
+    w = torch.softmax(all_logits, dim=-1)                                                # (B, H, T, 1 + S)
+    y = w[..., :1] * out.float()
+    col = 1
+    if slot_logit is not None:
+        col += 1                       # zero value: only renormalises
+    if slot_k is not None:
+        S = slot_k.shape[-2]
+        y = y + w[..., col:col + S] @ slot_v.float().expand(B, H, S, d)
+    return y.to(out.dtype)
+
+
+def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_fn: Callable, *,
+                           scale: float, alpha: float = 1.0, alibi_slopes: Optional[torch.Tensor] = None,
+                           rel_bias: Optional[Callable] = None, slot_k: Optional[torch.Tensor] = None,
+                           slot_v: Optional[torch.Tensor] = None, slot_logit: Optional[torch.Tensor] = None
+                           ) -> torch.Tensor:
+    """Full-sequence softmax attention (positions 0..T-1) under ``mask_fn``; q (B,H,T,d), k/v (B,G,T,d).
+
+    ALiBi and the T5 relative bias become score_mods; k*/v* slots and sink logits are merged exactly through the
+    returned log-normaliser (:func:`merge_slots`), so none of them needs a dense T x T mask.
+    """
+    T = q.shape[-2]
+    block_mask = block_mask_for(mask_fn, T, q.device)
+    score_mod = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(device=q.device, dtype=torch.float32)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score - slopes[h] * (q_idx - kv_idx).abs()
+    elif rel_bias is not None:
+        table, buckets = rel_bias.embedding.weight, rel_bias.buckets(T, q.device)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + table[buckets[q_idx, kv_idx], h]
+    need_lse = slot_k is not None or slot_logit is not None
+    res = _flex_fn(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                             enable_gqa=k.shape[1] != q.shape[1], return_lse=need_lse)
+    y = merge_slots(res[0], res[1], q, scale, slot_k, slot_v, slot_logit) if need_lse else res
+    return y * alpha if alpha != 1.0 else y

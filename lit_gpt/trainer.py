@@ -1,0 +1,619 @@
+"""Pretraining on Lightning Fabric: preflight checks, the training loop, validation, sink curves, checkpoints.
+
+``fit(cfg)`` is what ``pretrain.py`` runs. In order:
+
+1. :func:`preflight` — every check that can fail on bad input, before any model is built: the output folder is
+   writable and holds no other run's checkpoints (``train.resume``), the shards exist, are non-empty, share one
+   tokenizer that matches ``data.tokenizer``, fit the model's vocabulary and block size, the probe set can be
+   built, the batch sizes divide.
+2. Fabric (CPU, one GPU, DDP / FSDP over devices and nodes; bf16-mixed on GPU), model, AdamW(β1, β2), the
+   lr schedule (linear warmup, then cosine / linear / constant from ``lr`` to ``min_lr``), gradient
+   accumulation to ``global_batch_size``, gradient clipping.
+3. Every ``eval_interval`` steps the validation loss (per domain and weighted), every ``sink_interval`` steps
+   Sink_1..k and the probe loss on the fixed probe set (step 0 included), logged to ``metrics.csv`` (always),
+   TensorBoard and wandb (when installed).
+4. Every ``save_interval`` steps an atomic, self-describing checkpoint (model config, run config, model,
+   optimizer, schedule, step, data position, RNG). Resuming restores all of it, so an interrupted run
+   continues the same loss curve; ``metrics.csv`` rows after the checkpoint's step are dropped on resume.
+5. At the end ``final.pth``, ``summary.json`` (tokens/s, losses, the Sink_1 curve) and ``curves.png``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lit_gpt.checkpoint import STEP_RE, load_checkpoint, model_state_dict
+from lit_gpt.config import Config
+from lit_gpt.data import (
+    DataError, DataInfo, Domain, FixedToken, MixtureLoader, RandomTokens, ValidationSet, check_domains,
+    open_domains,
+)
+from lit_gpt.evaluate import probe_tokens, sink_on_probe, sink_summary
+from lit_gpt.packed import ShardError
+from lit_gpt.run_config import RunConfig, loss_skip
+from lit_gpt.sink_metrics import format_sink
+from lit_gpt.utils import atomic_torch_save, atomic_write_text, check_writable_dir
+
+
+class PreflightError(ValueError):
+    """Bad input found before training started; nothing was written."""
+
+
+# ---------------------------------------------------------------------------- schedule
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-indexed): linear warmup to ``lr`` over ``warmup_steps``,
+    then ``lr_schedule`` from ``lr`` to ``min_lr`` at ``max_steps``. ``min_lr == lr`` gives a constant."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant" or t.max_steps <= t.warmup_steps:
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / (t.max_steps - t.warmup_steps))
+    if t.lr_schedule == "linear":
+        return t.lr - progress * (t.lr - t.min_lr)
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+# ---------------------------------------------------------------------------- data of a run
+@dataclass
+class RunData:
+    train: Dict[str, Domain]
+    valid: Dict[str, Domain]
+    info: DataInfo
+    tokenizer: Any
+    transforms: list
+    valid_set: Optional[ValidationSet] = None
+
+
+def open_run_data(cfg: RunConfig, mc: Config, need_train: bool = True) -> RunData:
+    """Open and check every shard the run reads (raises DataError / ShardError with one clear line)."""
+    from lit_gpt.tokenizer import Tokenizer
+
+    d = cfg.data
+    seq_len = mc.block_size + 1
+    train = open_domains(d.train_dir, [k for k, w in d.train.items() if w > 0], seq_len) if need_train else {}
+    valid = open_domains(d.valid_dir or d.train_dir, [k for k, w in d.valid.items() if w > 0], seq_len) \
+        if d.valid else {}
+    domains = list(train.values()) + list(valid.values())
+    if not domains:
+        raise DataError("no data: data.train and data.valid name no domain with weight > 0")
+    tokenizer = None
+    if d.tokenizer:
+        try:
+            tokenizer = Tokenizer(d.tokenizer)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"data.tokenizer={d.tokenizer!r}: {e}") from e
+    info = check_domains(domains, mc.vocab_size, mc.block_size,
+                         tokenizer.fingerprint if tokenizer else None, d.tokenizer or "")
+    transforms: list = []
+    if d.random_tokens:
+        vocab = d.random_tokens.get("vocab_size") or info.vocab_size
+        if vocab > mc.vocab_size:
+            raise DataError(f"data.random_tokens.vocab_size={vocab} is invalid; allowed: <= the model's "
+                            f"vocab_size={mc.vocab_size}")
+        transforms.append(RandomTokens(d.random_tokens["start"], d.random_tokens["end"], vocab, d.seed))
+    if d.fixed_token:
+        tid = d.fixed_token.get("token_id", 1)
+        if tid >= mc.vocab_size:
+            raise DataError(f"data.fixed_token.token_id={tid} is invalid; allowed: < vocab_size={mc.vocab_size}")
+        transforms.append(FixedToken(d.fixed_token["position"], tid))
+    for i, dom in enumerate(train.values()):
+        dom.downsample(d.downsample_ratio, d.seed, i)
+    rd = RunData(train, valid, info, tokenizer, transforms)
+    if valid:
+        rd.valid_set = ValidationSet(valid, d.val_samples, transforms)
+    return rd
+
+
+def make_probe(cfg: RunConfig, rd: RunData, source: Optional[str] = None) -> Tuple[torch.Tensor, str]:
+    p = cfg.probe
+    try:
+        return probe_tokens(source or p.source, p.n, p.T, rd.tokenizer, rd.valid_set, rd.transforms)
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(f"probe.source={source or p.source!r}: {e}") from e
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def list_checkpoints(out_dir: Path) -> List[Path]:
+    """final.pth (if any) then step checkpoints, newest first."""
+    steps = sorted(((int(m.group(1)), p) for p in out_dir.glob("step-*.pth") if (m := STEP_RE.search(p.name))),
+                   reverse=True)
+    final = [out_dir / "final.pth"] if (out_dir / "final.pth").is_file() else []
+    return final + [p for _, p in steps]
+
+
+MUST_MATCH_TRAIN = ("global_batch_size", "seed")
+MUST_MATCH_DATA = ("train", "downsample_ratio", "seed", "random_tokens", "fixed_token")
+MAY_DIFFER_MODEL = ("attn_impl", "extra")
+
+
+def check_resume_compatible(payload: dict, cfg: RunConfig, mc: Config) -> None:
+    old_model = {k: v for k, v in payload["model_config"].items() if k not in MAY_DIFFER_MODEL}
+    new_model = {k: v for k, v in mc.to_dict().items() if k not in MAY_DIFFER_MODEL}
+    diffs = [f"model.{k}: {old_model.get(k)!r} -> {new_model.get(k)!r}" for k in sorted(set(old_model) | set(new_model))
+             if old_model.get(k) != new_model.get(k)]
+    old = payload.get("run_config") or {}
+    for sec, keys in (("data", MUST_MATCH_DATA), ("train", MUST_MATCH_TRAIN)):
+        a, b = old.get(sec, {}), getattr(cfg, sec)
+        for k in keys:
+            if k in a and a[k] != getattr(b, k):
+                diffs.append(f"{sec}.{k}: {a[k]!r} -> {getattr(b, k)!r}")
+    if diffs:
+        raise PreflightError(f"{payload['_path']} was written by a different run ({'; '.join(diffs[:6])}); "
+                             "resume with the same settings or choose another train.out_dir")
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ---------------------------------------------------------------------------- preflight
+@dataclass
+class Plan:
+    cfg: RunConfig
+    mc: Config
+    out_dir: Path
+    data: RunData
+    probe: torch.Tensor
+    probe_where: str
+    resume_from: List[Path] = field(default_factory=list)   # candidates, newest first
+    skip: int = 0
+
+
+def preflight(cfg: RunConfig) -> Plan:
+    """All input checks; raises PreflightError (or DataError / ShardError / RunConfigError) before any work."""
+    mc = cfg.model_config()
+    accelerator, devices, _ = resolve_hardware(cfg)
+    if cfg.train.strategy == "fsdp" and accelerator == "cpu":
+        raise PreflightError("train.strategy=fsdp is invalid on CPU (Lightning's FSDP needs GPUs); allowed on CPU: "
+                             "auto, ddp")
+    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise PreflightError(f"train.accelerator={cfg.train.accelerator!r} but no GPU is visible; allowed here: cpu")
+    if devices < 1:
+        raise PreflightError("train.devices=auto found no GPU; set train.accelerator=cpu or train.devices")
+    try:
+        rd = open_run_data(cfg, mc)
+    except (DataError, ShardError) as e:
+        raise PreflightError(str(e)) from e
+    if not rd.valid:
+        print("note: data.valid is empty: no validation loss will be logged")
+    try:
+        probe, where = make_probe(cfg, rd)
+    except DataError as e:
+        raise PreflightError(str(e)) from e
+    if probe.max() >= mc.vocab_size:
+        raise PreflightError(f"probe token id {int(probe.max())} >= model vocab_size={mc.vocab_size}")
+    out_dir = cfg.out_dir
+    try:
+        check_writable_dir(out_dir)
+    except OSError as e:
+        raise PreflightError(f"train.out_dir={str(out_dir)!r} is not writable ({e.strerror or e})") from e
+    existing = list_checkpoints(out_dir)
+    resume = cfg.train.resume
+    if isinstance(resume, str) and resume.lower() in ("true", "false", "auto"):
+        resume = {"true": True, "false": False, "auto": "auto"}[resume.lower()]
+    if resume is False and existing:
+        raise PreflightError(f"train.out_dir={str(out_dir)!r} already holds checkpoints ({existing[0].name}, ...) "
+                             "and train.resume=false; nothing was overwritten. Use train.resume=auto to continue "
+                             "that run or choose another train.out_dir")
+    if resume is True and not existing:
+        raise PreflightError(f"train.resume=true but {out_dir} holds no checkpoint")
+    candidates: List[Path] = []
+    if isinstance(resume, str) and resume != "auto":
+        p = Path(resume)
+        if not p.is_file():
+            raise PreflightError(f"train.resume={resume!r}: checkpoint file not found")
+        candidates = [p]
+    elif resume in (True, "auto"):
+        candidates = existing
+    return Plan(cfg, mc, out_dir, rd, probe, where, candidates, loss_skip(cfg, mc))
+
+
+# ---------------------------------------------------------------------------- logging
+class MetricsCSV:
+    """``metrics.csv``: one row per step that logged anything; on resume rows after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, columns: Sequence[str], resume_step: Optional[int]) -> None:
+        self.path = path
+        self.columns = list(columns)
+        rows: List[dict] = []
+        if path.is_file():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                old_cols = reader.fieldnames or []
+                rows = [r for r in reader]
+            if resume_step is None:
+                path.rename(path.with_name(f"metrics-before-{time.strftime('%Y%m%d-%H%M%S')}.csv"))
+                rows = []
+            else:
+                rows = [r for r in rows if r.get("step") and int(float(r["step"])) <= resume_step]
+                self.columns += [c for c in old_cols if c not in self.columns]
+        text = ",".join(self.columns) + "\n"
+        if rows:
+            import io
+
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
+            w.writerows(rows)
+            text += buf.getvalue()
+        atomic_write_text(path, text)
+        self._f = open(path, "a", newline="")
+        self._w = csv.DictWriter(self._f, fieldnames=self.columns, extrasaction="ignore")
+
+    def write(self, row: Dict[str, Any]) -> None:
+        self._w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def make_loggers(cfg: RunConfig, out_dir: Path) -> list:
+    import importlib.util
+
+    loggers = []
+    tb = cfg.logging.tensorboard
+    has_tb = importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+    if tb is True and not has_tb:
+        raise PreflightError("logging.tensorboard=true but neither tensorboard nor tensorboardX is installed")
+    if tb is True or (tb == "auto" and has_tb):
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(root_dir=str(out_dir), name="tensorboard", version=0))
+    wb = cfg.logging.wandb
+    has_wb = importlib.util.find_spec("wandb") is not None
+    if wb is True and not has_wb:
+        raise PreflightError("logging.wandb=true but wandb is not installed (pip install wandb)")
+    if wb is True or (wb == "auto" and has_wb):
+        if not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").is_file():
+            os.environ.setdefault("WANDB_MODE", "offline")
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=cfg.run_name, save_dir=str(out_dir)))
+    return loggers
+
+
+# ---------------------------------------------------------------------------- fabric
+def resolve_hardware(cfg: RunConfig) -> Tuple[str, int, str]:
+    """(accelerator, devices per node, precision) with the ``auto`` values filled in."""
+    t = cfg.train
+    accelerator = t.accelerator
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    devices = t.devices
+    if devices == "auto":
+        devices = torch.cuda.device_count() if accelerator in ("cuda", "gpu") else 1
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if accelerator in ("cuda", "gpu") and torch.cuda.is_bf16_supported() else \
+            ("16-mixed" if accelerator in ("cuda", "gpu") else "32-true")
+    return accelerator, devices, precision
+
+
+def make_fabric(cfg: RunConfig, loggers: list):
+    import lightning as L
+
+    t = cfg.train
+    accelerator, devices, precision = resolve_hardware(cfg)
+    strategy: Any = t.strategy
+    world = devices * t.num_nodes
+    if strategy == "auto":
+        strategy = "ddp" if world > 1 else "auto"
+    if strategy == "fsdp":
+        from lightning.fabric.strategies import FSDPStrategy
+
+        from lit_gpt.model import Block
+
+        strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", sharding_strategy="FULL_SHARD",
+                                activation_checkpointing_policy={Block} if t.fsdp_activation_checkpointing else None)
+    return L.Fabric(accelerator=accelerator, devices=devices, num_nodes=t.num_nodes, strategy=strategy,
+                    precision=precision, loggers=loggers)
+
+
+def _is_fsdp(fabric) -> bool:
+    from lightning.fabric.strategies import FSDPStrategy
+
+    return isinstance(fabric.strategy, FSDPStrategy)
+
+
+def _full_state(fabric, model, optimizer, raw) -> Tuple[dict, dict]:
+    if _is_fsdp(fabric):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        msd, osd = get_state_dict(model._forward_module, optimizer.optimizer,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return msd, osd
+    return model_state_dict(raw), optimizer.state_dict()
+
+
+def _load_full_state(fabric, model, optimizer, raw, msd: dict, osd: dict) -> None:
+    if _is_fsdp(fabric):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model._forward_module, optimizer.optimizer, model_state_dict=msd, optim_state_dict=osd,
+                       options=StateDictOptions(full_state_dict=True))
+        return
+    missing, unexpected = raw.load_state_dict(msd, strict=False)
+    missing = [m for m in missing if not (raw.config.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise PreflightError(f"checkpoint weights do not match the model: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
+    optimizer.load_state_dict(osd)
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def validation_loss(fabric, model, vs: ValidationSet, weights: Dict[str, float], micro_batch_size: int,
+                    skip: int) -> Dict[str, float]:
+    """Mean next-token loss per validation domain (all ranks share the work) and their weighted mean."""
+    model.eval()
+    out: Dict[str, float] = {}
+    world, rank = fabric.world_size, fabric.global_rank
+    for name in vs.domains:
+        total = torch.zeros(2, device=fabric.device, dtype=torch.float64)
+        idx = vs.indices[name]
+        usable = (len(idx) // world) * world or len(idx)      # equal shares so that FSDP ranks stay in step
+        saved = vs.indices[name]
+        vs.indices[name] = idx[:usable]
+        for batch in vs.batches(name, micro_batch_size, rank, world):
+            batch = batch.to(fabric.device)
+            logits = model(batch[:, :-1])
+            lg, tg = logits[:, skip:], batch[:, 1 + skip:]
+            total[0] += F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), tg.reshape(-1), reduction="sum")
+            total[1] += tg.numel()
+        vs.indices[name] = saved
+        total = fabric.all_reduce(total, reduce_op="sum")
+        out[f"val_loss/{name}"] = float(total[0] / total[1]) if total[1] > 0 else float("nan")
+    w = {k: weights.get(k, 0.0) for k in vs.domains}
+    wsum = sum(w.values()) or 1.0
+    out["val_loss"] = sum(out[f"val_loss/{k}"] * w[k] for k in vs.domains) / wsum
+    model.train()
+    return out
+
+
+# ---------------------------------------------------------------------------- fit
+def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Callable[[int, dict], None]] = None) -> dict:
+    """Train as configured; returns the summary (also written to ``<out_dir>/summary.json`` on rank 0).
+
+    ``on_step_end(step, metrics)`` is called after every optimizer step (tests use it to kill the process).
+    """
+    from lit_gpt.model import GPT
+
+    plan = plan or preflight(cfg)
+    t, mc, out_dir = cfg.train, plan.mc, plan.out_dir
+    fabric = make_fabric(cfg, make_loggers(cfg, out_dir))
+    fabric.launch()
+    if fabric.device.type == "cpu" and t.cpu_threads:
+        torch.set_num_threads(t.cpu_threads)
+    world = fabric.world_size
+    per_step = t.micro_batch_size * world
+    if t.global_batch_size % per_step:
+        raise PreflightError(f"train.global_batch_size={t.global_batch_size} is invalid; allowed: a multiple of "
+                             f"micro_batch_size x devices x nodes = {t.micro_batch_size} x {world} = {per_step}")
+    accum = t.global_batch_size // per_step
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    fabric.seed_everything(t.seed, verbose=False)
+    with fabric.init_module(empty_init=False):
+        raw = GPT(mc)
+    fabric.print(f"model {mc.name}: {raw.num_parameters() / 1e6:.2f}M parameters; world {world} x micro "
+                 f"{t.micro_batch_size} x accum {accum} = global batch {t.global_batch_size} x {mc.block_size} "
+                 f"tokens; precision {resolve_hardware(cfg)[2]}; data: "
+                 f"{', '.join(f'{k}={w}' for k, w in cfg.data.train.items())}; probe: {plan.probe_where}")
+    model = torch.compile(raw) if t.compile else raw
+    model = fabric.setup(model)
+    fused = fabric.device.type == "cuda" and not _is_fsdp(fabric)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay, **({"fused": True} if fused else {}))
+    optimizer = fabric.setup_optimizers(optimizer)
+    loader = MixtureLoader(plan.data.train, {k: w for k, w in cfg.data.train.items() if w > 0},
+                           t.micro_batch_size, cfg.data.seed, fabric.global_rank, world, plan.data.transforms)
+    probe_model = model if _is_fsdp(fabric) else raw
+
+    step, tokens_seen, train_seconds = 0, 0, 0.0
+    resumed_from = None
+    for cand in plan.resume_from:
+        try:
+            payload = load_checkpoint(cand)
+        except Exception as e:          # a torn or unreadable file: fall back to the previous checkpoint
+            fabric.print(f"warning: cannot read checkpoint {cand} ({type(e).__name__}: {e}); trying an older one")
+            continue
+        check_resume_compatible(payload, cfg, mc)
+        _load_full_state(fabric, model, optimizer, raw, payload["model"], payload["optimizer"])
+        loader.load_state_dict(payload["data_state"])
+        set_rng_state(payload["rng"])
+        step, tokens_seen = int(payload["step"]), int(payload.get("tokens_seen", 0))
+        train_seconds = float(payload.get("train_seconds", 0.0))
+        resumed_from = cand
+        fabric.print(f"resumed from {cand} at step {step}")
+        del payload
+        break
+    else:
+        if plan.resume_from:
+            raise PreflightError(f"no readable checkpoint among {[p.name for p in plan.resume_from]}")
+    if step >= t.max_steps:
+        fabric.print(f"{resumed_from} is at step {step} >= train.max_steps={t.max_steps}: nothing to do "
+                     "(raise train.max_steps to train further)")
+        done = out_dir / "summary.json"
+        return json.loads(done.read_text()) if done.is_file() else {"step": step, "final": {}, "out_dir": str(out_dir)}
+
+    val_cols = ([f"val_loss/{k}" for k in plan.data.valid] + ["val_loss"]) if plan.data.valid else []
+    sink_cols = [f"sink_{k}" for k in range(1, cfg.probe.k_max + 1)] + \
+        [f"sink_extra_{i}" for i in range(mc.n_extra_slots)]
+    columns = ["step", "tokens", "lr", "train_loss", "grad_norm", "tokens_per_s", "train_seconds"] + val_cols + \
+        ["probe_loss"] + sink_cols
+    csv_log = MetricsCSV(out_dir / "metrics.csv", columns, step if resumed_from else None) \
+        if fabric.global_rank == 0 else None
+    if fabric.global_rank == 0:
+        atomic_write_text(out_dir / "run_config.yaml", cfg.dump())
+
+    sink_curve: List[Tuple[int, float]] = []
+    last: Dict[str, Any] = {}
+    speeds: List[float] = []
+
+    def log(metrics: Dict[str, Any]) -> None:
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        last.update(metrics)
+        if csv_log is not None:
+            csv_log.write(dict(metrics, step=step))
+        fabric.log_dict({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def evaluate(do_val: bool, do_sink: bool) -> Dict[str, Any]:
+        m: Dict[str, Any] = {}
+        if do_val and plan.data.valid_set is not None:
+            m.update(validation_loss(fabric, model, plan.data.valid_set, cfg.data.valid, t.micro_batch_size,
+                                     plan.skip))
+        if do_sink:
+            result, ploss = sink_on_probe(probe_model, plan.probe, eps=cfg.probe.eps, k_max=cfg.probe.k_max,
+                                          batch_size=cfg.probe.batch_size)
+            m.update(sink_summary(result, ploss))
+            m["_result"] = result
+            sink_curve.append((step, result.sink[1]))
+        return m
+
+    def save(name: str) -> None:
+        msd, osd = _full_state(fabric, model, optimizer, raw)
+        if fabric.global_rank == 0:
+            # the layout of lit_gpt.checkpoint.save_checkpoint, with the (possibly gathered) full state dict
+            atomic_torch_save({"model_config": mc.to_dict(), "model": msd, "optimizer": osd, "step": step,
+                               "tokens_seen": tokens_seen, "train_seconds": train_seconds,
+                               "data_state": loader.state_dict(), "rng": rng_state(), "run_config": cfg.to_dict(),
+                               "scheduler": {"kind": t.lr_schedule, "next_lr": lr_at(step, cfg)}},
+                              out_dir / name)
+            if t.keep_last:
+                olds = sorted(((int(m.group(1)), p) for p in out_dir.glob("step-*.pth")
+                               if (m := STEP_RE.search(p.name))), reverse=True)
+                for _, p in olds[t.keep_last:]:
+                    p.unlink(missing_ok=True)
+        fabric.barrier()
+
+    def report(m: Dict[str, Any]) -> None:
+        result = m.pop("_result", None)
+        log(m)
+        if result is not None:
+            fabric.print(f"step {step}: {format_sink(result)}"
+                         + (f" probe_loss {m['probe_loss']:.4f}" if "probe_loss" in m else ""))
+        if "val_loss" in m:
+            fabric.print(f"step {step}: val_loss {m['val_loss']:.4f}")
+
+    if resumed_from is None:
+        report(evaluate(bool(t.eval_interval), True))         # step 0: the curves start at initialisation
+
+    t_start = time.perf_counter()
+    t_mark, tokens_mark, overhead = time.perf_counter(), tokens_seen, 0.0
+    stopped = None
+    tokens_per_step = t.global_batch_size * mc.block_size
+    model.train()
+    while step < t.max_steps:
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=fabric.device)
+        for micro in range(accum):
+            batch = loader.next_batch().to(fabric.device, non_blocking=True)
+            x, y = batch[:, :-1], batch[:, 1:]
+            with fabric.no_backward_sync(model, enabled=micro < accum - 1):
+                logits = model(x)
+                lg, tg = logits[:, plan.skip:], y[:, plan.skip:]
+                loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), tg.reshape(-1))
+                fabric.backward(loss / accum)
+            loss_sum += loss.detach()
+        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=t.grad_clip) if t.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        metrics: Dict[str, Any] = {}
+        final = step == t.max_steps
+        if t.stop_at_step is not None and step >= t.stop_at_step and not final:
+            stopped = f"train.stop_at_step={t.stop_at_step}"
+        if t.max_time_s is not None and not final:
+            # rank 0's clock decides for everyone: ranks that stop at different steps deadlock in the next collective
+            out_of_time = time.perf_counter() - t_start >= t.max_time_s
+            if world > 1:
+                out_of_time = bool(fabric.broadcast(out_of_time, src=0))
+            if out_of_time:
+                stopped = f"train.max_time_s={t.max_time_s}"
+        if step % t.log_interval == 0 or final or stopped:
+            loss_val = float(fabric.all_reduce(loss_sum / accum, reduce_op="mean"))
+            now = time.perf_counter()
+            dt = max(now - t_mark - overhead, 1e-9)      # training time only: evaluation and saving excluded
+            train_seconds += dt
+            speed = (tokens_seen - tokens_mark) / dt
+            speeds.append(speed)
+            t_mark, tokens_mark, overhead = now, tokens_seen, 0.0
+            metrics.update(tokens=tokens_seen, lr=lr, train_loss=loss_val, tokens_per_s=speed,
+                           train_seconds=train_seconds,
+                           grad_norm=float(grad_norm) if grad_norm is not None else None)
+            if cfg.logging.progress:
+                fabric.print(f"step {step}/{t.max_steps} loss {loss_val:.4f} lr {lr:.3g} "
+                             f"{speed:,.0f} tok/s")
+        ending = final or stopped is not None
+        do_val = bool(plan.data.valid_set) and ((t.eval_interval and step % t.eval_interval == 0) or ending)
+        do_sink = (t.sink_interval and step % t.sink_interval == 0) or ending
+        t0 = time.perf_counter()
+        if do_val or do_sink:
+            if "train_loss" not in metrics:   # an eval row always carries the train loss of its step
+                metrics["train_loss"] = float(fabric.all_reduce(loss_sum / accum, reduce_op="mean"))
+            metrics.update(evaluate(do_val, do_sink))
+        if metrics:
+            report(metrics)
+        if on_step_end is not None:
+            on_step_end(step, last)
+        if (t.save_interval and step % t.save_interval == 0 and not final) or (stopped and not final):
+            save(f"step-{step:07d}.pth")
+        if final and t.save_final:
+            save("final.pth")
+        overhead += time.perf_counter() - t0
+        if stopped:
+            fabric.print(f"stopping after step {step}: {stopped}; resume with the same command")
+            break
+
+    summary = {
+        "run": cfg.run_name, "out_dir": str(out_dir), "rank": fabric.global_rank, "step": step, "max_steps": t.max_steps,
+        "stopped_early": stopped, "resumed_from": str(resumed_from) if resumed_from else None,
+        "tokens_seen": tokens_seen, "world_size": world, "accum": accum,
+        "device": torch.cuda.get_device_name() if fabric.device.type == "cuda" else "cpu",
+        "precision": resolve_hardware(cfg)[2],
+        "params_M": raw.num_parameters() / 1e6,
+        "tokens_per_s_median": statistics.median(speeds[1:] or speeds) if speeds else None,
+        "train_seconds": train_seconds,
+        "final": {k: v for k, v in last.items() if not k.startswith("_")},
+        "sink_1_curve": sink_curve, "probe": plan.probe_where,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if fabric.device.type == "cuda" else None,
+    }
+    if fabric.global_rank == 0:
+        csv_log.close()
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        try:
+            from lit_gpt.training_curves import plot_curves
+
+            plot_curves(out_dir / "metrics.csv", out_dir / "curves.png", title=f"{cfg.run_name} ({mc.name})")
+        except ImportError:
+            fabric.print("note: matplotlib missing, no curves.png")
+    return summary

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# bash scripts/model_architecture/run_kv_bias.sh SUFFIX
+#   the seed's: k_bias k_head_bias kv_bias kv_head_bias v_bias v_head_bias
+#   rows the seed did not release: sink_token sink_logit k_bias_fixed_v_one_hot k_bias_fixed_v_uniform
+#   k_bias_dims1 k_bias_dims16
+source "$(dirname "$0")/../lib.sh"
+S=${1:?usage: run_kv_bias.sh SUFFIX (see configs/kv_bias/)}; shift
+train_and_eval "configs/kv_bias/tinyllama_60m_$S.yaml" "tinyllama_60M_$S" "$@"
