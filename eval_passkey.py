@@ -26,18 +26,14 @@ from lit_gpt.streaming import dense_spec, stream_generate
 from lit_gpt.streaming_io import (
     add_model_args, lm_from_args, make_method, markdown_table, parse_passkey, passkey_prompt, write_json,
 )
-from lit_gpt.utils import atomic_write_bytes
 
 PASSKEY_METHODS = ("dense", "window", "sink", "lminfinite")
 
 
 def plot_accuracy(path: Path, table, lengths, title: str) -> None:
-    import io
+    from lit_gpt.plots import _plt, _save
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.0), dpi=110)
     for label, accs in table.items():
         ax.plot(lengths, [100 * a for a in accs], marker="o", lw=1.2, label=label)
@@ -51,10 +47,7 @@ def plot_accuracy(path: Path, table, lengths, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save(fig, path)
 
 
 def main(argv=None) -> None:

@@ -56,14 +56,18 @@ def model_type(model) -> str:
     return t
 
 
-def decoder_layers(model) -> list:
-    """The attention modules, in layer order."""
-    t = model_type(model)
-    if t in ("falcon", "bloom"):
-        return [blk.self_attention for blk in model.transformer.h]
-    if t == "gpt_neox":
-        return [layer.attention for layer in model.gpt_neox.layers]
-    return [layer.self_attn for layer in model.model.layers]
+def attention_modules(model) -> list:
+    """The attention module of every decoder layer, in layer order."""
+    from lit_gpt.hf import decoder_layers
+
+    model_type(model)
+    out = []
+    for layer in decoder_layers(model):
+        mod = next((getattr(layer, n) for n in ("self_attn", "attention", "self_attention") if hasattr(layer, n)), None)
+        if mod is None:
+            raise ValueError(f"{type(layer).__name__} has no self_attn / attention / self_attention module")
+        out.append(mod)
+    return out
 
 
 def hf_position_ops(model) -> PositionOps:
@@ -147,7 +151,7 @@ def _make_cache_class():
         """
 
         def __init__(self, model, spec: StreamingSpec) -> None:
-            n = len(decoder_layers(model))
+            n = len(attention_modules(model))
             self.spec, self.ops = spec, hf_position_ops(model)
             super().__init__(layers=[SinkLayer(spec, i, self) for i in range(n)])
             self.seen: Optional[torch.Tensor] = None
@@ -277,7 +281,7 @@ def enable_streaming(model) -> None:
     model.config._attn_implementation = ATTN_NAME           # also: no HF mask is materialised
     if t in MODULE_TYPES:
         fwd = _falcon_forward if t == "falcon" else _bloom_forward
-        for i, attn in enumerate(decoder_layers(model)):
+        for i, attn in enumerate(attention_modules(model)):
             if getattr(attn, "layer_idx", None) is None:
                 attn.layer_idx = i
             attn.forward = fwd.__get__(attn)
@@ -289,7 +293,7 @@ def disable_streaming(model) -> None:
         return
     model.config._attn_implementation = prev
     if model_type(model) in MODULE_TYPES:
-        for attn in decoder_layers(model):
+        for attn in attention_modules(model):
             attn.__dict__.pop("forward", None)
     model._sink_stream_prev = None
 

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from lit_gpt.streaming import GPTRunner, StreamingSpec, dense_spec, stream_generate
-from lit_gpt.utils import atomic_write_bytes, atomic_write_text
+from lit_gpt.utils import atomic_write_text
 
 
 # ---------------------------------------------------------------------------- models
@@ -78,17 +78,13 @@ def load_lm(source: str, *, tokenizer: Optional[str] = None, dtype: str = "float
         if tok_src is None:
             raise ValueError(f"{source}: give --tokenizer (the checkpoint does not name one)")
         return LoadedLM(GPTRunner(model), Tokenizer(tok_src), path.stem, model.config.block_size)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from lit_gpt.hf import load_hf
     from lit_gpt.hf_streaming import HFRunner
 
-    if path.suffix == ".gguf":
-        kw = dict(gguf_file=path.name)
-        folder = str(path.parent)
-    else:
-        kw, folder = {}, source
-    tok = AutoTokenizer.from_pretrained(tokenizer or folder, **({} if tokenizer else kw))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, **kw).to(device).eval()
+    model, tok = load_hf(source, dtype=dt, device=device)
+    if tokenizer:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(tokenizer)
     cfg = model.config
     window = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "seq_length", None)
     return LoadedLM(HFRunner(model), HFTokenizer(tok), path.stem if path.exists() else source, window)
@@ -243,12 +239,9 @@ def plot_log_ppl(path: Path, curves: Dict[str, torch.Tensor], *, width: int = 64
                  markers: Sequence[Tuple[int, str]] = (), reference: Optional[str] = None) -> None:
     """log-PPL (rolling mean NLL over ``width`` tokens) vs position, one line per method; with ``reference``
     (a key of ``curves``) a second panel shows each method's rolling NLL minus the reference's. A small PNG."""
-    import io
+    from lit_gpt.plots import _plt, _save
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     panels = 2 if reference in curves else 1
     fig, axes = plt.subplots(panels, 1, figsize=(7.5, 2.4 + 1.9 * panels), dpi=110, sharex=True, squeeze=False)
     ref = rolling_mean(curves[reference].double(), width) if panels == 2 else None
@@ -273,10 +266,7 @@ def plot_log_ppl(path: Path, curves: Dict[str, torch.Tensor], *, width: int = 64
     axes[0, 0].set_title(title, fontsize=9, pad=12)
     axes[0, 0].legend(fontsize=7, loc="upper right", ncol=2)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save(fig, path)
 
 
 def markdown_table(rows: List[Dict[str, Any]], cols: Sequence[Tuple[str, str]]) -> str:

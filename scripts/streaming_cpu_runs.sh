@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU runs behind docs/streaming.md (one after another; logs and outputs under out/streaming/).
-# Usage: bash scripts/streaming_cpu_runs.sh [stories|smol|passkey|all]
+# Usage: bash scripts/streaming_cpu_runs.sh [stories|smol|bench|passkey|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -35,6 +35,12 @@ if [[ $what == smol || $what == all ]]; then
   # the same book token by token (first 640 tokens) against the chunked run: the streaming result is exact
   $PY eval_long_ppl.py --model $SMOL --text books --tokens 640 --cache-size 256 --chunk 1 --methods window,sink \
       --threads $T --out $OUT/smol_token_by_token
+fi
+if [[ $what == bench || $what == all ]]; then
+  $PY benchmarks/streaming_speed.py --model tinyllama_demo --positions 1024,4096,16384 --steps 30 --cache-size 256 \
+      --chunk 512 --threads $T --out $OUT/bench_cpu.json
+  $PY stream_generate.py --model $SMOL --prompt "The history of the Roman Empire" --max-new-tokens 300 \
+      --cache-size 64 --temperature 0.7 --status-every 100 --threads $T --log $OUT/smol_gen.csv
 fi
 if [[ $what == passkey || $what == all ]]; then
   # passkey with a pretend 256-token window (SmolLM2's real window is 8192: its 1x-8x needs a GPU)
