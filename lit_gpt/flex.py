@@ -25,6 +25,10 @@ def _flex_fn(device: torch.device) -> Callable:
     if device.type != "cuda":
         return flex_attention
     if "cuda" not in _COMPILED:
+        # one compiled kernel per attention layout (mask, score_mod, GQA, head size); a process that trains or
+        # checks many layouts would pass dynamo's default of 8 and silently drop to the slow eager reference
+        import torch._dynamo
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         _COMPILED["cuda"] = torch.compile(flex_attention, dynamic=False)
     return _COMPILED["cuda"]
 
