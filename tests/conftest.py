@@ -33,3 +33,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def variant_id(overrides: dict) -> str:
+    """A readable pytest id for a dict of Config overrides."""
+    return ",".join(f"{k}={x}" for k, x in overrides.items()) or "default"

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lit_gpt import CHOICES, GPT, Config
 from lit_gpt.sink_metrics import SinkMeter
 from reference import alibi_slope_list, attention_loop, rope_rotate, sinusoid, t5_bucket
+from conftest import variant_id
 
 V = 64
 
@@ -158,11 +159,7 @@ VARIANTS = [
 ]
 
 
-def _id(v):
-    return ",".join(f"{k}={x}" for k, x in v.items()) or "default"
-
-
-@pytest.mark.parametrize("overrides", VARIANTS, ids=_id)
+@pytest.mark.parametrize("overrides", VARIANTS, ids=variant_id)
 @torch.no_grad()
 def test_blocks_match_reference_maths(overrides):
     model = build(**overrides)
@@ -233,7 +230,7 @@ def all_field_values():
     return cases + combos
 
 
-@pytest.mark.parametrize("overrides", all_field_values(), ids=_id)
+@pytest.mark.parametrize("overrides", all_field_values(), ids=variant_id)
 def test_every_field_value_trains(overrides):
     torch.manual_seed(0)
     model = GPT(tiny(**overrides))
@@ -252,7 +249,7 @@ SOFTMAX_VARIANTS = [v for v in VARIANTS if v.get("attn_op", "softmax") == "softm
     dict(sink_token=True), dict(sink_token=True, pos_encoding="alibi", n_query_groups=2, kv_bias="k")]
 
 
-@pytest.mark.parametrize("overrides", SOFTMAX_VARIANTS, ids=_id)
+@pytest.mark.parametrize("overrides", SOFTMAX_VARIANTS, ids=variant_id)
 def test_fused_path_equals_eager_path(overrides):
     model = build(**overrides)
     idx = torch.randint(0, V, (2, 9))
@@ -271,7 +268,7 @@ CACHE_VARIANTS = [dict(pos_encoding=p) for p in ("rope", "nope", "sinusoidal", "
 ]
 
 
-@pytest.mark.parametrize("overrides", CACHE_VARIANTS, ids=_id)
+@pytest.mark.parametrize("overrides", CACHE_VARIANTS, ids=variant_id)
 def test_cached_decoding_equals_full_forward(overrides):
     model = build(**overrides)
     B, T = 2, 10
@@ -391,7 +388,7 @@ FLEX_VARIANTS = [{}, dict(attn_mask="window", window_size=3), dict(attn_mask="pr
                  dict(sink_logit=True), dict(sink_logit=True, kv_bias="kv", n_query_groups=2, softmax_alpha=0.5)]
 
 
-@pytest.mark.parametrize("overrides", FLEX_VARIANTS, ids=_id)
+@pytest.mark.parametrize("overrides", FLEX_VARIANTS, ids=variant_id)
 @torch.no_grad()
 def test_flex_path_equals_eager_forward(overrides):
     """FlexAttention (forward on CPU; it trains on CUDA only) computes the same function as the eager path."""

@@ -17,6 +17,7 @@ from lit_gpt.streaming import (
     GPTRunner, StreamSession, StreamingSpec, install_streaming, recompute_nll, stream_generate, stream_nll,
 )
 from streaming_reference import lminfinite_middle, lminfinite_plan, ref_gpt_logits, streamingllm_plan
+from conftest import variant_id
 
 V = 48
 
@@ -55,11 +56,7 @@ VARIANTS = [
 ]
 
 
-def _id(v):
-    return ",".join(f"{k}={x}" for k, x in v.items()) or "default"
-
-
-@pytest.mark.parametrize("overrides", VARIANTS, ids=_id)
+@pytest.mark.parametrize("overrides", VARIANTS, ids=variant_id)
 @torch.no_grad()
 def test_original_positions_equal_full_forward_under_the_sink_window_mask(overrides):
     model = build(**overrides)
@@ -76,7 +73,7 @@ def test_original_positions_equal_full_forward_under_the_sink_window_mask(overri
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(n_query_groups=2), dict(rotary_percentage=0.5, n_embd=32),
-                                       dict(pos_encoding="alibi"), dict(pos_encoding="nope")], ids=_id)
+                                       dict(pos_encoding="alibi"), dict(pos_encoding="nope")], ids=variant_id)
 @torch.no_grad()
 def test_reindexed_positions_follow_streamingllm(overrides):
     model = build(**overrides)
@@ -93,7 +90,7 @@ def test_reindexed_positions_follow_streamingllm(overrides):
     torch.testing.assert_close(orig[:, : s + r], ref[:, : s + r], rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(n_query_groups=2), dict(pos_encoding="alibi")], ids=_id)
+@pytest.mark.parametrize("overrides", [{}, dict(n_query_groups=2), dict(pos_encoding="alibi")], ids=variant_id)
 @torch.no_grad()
 def test_lminfinite_follows_the_distance_ceiling(overrides):
     model = build(**overrides)
