@@ -280,12 +280,24 @@ INPUT_KINDS = ("natural", "random", "repeated")
 
 
 # ---------------------------------------------------------------------------- per-checkpoint evaluation
-def model_forward(model: torch.nn.Module, idx: torch.Tensor, need: Iterable[str]):
-    """(logits, Analysis) for our GPT or a Hugging Face causal LM (through lit_gpt.hf's capture)."""
+def is_lit_gpt(model: torch.nn.Module) -> bool:
+    """Our GPT, possibly inside Fabric / DDP / FSDP / torch.compile wrappers."""
     from lit_gpt.model import GPT
 
-    if isinstance(model, GPT):
-        return model(idx, return_analysis=set(need))
+    for _ in range(8):
+        if isinstance(model, GPT):
+            return True
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return False
+        model = inner
+    return False
+
+
+def model_forward(model: torch.nn.Module, idx: torch.Tensor, need: Iterable[str]):
+    """(logits, Analysis) for our GPT or a Hugging Face causal LM (through lit_gpt.hf's capture)."""
+    if is_lit_gpt(model):
+        return model(idx, return_analysis=set(need))   # through the wrapper: FSDP / DDP / Fabric keep their hooks
     from lit_gpt.hf import hf_forward
 
     return hf_forward(model, idx, need)

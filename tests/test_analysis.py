@@ -162,3 +162,20 @@ def test_probe_inputs():
         probe_inputs("zeros", 1, 4)
     with pytest.raises(ValueError, match="repeat_token"):
         probe_inputs("repeated", 1, 4, vocab_size=10, repeat_token=10)
+
+
+def test_sink_on_probe_through_a_fabric_wrapper():
+    """Training evaluates the wrapped module (Fabric / FSDP / DDP): it must still be recognised as our GPT
+    (a 2 x H200 FSDP run once sent it down the Hugging Face path)."""
+    from lightning.fabric import Fabric
+
+    from lit_gpt import GPT, Config
+    from lit_gpt.evaluate import sink_on_probe
+
+    model = GPT(Config.from_name("tiny", kv_bias="k"))
+    tokens = torch.randint(0, 512, (4, 17))
+    plain, loss = sink_on_probe(model, tokens, k_max=4)
+    wrapped = Fabric(accelerator="cpu", devices=1).setup_module(model)
+    res, loss_w = sink_on_probe(wrapped, tokens, k_max=4)
+    assert res.n_extra == 1 and res.sink == plain.sink and abs(loss - loss_w) < 1e-6
+    torch.testing.assert_close(res.mean_alpha, plain.mean_alpha)
