@@ -139,7 +139,6 @@ def main(argv=None) -> None:
         else:
             nll = stream_nll(lm.runner, tokens, m.spec, chunk_size=args.chunk, progress=show)[0]
         dt = time.perf_counter() - t0
-        window = m.spec.cache_size if m.spec is not None else (m.window or args.cache_size)
         row = dict(method=m.name, label=m.label, spec=(m.spec.describe() if m.spec else None), seconds=dt,
                    **summarize(nll, args.cache_size))
         results.append(row)

@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from lit_gpt.streaming import dense_spec, stream_generate
 from lit_gpt.streaming_io import (

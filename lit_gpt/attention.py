@@ -95,7 +95,6 @@ def dense_mask(mask_fn: MaskFn, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tor
 
 
 # ---------------------------------------------------------------------------- operations
-SIM_OPS = ("sigmoid", "elu")                        # pointwise function of the scaled dot product
 KERNEL_OPS = ("elu_kernel", "identity", "mlp_kernel")  # sim = phi(q).phi(k) (phi = identity for "identity")
 
 

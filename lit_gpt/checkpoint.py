@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from lit_gpt.config import Config
 from lit_gpt.utils import atomic_torch_save
+
+if TYPE_CHECKING:
+    from lit_gpt.model import GPT
 
 STEP_RE = re.compile(r"step-(\d+)\.pth$")
 
@@ -33,11 +36,28 @@ def model_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, config: Config, **extra: Any) -> Path:
+def write_checkpoint(path: Union[str, Path], state_dict: Dict[str, torch.Tensor], config: Config,
+                     **extra: Any) -> Path:
+    """Atomically write ``{"model_config", "model", **extra}`` (the one checkpoint layout)."""
     path = Path(path)
-    payload = {"model_config": config.to_dict(), "model": model_state_dict(model), **extra}
-    atomic_torch_save(payload, path)
+    atomic_torch_save({"model_config": config.to_dict(), "model": state_dict, **extra}, path)
     return path
+
+
+def save_checkpoint(path: Union[str, Path], model: torch.nn.Module, config: Config, **extra: Any) -> Path:
+    return write_checkpoint(path, model_state_dict(model), config, **extra)
+
+
+def step_checkpoints(folder: Union[str, Path]) -> List[Path]:
+    """``step-XXXXXXX.pth`` files of a run folder, newest (highest step) first."""
+    found = ((int(m.group(1)), p) for p in Path(folder).glob("step-*.pth") if (m := STEP_RE.search(p.name)))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def list_checkpoints(folder: Union[str, Path]) -> List[Path]:
+    """``final.pth`` (if any), then the step checkpoints newest first."""
+    final = Path(folder) / "final.pth"
+    return ([final] if final.is_file() else []) + step_checkpoints(folder)
 
 
 def find_checkpoint(path: Union[str, Path]) -> Path:
@@ -46,21 +66,13 @@ def find_checkpoint(path: Union[str, Path]) -> Path:
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if (path / "final.pth").is_file():
-        return path / "final.pth"
-    steps = sorted((int(m.group(1)), p) for p in path.glob("step-*.pth") if (m := STEP_RE.search(p.name)))
-    if steps:
-        return steps[-1][1]
+    found = list_checkpoints(path)
+    if found:
+        return found[0]
     pths = sorted(path.glob("*.pth"))
     if len(pths) == 1:
         return pths[0]
     raise FileNotFoundError(f"no checkpoint in {path}: expected final.pth, step-XXXXXXX.pth or a single *.pth")
-
-
-def latest_step_checkpoint(folder: Union[str, Path]) -> Optional[Path]:
-    folder = Path(folder)
-    steps = sorted((int(m.group(1)), p) for p in folder.glob("step-*.pth") if (m := STEP_RE.search(p.name)))
-    return steps[-1][1] if steps else None
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:

@@ -45,11 +45,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out if xp is None else torch.cat([out, xp], dim=-1)
 
 
-def rope_positions_view(pos: torch.Tensor) -> torch.Tensor:
-    """(T,) -> (1, 1, T); (B, T) -> (B, 1, T): broadcastable against (B, H, T, d) after unsqueeze(-1)."""
-    return pos.view(1, 1, -1) if pos.dim() == 1 else pos.unsqueeze(1)
-
-
 # ---------------------------------------------------------------------------- absolute
 def sinusoidal_embedding(pos: torch.Tensor, dim: int) -> torch.Tensor:
     """Vaswani et al. sin/cos absolute encoding of shape ``pos.shape + (dim,)`` (float32)."""

@@ -40,17 +40,15 @@ writing the chunk, so any chunk length gives the token-by-token result.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from lit_gpt.attention import KERNEL_OPS, MaskFn, _with_slots, eager_attention, repeat_kv, sdpa_attention
+from lit_gpt.attention import MaskFn, _with_slots, eager_attention, repeat_kv, sdpa_attention
 from lit_gpt.positional import apply_rope, rope_cos_sin, rope_inv_freq
 
 POLICIES = ("reindex", "original", "lminfinite")

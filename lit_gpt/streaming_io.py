@@ -10,8 +10,6 @@ Model sources (:func:`load_lm`):
 from __future__ import annotations
 
 import json
-import math
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from lit_gpt.streaming import GPTRunner, StreamingSpec, dense_spec, stream_generate
+from lit_gpt.streaming import GPTRunner, StreamingSpec, stream_generate
 from lit_gpt.utils import atomic_write_text
 
 

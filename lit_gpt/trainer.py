@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lit_gpt.checkpoint import STEP_RE, load_checkpoint, model_state_dict
+from lit_gpt.checkpoint import (list_checkpoints, load_checkpoint, model_state_dict, step_checkpoints,
+                                 write_checkpoint)
 from lit_gpt.config import Config
 from lit_gpt.data import (
     DataError, DataInfo, Domain, FixedToken, MixtureLoader, RandomTokens, ValidationSet, check_domains,
@@ -44,7 +45,7 @@ from lit_gpt.evaluate import probe_tokens, sink_on_probe, sink_summary
 from lit_gpt.packed import ShardError
 from lit_gpt.run_config import RunConfig, loss_skip
 from lit_gpt.sink_metrics import format_sink
-from lit_gpt.utils import atomic_torch_save, atomic_write_text, check_writable_dir
+from lit_gpt.utils import atomic_write_text, check_writable_dir
 
 
 class PreflightError(ValueError):
@@ -126,14 +127,6 @@ def make_probe(cfg: RunConfig, rd: RunData, source: Optional[str] = None) -> Tup
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def list_checkpoints(out_dir: Path) -> List[Path]:
-    """final.pth (if any) then step checkpoints, newest first."""
-    steps = sorted(((int(m.group(1)), p) for p in out_dir.glob("step-*.pth") if (m := STEP_RE.search(p.name))),
-                   reverse=True)
-    final = [out_dir / "final.pth"] if (out_dir / "final.pth").is_file() else []
-    return final + [p for _, p in steps]
-
-
 MUST_MATCH_TRAIN = ("global_batch_size", "seed")
 MUST_MATCH_DATA = ("train", "downsample_ratio", "seed", "random_tokens", "fixed_token")
 MAY_DIFFER_MODEL = ("attn_impl", "extra")
@@ -499,16 +492,13 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
     def save(name: str) -> None:
         msd, osd = _full_state(fabric, model, optimizer, raw)
         if fabric.global_rank == 0:
-            # the layout of lit_gpt.checkpoint.save_checkpoint, with the (possibly gathered) full state dict
-            atomic_torch_save({"model_config": mc.to_dict(), "model": msd, "optimizer": osd, "step": step,
-                               "tokens_seen": tokens_seen, "train_seconds": train_seconds,
-                               "data_state": loader.state_dict(), "rng": rng_state(), "run_config": cfg.to_dict(),
-                               "scheduler": {"kind": t.lr_schedule, "next_lr": lr_at(step, cfg)}},
-                              out_dir / name)
+            # the (possibly gathered) full state dict, in the one checkpoint layout
+            write_checkpoint(out_dir / name, msd, mc, optimizer=osd, step=step, tokens_seen=tokens_seen,
+                             train_seconds=train_seconds, data_state=loader.state_dict(), rng=rng_state(),
+                             run_config=cfg.to_dict(),
+                             scheduler={"kind": t.lr_schedule, "next_lr": lr_at(step, cfg)})
             if t.keep_last:
-                olds = sorted(((int(m.group(1)), p) for p in out_dir.glob("step-*.pth")
-                               if (m := STEP_RE.search(p.name))), reverse=True)
-                for _, p in olds[t.keep_last:]:
+                for p in step_checkpoints(out_dir)[t.keep_last:]:
                     p.unlink(missing_ok=True)
         fabric.barrier()
 

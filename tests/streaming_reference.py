@@ -129,7 +129,7 @@ def ref_hf_llama_logits(model, idx: torch.Tensor, plan: Plan) -> torch.Tensor:
     """transformers LlamaForCausalLM (default RoPE, no biases) written out, attention by plan."""
     cfg = model.config
     B, T = idx.shape
-    H, G = cfg.num_attention_heads, cfg.num_key_value_heads
+    H = cfg.num_attention_heads
     d = cfg.hidden_size // H
     x = model.model.embed_tokens.weight.double()[idx]
     for layer in model.model.layers:
