@@ -460,8 +460,11 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, *,
-                return_analysis: Union[bool, Iterable[str]] = False, mask_fn: Optional[MaskFn] = None):
-        """Logits (B, T, vocab) or ``(logits, Analysis)`` when ``return_analysis`` is set.
+                return_analysis: Union[bool, Iterable[str]] = False, mask_fn: Optional[MaskFn] = None,
+                targets: Optional[torch.Tensor] = None, loss_impl: str = "auto"):
+        """Logits (B, T, vocab) or ``(logits, Analysis)`` when ``return_analysis`` is set; with ``targets`` (B, T)
+        the mean next-token loss over targets != -100 instead of logits (:mod:`lit_gpt.fused_ce`: ``loss_impl``
+        fused | plain | auto; fused forms no fp32 copy of the logits).
 
         input_pos: None for a full forward from position 0 (caches untouched), or (T,) / (B, T) positions of
             ``idx`` used with the caches set by :meth:`set_kv_cache` / :meth:`set_caches`; a negative position
@@ -484,10 +487,12 @@ class GPT(nn.Module):
             pos = pos.unsqueeze(0) if pos.dim() == 1 else pos
             if pos.shape[-1] != T or pos.shape[0] not in (1, B):
                 raise ValueError(f"input_pos shape {tuple(input_pos.shape)} does not match idx shape {(B, T)}")
-            first = pos[:, 0] == 0
-            starts_at_zero = bool(first.all())
-            if cfg.sink_token and bool(first.any()) and not starts_at_zero:
-                raise ValueError("with sink_token=True all rows must start at position 0 together")
+            starts_at_zero = False              # only a sink token needs it (a host sync: keep decoding sync-free)
+            if cfg.sink_token:
+                first = pos[:, 0] == 0
+                starts_at_zero = bool(first.all())
+                if bool(first.any()) and not starts_at_zero:
+                    raise ValueError("with sink_token=True all rows must start at position 0 together")
         if cfg.pos_encoding == "learned" and int(pos.max()) >= cfg.block_size:
             raise ValueError(f"position {int(pos.max())} >= block_size={cfg.block_size}: learned absolute "
                              "positions cannot extrapolate")
@@ -518,7 +523,13 @@ class GPT(nn.Module):
             x = block(x, ctx)
         if analysis is not None and "hidden" in need:
             analysis.hidden.append(x[:, sl].detach())
-        logits = self.lm_head(self.ln_f(x[:, sl] if prepend else x))
+        h = self.ln_f(x[:, sl] if prepend else x)
+        if targets is not None:
+            if analysis is not None:
+                raise ValueError("targets and return_analysis cannot be combined (the loss path forms no logits)")
+            from lit_gpt.fused_ce import linear_cross_entropy
+            return linear_cross_entropy(h, self.lm_head.weight, targets, impl=loss_impl)
+        logits = self.lm_head(h)
         return (logits, analysis) if analysis is not None else logits
 
     def num_parameters(self, trainable_only: bool = False) -> int:

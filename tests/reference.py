@@ -118,3 +118,24 @@ def attention_loop(
                     out[b, h, i] += wc * vc
                     weights[b, h, i, c] = pc
     return out, weights
+
+
+def cross_entropy_loop(h: torch.Tensor, weight: torch.Tensor, targets: Sequence[int], ignore_index: int = -100
+                       ) -> Tuple[float, torch.Tensor, torch.Tensor]:
+    """Mean next-token loss of logits h @ weight.T over the targets != ignore_index, and its gradients w.r.t. h and
+    weight, row by row in float64: d loss / d logit_j = (softmax_j - [j == t]) / n_valid."""
+    h64, w64 = h.detach().double(), weight.detach().double()
+    rows = [i for i, t in enumerate(targets) if int(t) != ignore_index]
+    n = max(len(rows), 1)
+    loss, gh, gw = 0.0, torch.zeros_like(h64), torch.zeros_like(w64)
+    for i in rows:
+        t = int(targets[i])
+        z = [float(h64[i] @ w64[j]) for j in range(w64.shape[0])]
+        m = max(z)
+        lse = m + math.log(sum(math.exp(v - m) for v in z))
+        loss += (lse - z[t]) / n
+        for j, v in enumerate(z):
+            g = (math.exp(v - lse) - (1.0 if j == t else 0.0)) / n
+            gh[i] += g * w64[j]
+            gw[j] += g * h64[i]
+    return loss, gh, gw
