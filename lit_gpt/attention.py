@@ -94,6 +94,38 @@ def dense_mask(mask_fn: MaskFn, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tor
     return (mask_fn(q, k) & (k >= 0)).unsqueeze(1)
 
 
+# ---------------------------------------------------------------------------- SDPA kernel choice
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "default")
+_SDPA_DEFAULT_ORDER: Optional[list] = None
+
+
+def set_sdpa_backend(name: str, device: Optional[torch.device] = None) -> str:
+    """Put one SDPA kernel first in torch's process-wide priority order (the others stay as fallbacks for inputs
+    it cannot take). ``auto``: cuDNN's attention on Hopper GPUs (compute capability 9.x), where it measured
+    faster than the flash kernel (benchmarks/README.md), torch's default order elsewhere; ``default``: torch's
+    order (flash, efficient, math, cuDNN). Takes effect for calls (and ``torch.compile`` traces) made after it.
+    Returns the backend put first."""
+    global _SDPA_DEFAULT_ORDER
+    if name not in SDPA_BACKENDS:
+        raise ValueError(f"sdpa_backend={name!r} is invalid; allowed: {', '.join(SDPA_BACKENDS)}")
+    get, put = getattr(torch._C, "_get_sdp_priority_order", None), getattr(torch._C, "_set_sdp_priority_order", None)
+    if get is None or put is None:
+        return "default"
+    if _SDPA_DEFAULT_ORDER is None:
+        _SDPA_DEFAULT_ORDER = list(get())
+    if name == "auto":
+        hopper = torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9
+        name = "cudnn" if hopper else "default"
+    from torch.nn.attention import SDPBackend
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}.get(name)
+    order = list(_SDPA_DEFAULT_ORDER)
+    if first is not None:
+        order = [int(first)] + [b for b in order if b != int(first)]
+    put(order)
+    return name
+
+
 # ---------------------------------------------------------------------------- operations
 KERNEL_OPS = ("elu_kernel", "identity", "mlp_kernel")  # sim = phi(q).phi(k) (phi = identity for "identity")
 

@@ -45,6 +45,8 @@ from lit_gpt.evaluate import probe_tokens, sink_on_probe, sink_summary
 from lit_gpt.packed import ShardError
 from lit_gpt.run_config import RunConfig, loss_skip
 from lit_gpt.sink_metrics import format_sink
+from lit_gpt.throughput import PhaseTimer, PinnedBatches, time_steps
+from lit_gpt.attention import set_sdpa_backend
 from lit_gpt.utils import atomic_write_text, check_writable_dir
 
 
@@ -387,6 +389,39 @@ def validation_loss(fabric, model, vs: ValidationSet, weights: Dict[str, float],
     return out
 
 
+# ---------------------------------------------------------------------------- profile mode
+def profile_report(fabric, cfg: RunConfig, out_dir: Path, prof: PhaseTimer, log_marks: list, profile_from: int,
+                   tokens_per_step: int, optimizer_step: Callable, next_batch: Callable, accum: int) -> dict:
+    """``train.profile``: the loop's throughput over the first half of the run (as logged, and by the wall clock
+    with evaluation and probes included), the phase times of the second half (synchronised), and the bare
+    optimizer step (the same function on a fixed batch already on the device) timed in the same process.
+    Writes ``profile.json`` and prints a table."""
+    import itertools
+
+    first = [m for m in log_marks if m[0] <= profile_from][1:]      # the first logged interval holds compilation
+    logged = statistics.median([m[3] for m in first]) if first else None
+    wall = (first[-1][2] - first[0][2]) / (first[-1][1] - first[0][1]) if len(first) > 1 else None
+    prof.enabled = False
+    fixed = itertools.cycle([next_batch() for _ in range(accum)])
+    n = max(3, min(20, cfg.train.max_steps - profile_from))
+    bare = tokens_per_step / time_steps(lambda: optimizer_step(fixed.__next__), n, fabric.device)
+    phases = prof.summary()
+    out = {"loop_tokens_per_s_logged": logged, "loop_tokens_per_s_wall": wall, "bare_step_tokens_per_s": bare,
+           "loop_over_bare_logged": logged / bare if logged else None,
+           "loop_over_bare_wall": wall / bare if wall else None,
+           "bare_steps_timed": n, "logged_intervals": len(first), **phases}
+    fabric.print(f"profile: bare optimizer step {bare:,.0f} tok/s; loop {logged or float('nan'):,.0f} tok/s as logged "
+                 f"({out['loop_over_bare_logged'] or float('nan'):.3f} x bare), {wall or float('nan'):,.0f} tok/s by "
+                 f"the wall clock with evaluation and probes ({out['loop_over_bare_wall'] or float('nan'):.3f} x)")
+    fabric.print(f"profile: phases over {phases['steps']} synchronised steps "
+                 f"({phases['tokens_per_s_synced'] or float('nan'):,.0f} tok/s with the syncs):")
+    for r in phases["phases"]:
+        fabric.print(f"  {r['phase']:<36} {r['ms_per_step']:>9.2f} ms/step {r['share_%']:>6.1f} %")
+    if fabric.global_rank == 0:
+        atomic_write_text(out_dir / "profile.json", json.dumps(out, indent=1) + "\n")
+    return out
+
+
 # ---------------------------------------------------------------------------- fit
 def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Train as configured; returns the summary (also written to ``<out_dir>/summary.json`` on rank 0).
@@ -410,6 +445,7 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    set_sdpa_backend(t.sdpa_backend, fabric.device if fabric.device.type == "cuda" else None)
 
     fabric.seed_everything(t.seed, verbose=False)
     with fabric.init_module(empty_init=False):
@@ -468,6 +504,7 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
     sink_curve: List[Tuple[int, float]] = []
     last: Dict[str, Any] = {}
     speeds: List[float] = []
+    log_marks: List[Tuple[int, float, int, float]] = []      # (step, wall clock, tokens, logged tokens/s)
 
     def log(metrics: Dict[str, Any]) -> None:
         metrics = {k: v for k, v in metrics.items() if v is not None}
@@ -490,6 +527,8 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         return m
 
     def save(name: str) -> None:
+        if t.profile:                      # a profile run is a measurement: it writes no checkpoint
+            return
         msd, osd = _full_state(fabric, model, optimizer, raw)
         if fabric.global_rank == 0:
             # the (possibly gathered) full state dict, in the one checkpoint layout
@@ -514,28 +553,45 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
     if resumed_from is None:
         report(evaluate(bool(t.eval_interval), True))         # step 0: the curves start at initialisation
 
+    to_device = PinnedBatches(fabric.device)
+    prof = PhaseTimer(fabric.device, enabled=False, skip=1)
+    ignore_first = torch.arange(mc.block_size, device=fabric.device) < plan.skip if plan.skip else None
+
+    def optimizer_step(next_batch: Callable[[], torch.Tensor]):
+        """accum micro-batches forward + backward, clipping, AdamW; no host synchronisation."""
+        loss_sum = torch.zeros((), device=fabric.device)
+        for micro in range(accum):
+            batch = next_batch()
+            prof.mark("data (load + copy)")
+            x, y = batch[:, :-1], batch[:, 1:]
+            if ignore_first is not None:
+                y = y.masked_fill(ignore_first[: y.shape[1]], -100)
+            with fabric.no_backward_sync(model, enabled=micro < accum - 1):
+                loss = model(x, targets=y, loss_impl=t.loss_impl)
+                fabric.backward(loss / accum)
+            loss_sum += loss.detach()
+            prof.mark("forward + backward")
+        # error_if_nonfinite would synchronise every step; the norm is checked when it is logged
+        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=t.grad_clip, error_if_nonfinite=False) \
+            if t.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        prof.mark("clip + optimizer")
+        return loss_sum, grad_norm
+
     t_start = time.perf_counter()
     t_mark, tokens_mark, overhead = time.perf_counter(), tokens_seen, 0.0
     stopped = None
     tokens_per_step = t.global_batch_size * mc.block_size
+    profile_from = step + (t.max_steps - step) // 2           # profile mode: the second half is timed by phase
     model.train()
     while step < t.max_steps:
+        prof.enabled = t.profile and step >= profile_from
+        prof.start()
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        loss_sum = torch.zeros((), device=fabric.device)
-        for micro in range(accum):
-            batch = loader.next_batch().to(fabric.device, non_blocking=True)
-            x, y = batch[:, :-1], batch[:, 1:]
-            with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-                logits = model(x)
-                lg, tg = logits[:, plan.skip:], y[:, plan.skip:]
-                loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), tg.reshape(-1))
-                fabric.backward(loss / accum)
-            loss_sum += loss.detach()
-        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=t.grad_clip) if t.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, grad_norm = optimizer_step(lambda: to_device(loader.next_batch()))
         step += 1
         tokens_seen += tokens_per_step
         metrics: Dict[str, Any] = {}
@@ -556,13 +612,18 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
             train_seconds += dt
             speed = (tokens_seen - tokens_mark) / dt
             speeds.append(speed)
+            log_marks.append((step, now, tokens_seen, speed))
             t_mark, tokens_mark, overhead = now, tokens_seen, 0.0
             metrics.update(tokens=tokens_seen, lr=lr, train_loss=loss_val, tokens_per_s=speed,
                            train_seconds=train_seconds,
                            grad_norm=float(grad_norm) if grad_norm is not None else None)
+            if grad_norm is not None and not math.isfinite(metrics["grad_norm"]):
+                raise RuntimeError(f"non-finite gradient norm {metrics['grad_norm']} at step {step} "
+                                   f"(train_loss {loss_val}); resume from the last checkpoint with a lower train.lr")
             if cfg.logging.progress:
                 fabric.print(f"step {step}/{t.max_steps} loss {loss_val:.4f} lr {lr:.3g} "
                              f"{speed:,.0f} tok/s")
+        prof.mark("logging")
         ending = final or stopped is not None
         do_val = bool(plan.data.valid_set) and ((t.eval_interval and step % t.eval_interval == 0) or ending)
         do_sink = (t.sink_interval and step % t.sink_interval == 0) or ending
@@ -580,10 +641,15 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         if final and t.save_final:
             save("final.pth")
         overhead += time.perf_counter() - t0
+        prof.mark("evaluation + probes + checkpoints")
+        prof.end_step(tokens_per_step)
         if stopped:
             fabric.print(f"stopping after step {step}: {stopped}; resume with the same command")
             break
 
+    profile = profile_report(fabric, cfg, out_dir, prof, log_marks, profile_from, tokens_per_step,
+                             lambda nb: optimizer_step(nb), lambda: to_device(loader.next_batch()), accum) \
+        if t.profile else None
     summary = {
         "run": cfg.run_name, "out_dir": str(out_dir), "rank": fabric.global_rank, "step": step, "max_steps": t.max_steps,
         "stopped_early": stopped, "resumed_from": str(resumed_from) if resumed_from else None,
@@ -597,6 +663,8 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         "sink_1_curve": sink_curve, "probe": plan.probe_where,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if fabric.device.type == "cuda" else None,
     }
+    if profile is not None:
+        summary["profile"] = profile
     if fabric.global_rank == 0:
         csv_log.close()
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
