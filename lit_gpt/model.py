@@ -67,9 +67,14 @@ class ForwardContext:
     rel_bias: Optional[nn.Module] = None     # the model's T5 relative-bias table (for the flex score_mod)
     memo: Dict[Any, Any] = field(default_factory=dict)   # masks / biases shared by all layers of one forward
 
-    def cached(self, key, make: Callable[[], Any], pin: tuple = ()):
-        """Compute once per forward: every layer sees the same positions, hence the same mask and bias.
-        ``pin`` keeps the tensors whose ids form the key alive, so an id cannot be reused within the forward."""
+    def cached(self, name: str, make: Callable[[], Any], pin: tuple = ()):
+        """Compute once per forward: every layer sees the same positions, hence the same mask and bias. The key is
+        ``name`` with the ids of the ``pin`` tensors (kept alive, so an id cannot be reused within the forward).
+        Inside torch.compile nothing is memoised (the compiler shares the work itself, and an id would make it
+        recompile for every forward when a block is compiled on its own)."""
+        if torch.compiler.is_compiling():
+            return make()
+        key = (name, id(self.mask_fn)) + tuple(id(t) for t in pin)
         if key not in self.memo:
             self.memo[key] = (make(), pin)
         return self.memo[key][0]
@@ -293,15 +298,15 @@ class CausalSelfAttention(nn.Module):
                 return y, None
             except Exception as e:   # e.g. a Triton resource limit at this shape: SDPA computes the same function
                 flex_failed(cfg, e)
-        key, pin = (id(q_pos), id(k_pos), id(ctx.mask_fn)), (q_pos, k_pos)
-        bias = ctx.cached(("bias",) + key, lambda: ctx.bias_fn(q_pos, k_pos), pin) if ctx.bias_fn is not None else None
+        pin = (q_pos, k_pos)
+        bias = ctx.cached("bias", lambda: ctx.bias_fn(q_pos, k_pos), pin) if ctx.bias_fn is not None else None
         make_mask = lambda: dense_mask(ctx.mask_fn, q_pos, k_pos)
         if eager:
-            mask = ctx.cached(("mask",) + key, make_mask, pin)
+            mask = ctx.cached("mask", make_mask, pin)
             return eager_attention(q, k, v, mask=mask, op=cfg.attn_op, normalize=cfg.attn_normalize,
                                    alpha=cfg.softmax_alpha, scale=self.scale, bias=bias,
                                    kernel=self.feature_map(), need_weights=need_weights, **slots)
-        mask = None if full_causal else ctx.cached(("mask",) + key, make_mask, pin)
+        mask = None if full_causal else ctx.cached("mask", make_mask, pin)
         y = sdpa_attention(q, k, v, mask=mask, is_causal=full_causal, alpha=cfg.softmax_alpha,
                            scale=self.scale, bias=bias, **slots)
         return y, None

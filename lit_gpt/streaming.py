@@ -173,6 +173,7 @@ class SinkWindowKV:
         self.mid_v: Optional[torch.Tensor] = None
         self.mid_pos: Optional[torch.Tensor] = None
         self.filled = 0                 # ring slots used so far (attention never looks past them)
+        self.static = False             # graph-safe decoding (see :meth:`enter_static`)
 
     @property
     def topk(self) -> bool:
@@ -184,6 +185,17 @@ class SinkWindowKV:
             self.pos.fill_(-1)
         self.mid_k = self.mid_v = self.mid_pos = None
         self.filled = 0
+        self.static = False
+
+    def enter_static(self) -> None:
+        """Decode steps (one token per row) without a host synchronisation or a shape that depends on the data,
+        so that a step can be captured as a CUDA graph and replayed (:class:`GraphDecoder`): the token is written to
+        its ring slot by a device-side scatter and attention looks at all s + r slots (empty ones are masked).
+        Needs allocated buffers and every decoded position >= start_size (the sinks are written already)."""
+        if self.k is None:
+            raise ValueError("enter_static() needs a filled cache: prefill at least start_size tokens first")
+        self.static = True
+        self.filled = self.spec.recent_size
 
     def nbytes(self) -> int:
         ts = (self.k, self.v, self.pos, self.sink_k, self.mid_k, self.mid_v, self.mid_pos)
@@ -232,6 +244,17 @@ class SinkWindowKV:
         self.pos[b, slot] = pp
         self.filled = max(self.filled, min(r, int(pp.max()) + 1))
 
+    def _write_ring_static(self, k, v, p, valid) -> None:
+        """One token per row (T = 1) into ring slot s + p mod r, on the device (padding rows keep the slot)."""
+        s, r = self.spec.start_size, self.spec.recent_size
+        B, G, _, d = k.shape
+        slot = s + p.clamp(min=0) % r                              # (B, 1)
+        ik, iv = slot.view(B, 1, 1, 1).expand(B, G, 1, d), slot.view(B, 1, 1, 1).expand(B, G, 1, v.shape[-1])
+        keep = valid.view(B, 1, 1, 1)
+        self.k.scatter_(2, ik, torch.where(keep, k.to(self.k.dtype), self.k.gather(2, ik)))
+        self.v.scatter_(2, iv, torch.where(keep, v.to(self.v.dtype), self.v.gather(2, iv)))
+        self.pos.scatter_(1, slot, torch.where(valid, p, self.pos.gather(1, slot)))
+
     def _write_middle(self, k, v, p, valid, ops: PositionOps) -> None:
         B, G, _, d = k.shape
         need = int(p.max()) + 1
@@ -273,19 +296,24 @@ class SinkWindowKV:
         p = pos.to(q.device).long().expand(B, T)
         valid = p >= 0
         self._alloc(B, G, d, dv, k.dtype, k.device)
-        self._write_sinks(k, v, p, valid, ops)
+        single = T == 1 and not self.topk and op not in FEATURE_MAP_OPS
+        static = single and self.static
+        if not static:
+            self._write_sinks(k, v, p, valid, ops)
         if self.topk:
             if op != "softmax":
                 raise ValueError(f"StreamingSpec.topk={spec.topk} needs softmax attention (attn_op={op!r})")
             self._write_middle(k, v, p, valid, ops)
         fq = spec.sink_query_pos(p)
         rotate_sinks = ops.kind == "rope" and spec.policy != "original" and s > 0
-        single = T == 1 and not self.topk and op not in FEATURE_MAP_OPS
         phi = kernel if op in FEATURE_MAP_OPS else None
         if single:
             # decoding: write first (slot p mod r held p - r, which this query no longer sees), then rotate the
             # s sink keys for this query: q_{f(p)} . k_i == q_p . R(p - f(p)) k_i
-            self._write_ring(k, v, p, valid)
+            if static:
+                self._write_ring_static(k, v, p, valid)
+            else:
+                self._write_ring(k, v, p, valid)
             if rotate_sinks:
                 self.k[:, :, :s] = ops.rotate(self.sink_k, (p - fq).expand(B, s)).to(self.k.dtype)
             n = s + self.filled
@@ -468,6 +496,62 @@ class GPTRunner:
 
     def cache_bytes(self) -> int:
         return sum(c.nbytes() for c in self.caches)
+
+
+class GraphDecoder:
+    """Decoding steps of our GPT over its installed streaming caches, captured once as a CUDA graph and replayed
+    for every token: no Python, no host synchronisation and no allocation per token, so the latency stays that of
+    the kernels.
+
+    Build it after a prefill of at least ``start_size`` tokens (the sinks are written); ``step(tok, pos)`` with
+    tok, pos (B, 1) (positions >= start_size, or -1 for padding) writes the token into every layer's cache and
+    returns its logits (B, V): a view that the next step overwrites. ``compile=True`` runs the step through
+    ``torch.compile`` first (fewer, fused kernels inside the graph). Without CUDA (or ``graph=False``) the same
+    graph-safe step runs eagerly. Any chunked call of the model (prefill) may come between steps.
+    """
+
+    def __init__(self, model, batch_size: int, *, graph: Optional[bool] = None, compile: bool = False) -> None:
+        caches = [b.attn.kv_cache for b in model.blocks]
+        if not all(isinstance(c, StreamingCache) for c in caches):
+            raise ValueError("GraphDecoder needs streaming caches on every layer (install_streaming / GPTRunner.start)")
+        cfg = model.config
+        if cfg.sink_token or cfg.attn_op in FEATURE_MAP_OPS or caches[0].spec.topk:
+            raise ValueError("GraphDecoder supports models without a sink token, with a score-based attention "
+                             "operation, and specs without top-k")
+        for c in caches:
+            c.kv.enter_static()
+        device = next(model.parameters()).device
+        self.model = model
+        self.fn = torch.compile(model, dynamic=False) if compile else model
+        self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.use_graph = device.type == "cuda" if graph is None else graph
+        self.graph = None
+        self.out: Optional[torch.Tensor] = None
+
+    def _run(self) -> torch.Tensor:
+        return self.fn(self.tok, input_pos=self.pos)
+
+    @torch.no_grad()
+    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.tok.copy_(tok.view_as(self.tok))
+        self.pos.copy_(pos.view_as(self.pos))
+        if not self.use_graph:
+            return self._run()[:, -1]
+        if self.graph is None:
+            # warm-up on a side stream (compilation, lazy allocations), then capture; writing the same token at the
+            # same position again leaves the caches as one write does
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._run()
+        self.graph.replay()
+        return self.out[:, -1]
 
 
 def chunk_positions(lengths: torch.Tensor, c0: int, c1: int, offset: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ phase timer behind ``pretrain.py --profile`` that shows where the loop loses tim
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Dict, List, Optional
 
@@ -98,3 +99,22 @@ def time_steps(step, n: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - t) / n
+
+
+def compile_blocks(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """``torch.compile`` each transformer block in place (regional compilation): identical blocks share their
+    compiled code, so compiling takes about one block's time instead of the whole model's; the embedding, the final
+    norm and the loss (:mod:`lit_gpt.fused_ce`) stay eager. Returns the model."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in model.blocks:
+        block.compile(**kwargs)
+    return model
+
+
+def eager() -> contextlib.AbstractContextManager:
+    """Run compiled code eagerly inside the block (evaluation and sink probes: other shapes and the analysis path
+    would each cost a compilation for a few calls)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()

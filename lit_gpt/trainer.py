@@ -45,7 +45,7 @@ from lit_gpt.evaluate import probe_tokens, sink_on_probe, sink_summary
 from lit_gpt.packed import ShardError
 from lit_gpt.run_config import RunConfig, loss_skip
 from lit_gpt.sink_metrics import format_sink
-from lit_gpt.throughput import PhaseTimer, PinnedBatches, time_steps
+from lit_gpt.throughput import PhaseTimer, PinnedBatches, compile_blocks, eager, time_steps
 from lit_gpt.attention import set_sdpa_backend
 from lit_gpt.utils import atomic_write_text, check_writable_dir
 
@@ -454,7 +454,10 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
                  f"{t.micro_batch_size} x accum {accum} = global batch {t.global_batch_size} x {mc.block_size} "
                  f"tokens; precision {resolve_hardware(cfg)[2]}; data: "
                  f"{', '.join(f'{k}={w}' for k, w in cfg.data.train.items())}; probe: {plan.probe_where}")
-    model = torch.compile(raw) if t.compile else raw
+    if t.compile:       # regional: one compiled block serves all layers (FSDP keeps the whole-model compile)
+        model = torch.compile(raw) if t.strategy == "fsdp" else compile_blocks(raw)
+    else:
+        model = raw
     model = fabric.setup(model)
     fused = fabric.device.type == "cuda" and not _is_fsdp(fabric)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps,
@@ -514,6 +517,10 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         fabric.log_dict({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def evaluate(do_val: bool, do_sink: bool) -> Dict[str, Any]:
+        with eager():
+            return _evaluate(do_val, do_sink)
+
+    def _evaluate(do_val: bool, do_sink: bool) -> Dict[str, Any]:
         m: Dict[str, Any] = {}
         if do_val and plan.data.valid_set is not None:
             m.update(validation_loss(fabric, model, plan.data.valid_set, cfg.data.valid, t.micro_batch_size,

@@ -229,3 +229,46 @@ def test_analysis_maps_come_back_through_the_streaming_cache():
     out, an = model(idx[:, :1], input_pos=torch.tensor([9]), return_analysis={"attn"})
     assert an.attn[0].shape == (1, 4, 1, 6)            # decoding: 2 sinks + the 4-slot ring
     model.clear_kv_cache()
+
+
+GRAPH_VARIANTS = [{}, dict(n_query_groups=2), dict(pos_encoding="alibi"), dict(kv_bias="kv", sink_logit=True),
+                  dict(attn_op="sigmoid")]
+
+
+@pytest.mark.parametrize("overrides", GRAPH_VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("policy", ["reindex", "lminfinite"])
+@torch.no_grad()
+def test_graph_safe_decoding_equals_token_by_token_streaming(overrides, policy):
+    """GraphDecoder's step (device-side ring writes, all slots attended; the CUDA graph itself needs a GPU) gives
+    the logits of plain token-by-token streaming, also with rows at different positions, padding, and a chunked
+    prefill between decoding steps."""
+    model = build(**overrides)
+    spec = StreamingSpec(2, 6, policy)
+    T = 40
+    idx = torch.randint(0, V, (2, T))
+    ref = run_chunks(model, idx, spec, 1)                   # token by token, the dynamic path
+    runner = GPTRunner(model)
+    runner.start(2, spec)
+    runner.step(idx[:, :3], torch.arange(3))                # prefill past the sinks
+    from lit_gpt.streaming import GraphDecoder
+    dec = GraphDecoder(model, 2)
+    assert not dec.use_graph                                # CPU: the same static step, no graph
+    outs = {}
+    for t in range(3, 20):
+        outs[t] = dec.step(idx[:, t:t + 1], torch.full((2, 1), t)).clone()
+    runner.step(idx[:, 20:29], torch.arange(20, 29))         # a chunked call between steps
+    for t in range(29, T):
+        outs[t] = dec.step(idx[:, t:t + 1], torch.full((2, 1), t)).clone()
+    runner.stop()
+    for t, out in outs.items():
+        torch.testing.assert_close(out, ref[:, t], rtol=1e-10, atol=1e-10)
+    # a padded row (position -1) leaves its cache untouched: row 1 continues as if the step never happened
+    runner.start(2, spec)
+    runner.step(idx[:, :10], torch.arange(10))
+    dec = GraphDecoder(model, 2)
+    dec.step(idx[:, 10:11], torch.tensor([[10], [-1]]))
+    got = dec.step(idx[:, 11:12], torch.tensor([[11], [10]])).clone()
+    runner.stop()
+    torch.testing.assert_close(got[0], ref[0, 11], rtol=1e-10, atol=1e-10)
+    other = run_chunks(model, torch.cat([idx[1:, :10], idx[1:, 11:12]], 1), spec, 1)
+    torch.testing.assert_close(got[1], other[0, 10], rtol=1e-10, atol=1e-10)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Every issue-9 measurement in one command on a GPU box, each under its own time budget (the box is rented by the
+# minute): training step vs the plain reference model and litgpt (MFU), streaming decoding, the real training loop
+# vs its bare step, attention cost over T, the 1.1B step, compiled decoding. JSON + log to $OUT (7 files).
+#
+#   OUT=/tmp/perf bash benchmarks/run_gpu_perf.sh          # GPU
+#   QUICK=1 OUT=/tmp/perf bash benchmarks/run_gpu_perf.sh  # the same sequence, tiny, on CPU
+#
+# litgpt and jsonargparse come from wheels in .whl/ when present (the GPU box has no internet):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl litgpt==0.5.13 jsonargparse==4.53.0
+set -o pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+  NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-out/gpu_perf}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+Q=${QUICK:+--quick}
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>/dev/null || true
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
+  "$PY" -c "import litgpt.model; print('litgpt importable')" 2>&1 | tail -1; } 2>&1 | tee "$LOG"
+t0=$(date +%s)
+step() {   # step NAME SECONDS command...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s, at $(( $(date +%s) - t0 ))s)" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | grep -v -E "^\s*$|UserWarning|warnings.warn" | tee -a "$LOG"
+  echo "=== $name rc=$? ($(( $(date +%s) - t0 ))s)" | tee -a "$LOG"
+}
+cd benchmarks
+step train_60m 175 "$PY" bench_train_step.py --compare --micro --breakdown --eager-too --budget-s 130 $Q \
+  --variants default "window 256 flex" \
+  --out "$OUT/train_step_60m.json"
+step decode 70 "$PY" bench_decode.py --models tinyllama_60M,tinyllama_1_1b --compile-models none --budget-s 55 $Q \
+  --out "$OUT/decode.json"
+step train_loop 75 "$PY" bench_train_loop.py $Q --out "$OUT/train_loop.json"
+step attention_curve 55 "$PY" bench_attention.py --curve --budget-s 35 $Q --out "$OUT/attention_curve.json"
+step train_1b 60 "$PY" bench_train_step.py --model tinyllama_1_1b --micro-batch 8 --impls ours --sdpa best \
+  --breakdown --repeat 5 $Q --out "$OUT/train_step_1b.json"
+step decode_compiled 90 "$PY" bench_decode.py --models tinyllama_1_1b,tinyllama_60M --batch-large 0 --checkpoints 4 \
+  --budget-s 70 $Q --out "$OUT/decode_compiled.json"
+echo "total $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
