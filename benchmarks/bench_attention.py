@@ -87,6 +87,8 @@ def curve(a) -> None:
     lengths = a.lengths or ([16384, 2048, 4096, 8192, 1024] if not a.quick else [128, 64])
     tokens = a.tokens if not a.quick else 256
     rows, t_start = [], time.perf_counter()
+    meta = {"shape": {"tokens": tokens, "H": H, "d": d, "dtype": str(dtype), "window": a.window, "sinks": a.sinks},
+            "pass": "forward + backward of one layer"}
     for T in lengths:
         if time.perf_counter() - t_start > a.budget_s:
             rows.append({"T": T, "impl": "skipped (time budget)"})
@@ -124,9 +126,9 @@ def curve(a) -> None:
                 rows.append({"T": T, "B": B, "impl": name, "ms": f"error: {type(e).__name__}: {str(e)[:100]}"})
             print(rows[-1], flush=True)
         set_sdpa_backend("default")
+        write_json(a.out, rows, meta)            # after every length: a command stopped at its limit keeps it
     print_table(rows, ["T", "B", "impl", "ms", "x_causal"])
-    write_json(a.out, rows, {"shape": {"tokens": tokens, "H": H, "d": d, "dtype": str(dtype), "window": a.window,
-                                       "sinks": a.sinks}, "pass": "forward + backward of one layer"})
+    write_json(a.out, rows, meta)
 
 
 if __name__ == "__main__":

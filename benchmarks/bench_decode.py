@@ -60,7 +60,8 @@ def timed_decode(dec: GraphDecoder, tok: torch.Tensor, pos: int, steps: int, dev
 def run_model(name: str, a, device, dtype, bandwidth: float, t_start: float) -> dict:
     torch.manual_seed(0)
     cfg = Config.from_name(name)
-    model = GPT(cfg).to(device=device, dtype=dtype).eval()
+    with device:
+        model = GPT(cfg).to(dtype=dtype).eval()
     V = cfg.vocab_size
     spec = StreamingSpec(a.start, a.cache - a.start)
     out = {"model": name, "params_M": round(model.num_parameters() / 1e6, 1), "cache_keys": a.cache,
@@ -187,7 +188,15 @@ def main():
     if bandwidth:
         print(f"measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
     t_start = time.perf_counter()
-    results = [run_model(m, a, device, dtype, bandwidth, t_start) for m in a.models.split(",")]
+    results = []
+    extra = {"copy_bandwidth_TBps": round(bandwidth / 1e12, 3) if bandwidth else None, "dtype": str(dtype),
+             "stream_tokens": a.stream}
+    for m in a.models.split(","):
+        if time.perf_counter() - t_start > a.budget_s:
+            results.append({"model": m, "errors": {"budget": "skipped (time budget)"}})
+            continue
+        results.append(run_model(m, a, device, dtype, bandwidth, t_start))
+        write_json(a.out, results, extra)
     table = []
     for r in results:
         for v in ("graph + compile", "graph", "eager (no graph on CPU)"):
@@ -197,8 +206,7 @@ def main():
     print_table(table, ["model", "decode", "median_ms", "max_of_checkpoint_medians_over_median",
                         "max_token_over_median", "recompute_ms", "recompute_over_decode", "floor_ms",
                         "decode_over_floor"])
-    write_json(a.out, results, {"copy_bandwidth_TBps": round(bandwidth / 1e12, 3) if bandwidth else None,
-                                "dtype": str(dtype), "stream_tokens": a.stream})
+    write_json(a.out, results, extra)
 
 
 if __name__ == "__main__":

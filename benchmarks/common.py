@@ -142,5 +142,7 @@ def print_table(rows: List[Dict], columns: List[str]) -> None:
 def write_json(path: str, rows: List[Dict], extra: Dict = None) -> None:
     out = {"environment": environment(), "results": rows, **(extra or {})}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(out, indent=2))
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    os.replace(tmp, path)                 # atomic: a command killed mid-write leaves the previous file
     print(f"wrote {path}")

@@ -38,10 +38,11 @@ step train_60m 175 "$PY" bench_train_step.py --compare --micro --breakdown --eag
   --out "$OUT/train_step_60m.json"
 step decode 70 "$PY" bench_decode.py --models tinyllama_60M,tinyllama_1_1b --compile-models none --budget-s 55 $Q \
   --out "$OUT/decode.json"
-step train_loop 75 "$PY" bench_train_loop.py $Q --out "$OUT/train_loop.json"
-step attention_curve 55 "$PY" bench_attention.py --curve --budget-s 35 $Q --out "$OUT/attention_curve.json"
+SDPA=$("$PY" -c "import json; print(json.load(open('$OUT/train_step_60m.json'))['sdpa_ours'])" 2>/dev/null || echo default)
+step train_loop 75 "$PY" bench_train_loop.py --sdpa "$SDPA" $Q --out "$OUT/train_loop.json"
+step attention_curve 50 "$PY" bench_attention.py --curve --budget-s 30 $Q --out "$OUT/attention_curve.json"
 step train_1b 60 "$PY" bench_train_step.py --model tinyllama_1_1b --micro-batch 8 --impls ours --sdpa best \
   --breakdown --repeat 5 $Q --out "$OUT/train_step_1b.json"
 step decode_compiled 90 "$PY" bench_decode.py --models tinyllama_1_1b,tinyllama_60M --batch-large 0 --checkpoints 4 \
-  --budget-s 70 $Q --out "$OUT/decode_compiled.json"
+  --budget-s 50 $Q --out "$OUT/decode_compiled.json"
 echo "total $(( $(date +%s) - t0 ))s" | tee -a "$LOG"

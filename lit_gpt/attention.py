@@ -250,7 +250,7 @@ def sdpa_attention(
     # SDPA's is_causal aligns top-left: only use it when queries and keys are the same positions
     attn_mask = None if (is_causal and bias is None and Tq == k.shape[-2]) else mask
     if bias is not None:
-        attn_mask = torch.where(mask, bias.to(q.dtype), torch.tensor(float("-inf"), dtype=q.dtype, device=q.device))
+        attn_mask = torch.where(mask, bias.to(q.dtype), float("-inf"))     # no host tensor: CUDA-graph safe
     if attn_mask is None:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
