@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--sdpa", default="best", choices=["best", "auto", "cudnn", "flash", "default"])
     ap.add_argument("--variants", nargs="*", default=None, help="our variants (names in VARIANTS)")
     ap.add_argument("--breakdown", action="store_true", help="kernel time by category for ours (torch.profiler)")
+    ap.add_argument("--breakdown-all", action="store_true", help="... and for the reference and litgpt")
     ap.add_argument("--micro", action="store_true", help="also time the attention kernels and the loss alone")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new run after this many seconds")
@@ -187,7 +188,7 @@ def main() -> None:
     if device.type == "cuda" and (a.sdpa == "best" or a.micro):
         extra["attention_fwd_bwd_ms"] = attention_backend_times(cfg0, a.micro_batch, a.seq, device)
         print("attention fwd+bwd ms:", extra["attention_fwd_bwd_ms"], flush=True)
-        times = {k: v for k, v in extra["attention_fwd_bwd_ms"].items() if isinstance(v, float)}
+        times = {k: v for k, v in extra["attention_fwd_bwd_ms"].items() if k in ("flash", "cudnn") and isinstance(v, float)}
         if a.sdpa == "best":
             sdpa = min(times, key=times.get) if times else "default"
     elif a.sdpa == "best":
@@ -252,7 +253,7 @@ def main() -> None:
                         "loss": row["loss"]})
             if a.breakdown and impl == "ours" and name == "default" and mode == a.compile and device.type == "cuda":
                 extra.setdefault("kernel_breakdown", {})[f"{impl} {mode}"] = kernel_breakdown(step)
-            if impl in ("reference", "litgpt") and a.breakdown and device.type == "cuda":
+            if impl in ("reference", "litgpt") and a.breakdown_all and device.type == "cuda":
                 extra.setdefault("kernel_breakdown", {})[impl] = kernel_breakdown(step)
         except Exception as e:          # report, don't hide (e.g. litgpt missing, a kernel failing for a shape)
             row["ms/step"] = f"error: {type(e).__name__}: {str(e)[:160]}"
