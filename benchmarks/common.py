@@ -19,6 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 def environment() -> Dict:
     try:
+        if os.environ.get("GIT_COMMIT"):   # a copied tree (GPU box) may sit inside another repository's work tree
+            raise RuntimeError("GIT_COMMIT given")
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
         dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                              text=True).strip())
