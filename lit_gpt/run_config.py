@@ -80,7 +80,7 @@ class TrainConfig:
     sink_interval: int = 1000                        # Sink_1..k on the probe every N steps (0: only at the end)
     save_interval: int = 1000                        # checkpoint every N steps (0: only at the end)
     keep_last: Optional[int] = None                  # keep only the newest N step checkpoints
-    compile: bool = False                            # torch.compile each block (FSDP: the whole model)
+    compile: bool = False                            # torch.compile each block (FSDP, Flex: the whole model)
     loss_impl: str = "auto"                          # fused | plain | auto (fused on CUDA): lit_gpt/fused_ce.py
     sdpa_backend: str = "auto"                       # auto | cudnn | flash | efficient | default (torch's order)
     profile: bool = False                            # pretrain.py --profile: phase times + bare-step ratio

@@ -113,6 +113,16 @@ def compile_blocks(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     return model
 
 
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``train.compile``: per-block compilation (:func:`compile_blocks`) where attention takes SDPA; the whole model
+    compiled, as before, where it may take FlexAttention (windows, prefix masks, ALiBi, k*/v* slots, sink logits on
+    CUDA), whose compiled kernel was measured under a whole-model compile only."""
+    cfg = model.config
+    flex = cfg.attn_impl == "flex" or (cfg.attn_impl == "auto" and cfg.attn_op == "softmax" and (
+        cfg.attn_mask != "causal" or cfg.pos_encoding == "alibi" or cfg.kv_bias in ("k", "kv") or cfg.sink_logit))
+    return torch.compile(model) if flex else compile_blocks(model)
+
+
 def eager() -> contextlib.AbstractContextManager:
     """Run compiled code eagerly inside the block (evaluation and sink probes: other shapes and the analysis path
     would each cost a compilation for a few calls)."""

@@ -45,7 +45,7 @@ from lit_gpt.evaluate import probe_tokens, sink_on_probe, sink_summary
 from lit_gpt.packed import ShardError
 from lit_gpt.run_config import RunConfig, loss_skip
 from lit_gpt.sink_metrics import format_sink
-from lit_gpt.throughput import PhaseTimer, PinnedBatches, compile_blocks, eager, time_steps
+from lit_gpt.throughput import PhaseTimer, PinnedBatches, compile_model, eager, time_steps
 from lit_gpt.attention import set_sdpa_backend
 from lit_gpt.utils import atomic_write_text, check_writable_dir
 
@@ -454,8 +454,8 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
                  f"{t.micro_batch_size} x accum {accum} = global batch {t.global_batch_size} x {mc.block_size} "
                  f"tokens; precision {resolve_hardware(cfg)[2]}; data: "
                  f"{', '.join(f'{k}={w}' for k, w in cfg.data.train.items())}; probe: {plan.probe_where}")
-    if t.compile:       # regional: one compiled block serves all layers (FSDP keeps the whole-model compile)
-        model = torch.compile(raw) if t.strategy == "fsdp" else compile_blocks(raw)
+    if t.compile:       # one compiled block serves all layers (FSDP and Flex layouts: the whole model)
+        model = torch.compile(raw) if t.strategy == "fsdp" else compile_model(raw)
     else:
         model = raw
     model = fabric.setup(model)

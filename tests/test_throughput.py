@@ -19,7 +19,7 @@ from lit_gpt import GPT  # noqa: E402
 from lit_gpt.attention import set_sdpa_backend  # noqa: E402
 from lit_gpt.data import MixtureLoader  # noqa: E402
 from lit_gpt.run_config import RunConfigError, from_dict  # noqa: E402
-from lit_gpt.throughput import PhaseTimer, PinnedBatches  # noqa: E402
+from lit_gpt.throughput import PhaseTimer, PinnedBatches, compile_model  # noqa: E402
 from lit_gpt.trainer import fit, preflight  # noqa: E402
 
 
@@ -98,3 +98,14 @@ def test_sdpa_backend_order_and_cpu_helpers():
     timer.end_step(10)
     s = timer.summary()
     assert s["steps"] == 1 and [r["phase"] for r in s["phases"]] == ["a"]
+
+
+def test_compile_model_keeps_the_whole_model_compile_for_flex_layouts():
+    from lit_gpt import Config
+    plain = GPT(Config.from_name("tiny"))
+    assert compile_model(plain) is plain                             # blocks compiled in place
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in plain.blocks)
+    for ov in (dict(attn_mask="window", window_size=8), dict(pos_encoding="alibi"), dict(sink_logit=True)):
+        m = GPT(Config.from_name("tiny", **ov))
+        c = compile_model(m)
+        assert c is not m and getattr(c, "_orig_mod", None) is m     # torch.compile(model)
