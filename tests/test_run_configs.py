@@ -71,6 +71,26 @@ def test_configs_mean_what_their_names_say(rel, check):
     assert check(cfg, cfg.model_config())
 
 
+# The seed's configs/lr/tinyllama_60m_lr*.yaml (sail-sg/Attention-Sink): learning_rate, min_lr, max_step,
+# warmup_steps, save_step_interval, global_batch_size, micro_batch_size (weight decay: the script's 0.1).
+SEED_LR = {"1e-3": (1e-3, 1e-3, 20000, 100, 5000, 512, 16),
+           "1e-4": (1e-4, 1e-4, 40000, 100, 5000, 512, 16),
+           "1e-5": (1e-5, 1e-5, 80000, 100, 5000, 512, 16)}
+
+
+@pytest.mark.parametrize("lr", sorted(SEED_LR))
+def test_lr_configs_carry_the_seeds_fields(lr):
+    from lit_gpt.trainer import lr_at
+
+    cfg = load_run_config(REPO / "configs" / "lr" / f"tinyllama_60m_lr{lr}.yaml")
+    t = cfg.train
+    assert (t.lr, t.min_lr, t.max_steps, t.warmup_steps, t.save_interval, t.global_batch_size,
+            t.micro_batch_size) == SEED_LR[lr]
+    assert t.weight_decay == 0.1
+    # the seed's get_lr with min_lr == learning_rate: linear warmup, then constant to the last step
+    assert lr_at(t.warmup_steps, cfg) == lr_at(t.max_steps - 1, cfg) == t.lr
+
+
 def test_composition_and_overrides(tmp_path):
     write_yaml(tmp_path / "base.yaml", {"model": {"name": "tiny", "n_layer": 3},
                                              "data": {"train": {"a": 1.0, "b": 2.0}, "seed": 5},
