@@ -4,7 +4,7 @@ A run YAML has five sections (every key optional; defaults below)::
 
     base: ../tinyllama_60m.yaml        # optional: a file this one overrides (path relative to this file)
     model:   {name: tinyllama_60M, attn_mask: window, window_size: 256}   # Config name + Config fields
-    data:    {train_dir: ..., mixture: ..., downsample_ratio: 1.0, random_tokens: ..., fixed_token: ...}
+    data:    {train_dir: ..., mixture: ..., mixture_mode: weighted, downsample_ratio: 1.0, random_tokens: ...}
     train:   {global_batch_size: 512, micro_batch_size: 16, max_steps: 20000, lr: 4.0e-4, ...}
     probe:   {source: auto, n: 100, T: 64, eps: 0.3}
     logging: {tensorboard: auto, wandb: auto}
@@ -46,6 +46,9 @@ class DataConfig:
     mixture: Optional[str] = None                    # YAML file with train:/valid: maps (merged under inline ones)
     train: Dict[str, float] = field(default_factory=dict)   # domain prefix -> weight
     valid: Dict[str, float] = field(default_factory=dict)   # domain prefix -> weight of its loss in val_loss
+    mixture_mode: str = "weighted"                   # weighted: draw each sample's domain with data.train weights;
+                                                     # pooled: the seed's loader, all chunks in one shuffled pool
+                                                     # (weights only select domains; sizes set the proportions)
     downsample_ratio: float = 1.0                    # keep this fraction of every training domain's chunks
     seed: int = 3406                                 # data order (the seed's data_seed)
     random_tokens: Optional[Dict[str, int]] = None   # {start, end[, vocab_size]}: random ids at [start, end)
@@ -325,6 +328,7 @@ def validate(cfg: RunConfig) -> None:
                              "data.mixture")
     if sum(d.train.values()) <= 0:
         raise RunConfigError(f"data.train weights sum to 0: {d.train}")
+    _choice("data.mixture_mode", d.mixture_mode, ("weighted", "pooled"))
     if not (isinstance(d.downsample_ratio, (int, float)) and 0 < d.downsample_ratio <= 1):
         raise RunConfigError(f"data.downsample_ratio={d.downsample_ratio!r} is invalid; allowed: 0 < value <= 1")
     _positive_int("data.seed", d.seed, allow_zero=True)

@@ -128,7 +128,7 @@ def make_probe(cfg: RunConfig, rd: RunData, source: Optional[str] = None) -> Tup
 
 # ---------------------------------------------------------------------------- checkpoints
 MUST_MATCH_TRAIN = ("global_batch_size", "seed")
-MUST_MATCH_DATA = ("train", "downsample_ratio", "seed", "random_tokens", "fixed_token")
+MUST_MATCH_DATA = ("train", "mixture_mode", "downsample_ratio", "seed", "random_tokens", "fixed_token")
 MAY_DIFFER_MODEL = ("attn_impl", "extra")
 
 
@@ -414,18 +414,19 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
     fabric.seed_everything(t.seed, verbose=False)
     with fabric.init_module(empty_init=False):
         raw = GPT(mc)
+    loader = MixtureLoader(plan.data.train, {k: w for k, w in cfg.data.train.items() if w > 0},
+                           t.micro_batch_size, cfg.data.seed, fabric.global_rank, world, plan.data.transforms,
+                           mode=cfg.data.mixture_mode)
     fabric.print(f"model {mc.name}: {raw.num_parameters() / 1e6:.2f}M parameters; world {world} x micro "
                  f"{t.micro_batch_size} x accum {accum} = global batch {t.global_batch_size} x {mc.block_size} "
-                 f"tokens; precision {resolve_hardware(cfg)[2]}; data: "
-                 f"{', '.join(f'{k}={w}' for k, w in cfg.data.train.items())}; probe: {plan.probe_where}")
+                 f"tokens; precision {resolve_hardware(cfg)[2]}; data ({cfg.data.mixture_mode}, share of samples): "
+                 f"{', '.join(f'{k} {p:.1%}' for k, p in zip(loader.names, loader.p))}; probe: {plan.probe_where}")
     model = torch.compile(raw) if t.compile else raw
     model = fabric.setup(model)
     fused = fabric.device.type == "cuda" and not _is_fsdp(fabric)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps,
                                   weight_decay=t.weight_decay, **({"fused": True} if fused else {}))
     optimizer = fabric.setup_optimizers(optimizer)
-    loader = MixtureLoader(plan.data.train, {k: w for k, w in cfg.data.train.items() if w > 0},
-                           t.micro_batch_size, cfg.data.seed, fabric.global_rank, world, plan.data.transforms)
     probe_model = model if _is_fsdp(fabric) else raw
 
     step, tokens_seen, train_seconds = 0, 0, 0.0

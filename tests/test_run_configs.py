@@ -91,6 +91,18 @@ def test_lr_configs_carry_the_seeds_fields(lr):
     assert lr_at(t.warmup_steps, cfg) == lr_at(t.max_steps - 1, cfg) == t.lr
 
 
+# Configs that do not read the seed's data the seed's way: the offline corpus keeps its 0.5 / 0.5 weights and the
+# CPU demo (one domain) uses the default. Everything else derives from tinyllama_60m.yaml and pools like the seed.
+WEIGHTED_MIXTURE = {"tinyllama_60m_shared_corpus.yaml", "demo_cpu.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])
+def test_paper_configs_read_the_data_as_the_seed(path):
+    rel = str(path.relative_to(REPO / "configs"))
+    cfg = load_run_config(path)
+    assert cfg.data.mixture_mode == ("weighted" if rel in WEIGHTED_MIXTURE else "pooled")
+
+
 def test_composition_and_overrides(tmp_path):
     write_yaml(tmp_path / "base.yaml", {"model": {"name": "tiny", "n_layer": 3},
                                              "data": {"train": {"a": 1.0, "b": 2.0}, "seed": 5},
@@ -120,6 +132,8 @@ def test_composition_and_overrides(tmp_path):
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["data.random_tokens={start: 3, end: 2}"], "start < end"),
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["probe.T=4096"], "probe.T=4096"),
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["--train.lr"], "no value"),
+    ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["data.mixture_mode=natural"],
+     "data.mixture_mode='natural' is invalid; allowed: weighted, pooled"),
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["train.lr"], "section.key=value"),
 ])
 def test_bad_configs_fail_with_the_key_named(tmp_path, content, overrides, match):
