@@ -360,8 +360,10 @@ def _load_full_state(fabric, model, optimizer, raw, msd: dict, osd: dict) -> Non
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def validation_loss(fabric, model, vs: ValidationSet, weights: Dict[str, float], micro_batch_size: int,
-                    skip: int) -> Dict[str, float]:
-    """Mean next-token loss per validation domain (all ranks share the work) and their weighted mean."""
+                    skip: int, headline: str = "mean") -> Dict[str, float]:
+    """Mean next-token loss per validation domain (all ranks share the work), their weighted mean
+    (``val_loss_mean``) and the headline ``val_loss``: the ``headline`` domain's loss (the paper's Pile-CC), or
+    the weighted mean when ``headline == "mean"``."""
     model.eval()
     out: Dict[str, float] = {}
     world, rank = fabric.world_size, fabric.global_rank
@@ -382,7 +384,8 @@ def validation_loss(fabric, model, vs: ValidationSet, weights: Dict[str, float],
         out[f"val_loss/{name}"] = float(total[0] / total[1]) if total[1] > 0 else float("nan")
     w = {k: weights.get(k, 0.0) for k in vs.domains}
     wsum = sum(w.values()) or 1.0
-    out["val_loss"] = sum(out[f"val_loss/{k}"] * w[k] for k in vs.domains) / wsum
+    out["val_loss_mean"] = sum(out[f"val_loss/{k}"] * w[k] for k in vs.domains) / wsum
+    out["val_loss"] = out["val_loss_mean"] if headline == "mean" else out[f"val_loss/{headline}"]
     model.train()
     return out
 
@@ -456,7 +459,8 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         done = out_dir / "summary.json"
         return json.loads(done.read_text()) if done.is_file() else {"step": step, "final": {}, "out_dir": str(out_dir)}
 
-    val_cols = ([f"val_loss/{k}" for k in plan.data.valid] + ["val_loss"]) if plan.data.valid else []
+    val_cols = ([f"val_loss/{k}" for k in plan.data.valid] + ["val_loss", "val_loss_mean"]) if plan.data.valid else []
+    headline = cfg.data.headline if plan.data.valid else None
     sink_cols = [f"sink_{k}" for k in range(1, cfg.probe.k_max + 1)] + \
         [f"sink_extra_{i}" for i in range(mc.n_extra_slots)]
     columns = ["step", "tokens", "lr", "train_loss", "grad_norm", "tokens_per_s", "train_seconds"] + val_cols + \
@@ -481,7 +485,7 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         m: Dict[str, Any] = {}
         if do_val and plan.data.valid_set is not None:
             m.update(validation_loss(fabric, model, plan.data.valid_set, cfg.data.valid, t.micro_batch_size,
-                                     plan.skip))
+                                     plan.skip, headline))
         if do_sink:
             result, ploss = sink_on_probe(probe_model, plan.probe, eps=cfg.probe.eps, k_max=cfg.probe.k_max,
                                           batch_size=cfg.probe.batch_size)
@@ -510,7 +514,8 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
             fabric.print(f"step {step}: {format_sink(result)}"
                          + (f" probe_loss {m['probe_loss']:.4f}" if "probe_loss" in m else ""))
         if "val_loss" in m:
-            fabric.print(f"step {step}: val_loss {m['val_loss']:.4f}")
+            fabric.print(f"step {step}: val_loss {m['val_loss']:.4f} ({headline}), val_loss_mean "
+                         f"{m['val_loss_mean']:.4f}")
 
     if resumed_from is None:
         report(evaluate(bool(t.eval_interval), True))         # step 0: the curves start at initialisation
@@ -595,6 +600,7 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         "tokens_per_s_median": statistics.median(speeds[1:] or speeds) if speeds else None,
         "train_seconds": train_seconds,
         "final": {k: v for k, v in last.items() if not k.startswith("_")},
+        "val_loss_domain": headline,
         "sink_1_curve": sink_curve, "probe": plan.probe_where,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if fabric.device.type == "cuda" else None,
     }
