@@ -16,10 +16,12 @@
   A micro-batch takes the next ``micro_batch_size * world_size`` global samples and rank ``r`` keeps its slice.
   The whole state is ``{"n": samples consumed, "counts": draws per domain}``, identical on every rank, so a
   checkpoint restores the exact stream (even with another number of GPUs, as long as the global batch is kept).
-* Transforms (paper §6, data distribution), applied to every chunk before the input/target split, to
-  training, validation and probe data alike:
-  :class:`RandomTokens` puts uniformly random ids at positions [start, end) (keyed by the sample, so
-  resumable and reproducible); :class:`FixedToken` puts one token id at position p.
+* Transforms (paper §5, data distribution), applied to every training and validation chunk before the
+  input/target split: :class:`RandomTokens` puts uniformly random ids at positions [start, end) (keyed by the
+  sample, so resumable and reproducible); :class:`FixedToken` puts one token id at position p. The sink probe
+  follows the seed's evaluation (``pretrain/eval_sink_pretrain.py``): a transform with ``on_probe`` (the fixed
+  token) is put in place in the probe inputs, the others (random tokens) are not: random-token runs are probed
+  on natural text (:func:`lit_gpt.evaluate.probe_view`). :func:`make_transforms` builds them from a run config.
 * :class:`ValidationSet` — a fixed, evenly spaced subset of chunks of each validation domain.
 """
 from __future__ import annotations
@@ -149,6 +151,8 @@ def check_domains(domains: Sequence[Domain], model_vocab_size: int, block_size: 
 class RandomTokens:
     """Replace positions [start, end) of every chunk by uniform random ids in [0, vocab_size)."""
 
+    on_probe = False    # the seed probes random-token runs on natural text (eval_sink_pretrain.py --mode base)
+
     def __init__(self, start: int, end: int, vocab_size: int, seed: int) -> None:
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
             raise DataError(f"random_tokens start={start!r}, end={end!r} is invalid; allowed: 0 <= start < end")
@@ -170,6 +174,8 @@ class RandomTokens:
 class FixedToken:
     """Put ``token_id`` at position ``position`` of every chunk."""
 
+    on_probe = True     # the seed probes fixed-token runs with the token in place (eval_sink_pretrain.py --mode fix)
+
     def __init__(self, position: int, token_id: int) -> None:
         if not (isinstance(position, int) and position >= 0):
             raise DataError(f"fixed_token position={position!r} is invalid; allowed: an integer >= 0")
@@ -190,6 +196,24 @@ def apply_transforms(batch: np.ndarray, keys: Sequence[int], transforms: Sequenc
     for t in transforms:
         batch = t(batch, keys)
     return batch
+
+
+def make_transforms(data, data_vocab_size: int, model_vocab_size: int) -> list:
+    """The transforms of a run's ``data`` section (:class:`lit_gpt.run_config.DataConfig`): random tokens drawn
+    from ``data.random_tokens.vocab_size`` or the data's vocabulary, then the fixed token."""
+    out: list = []
+    if data.random_tokens:
+        vocab = data.random_tokens.get("vocab_size") or data_vocab_size
+        if vocab > model_vocab_size:
+            raise DataError(f"data.random_tokens.vocab_size={vocab} is invalid; allowed: <= the model's "
+                            f"vocab_size={model_vocab_size}")
+        out.append(RandomTokens(data.random_tokens["start"], data.random_tokens["end"], vocab, data.seed))
+    if data.fixed_token:
+        tid = data.fixed_token.get("token_id", 1)
+        if tid >= model_vocab_size:
+            raise DataError(f"data.fixed_token.token_id={tid} is invalid; allowed: < vocab_size={model_vocab_size}")
+        out.append(FixedToken(data.fixed_token["position"], tid))
+    return out
 
 
 # ---------------------------------------------------------------------------- training stream
@@ -328,7 +352,8 @@ class ValidationSet:
             yield torch.from_numpy(apply_transforms(batch, keys, self.transforms))
 
     def rows(self, n: int, seq_len: int) -> torch.Tensor:
-        """``n`` rows of ``seq_len`` tokens spread over the domains (the probe set when no text probe exists)."""
+        """``n`` untransformed rows of ``seq_len`` tokens spread over the domains (the probe set when no text
+        probe exists; :func:`lit_gpt.evaluate.probe_view` applies the run's probe transforms)."""
         names = list(self.domains)
         picks: List[np.ndarray] = []
         per = [n // len(names) + (1 if i < n % len(names) else 0) for i in range(len(names))]
@@ -338,9 +363,6 @@ class ValidationSet:
                 continue
             if len(d) < k:
                 raise DataError(f"validation domain {name!r} has {len(d)} chunks; the probe needs {k}")
-            d_index = names.index(name)
             idx = np.unique(np.linspace(0, len(d) - 1, k).round().astype(np.int64))
-            batch = np.stack([d.chunk(int(i))[:seq_len] for i in idx]).astype(np.int64)
-            keys = [(1 << 41) + (d_index << 32) + int(i) for i in idx]
-            picks.append(apply_transforms(batch, keys, self.transforms))
+            picks.append(np.stack([d.chunk(int(i))[:seq_len] for i in idx]).astype(np.int64))
         return torch.from_numpy(np.concatenate(picks))

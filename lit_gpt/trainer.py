@@ -38,8 +38,7 @@ from lit_gpt.checkpoint import (list_checkpoints, load_checkpoint, model_state_d
                                  write_checkpoint)
 from lit_gpt.config import Config
 from lit_gpt.data import (
-    DataError, DataInfo, Domain, FixedToken, MixtureLoader, RandomTokens, ValidationSet, check_domains,
-    open_domains,
+    DataError, DataInfo, Domain, MixtureLoader, ValidationSet, check_domains, make_transforms, open_domains,
 )
 from lit_gpt.evaluate import probe_tokens, sink_on_probe, sink_summary
 from lit_gpt.packed import ShardError
@@ -98,18 +97,7 @@ def open_run_data(cfg: RunConfig, mc: Config, need_train: bool = True) -> RunDat
             raise DataError(f"data.tokenizer={d.tokenizer!r}: {e}") from e
     info = check_domains(domains, mc.vocab_size, mc.block_size,
                          tokenizer.fingerprint if tokenizer else None, d.tokenizer or "")
-    transforms: list = []
-    if d.random_tokens:
-        vocab = d.random_tokens.get("vocab_size") or info.vocab_size
-        if vocab > mc.vocab_size:
-            raise DataError(f"data.random_tokens.vocab_size={vocab} is invalid; allowed: <= the model's "
-                            f"vocab_size={mc.vocab_size}")
-        transforms.append(RandomTokens(d.random_tokens["start"], d.random_tokens["end"], vocab, d.seed))
-    if d.fixed_token:
-        tid = d.fixed_token.get("token_id", 1)
-        if tid >= mc.vocab_size:
-            raise DataError(f"data.fixed_token.token_id={tid} is invalid; allowed: < vocab_size={mc.vocab_size}")
-        transforms.append(FixedToken(d.fixed_token["position"], tid))
+    transforms = make_transforms(d, info.vocab_size, mc.vocab_size)
     for i, dom in enumerate(train.values()):
         dom.downsample(d.downsample_ratio, d.seed, i)
     rd = RunData(train, valid, info, tokenizer, transforms)
@@ -121,7 +109,7 @@ def open_run_data(cfg: RunConfig, mc: Config, need_train: bool = True) -> RunDat
 def make_probe(cfg: RunConfig, rd: RunData, source: Optional[str] = None) -> Tuple[torch.Tensor, str]:
     p = cfg.probe
     try:
-        return probe_tokens(source or p.source, p.n, p.T, rd.tokenizer, rd.valid_set, rd.transforms)
+        return probe_tokens(source or p.source, p.n, p.T, rd.tokenizer, rd.valid_set)
     except (ValueError, FileNotFoundError) as e:
         raise DataError(f"probe.source={source or p.source!r}: {e}") from e
 
@@ -488,7 +476,7 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
                                      plan.skip, headline))
         if do_sink:
             result, ploss = sink_on_probe(probe_model, plan.probe, eps=cfg.probe.eps, k_max=cfg.probe.k_max,
-                                          batch_size=cfg.probe.batch_size)
+                                          batch_size=cfg.probe.batch_size, transforms=plan.data.transforms)
             m.update(sink_summary(result, ploss))
             m["_result"] = result
             sink_curve.append((step, result.sink[1]))

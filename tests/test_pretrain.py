@@ -19,7 +19,7 @@ from pretrain_helpers import REPO, make_packed, tiny_run, write_yaml  # noqa: E4
 import pretrain  # noqa: E402
 from lit_gpt import GPT, Config  # noqa: E402
 from lit_gpt.checkpoint import load_checkpoint  # noqa: E402
-from lit_gpt.evaluate import sink_on_probe  # noqa: E402
+from lit_gpt.evaluate import probe_view, sink_on_probe  # noqa: E402
 from lit_gpt.packed import write_shard  # noqa: E402
 from lit_gpt.run_config import from_dict, load_run_config  # noqa: E402
 from lit_gpt.trainer import fit, lr_at, preflight  # noqa: E402
@@ -248,7 +248,9 @@ def test_preflight_builds_the_probe_and_loss_skip(packed, tmp_path):
     d["data"]["fixed_token"] = {"position": 2, "token_id": 1}
     plan = preflight(from_dict(d))
     assert plan.skip == 4                              # the seed's --ignore_loss $((PREFIX-1))
-    assert plan.probe.shape == (8, 17) and (plan.probe[:, 2] == 1).all()
+    assert plan.probe.shape == (8, 17) and not (plan.probe[:, 2] == 1).all()     # natural rows ...
+    inputs, targets = probe_view(plan.probe, plan.data.transforms)                 # ... fed with the token in place
+    assert (inputs[:, 2] == 1).all() and (targets == plan.probe[:, 1:]).all()
 
 
 # ---------------------------------------------------------------------------- sink on probe

@@ -61,7 +61,7 @@ def test_there_is_a_config_for_every_seed_experiment():
     ("batch/tinyllama_60m_batch128.yaml", lambda c, m: c.train.global_batch_size == 128),
     ("lr/tinyllama_60m_lr1e-5.yaml", lambda c, m: c.train.lr == c.train.min_lr == 1e-5),
     ("fix/tinyllama_60m_fix_position1.yaml", lambda c, m: c.data.fixed_token == {"position": 1, "token_id": 1}),
-    ("random/tinyllama_60m_random0_1.yaml", lambda c, m: c.data.random_tokens == {"start": 0, "end": 1}),
+    ("random/tinyllama_60m_random0_1.yaml", lambda c, m: c.data.random_tokens == {"start": 0, "end": 1, "vocab_size": 50432}),
     ("data_amount/tinyllama_60m_downsample0.1.yaml", lambda c, m: c.data.downsample_ratio == 0.1),
     ("tinyllama_1b_sigmoid.yaml", lambda c, m: (m.n_layer, m.attn_op, c.train.micro_batch_size, c.train.max_steps)
      == (22, "sigmoid", 2, 40000)),
