@@ -145,10 +145,11 @@ def test_headline_val_loss_is_the_named_domain_and_pooled_mode_trains(packed, tm
     assert float(row["val_loss"]) == pytest.approx(ref["valid_beta"], rel=1e-5)
     assert float(row["val_loss/valid_beta"]) == pytest.approx(ref["valid_beta"], rel=1e-5)
     assert float(row["val_loss_mean"]) == pytest.approx((ref["valid_alpha"] + 3 * ref["valid_beta"]) / 4, rel=1e-5)
+    from lit_gpt.trainer import PreflightError, check_resume_compatible
+
     d["data"]["mixture_mode"] = "weighted"
-    d["train"]["max_steps"] = 4
-    with pytest.raises(Exception, match="mixture_mode: 'pooled' -> 'weighted'"):
-        fit(from_dict(d))
+    with pytest.raises(PreflightError, match="mixture_mode: 'pooled' -> 'weighted'"):
+        check_resume_compatible(load_checkpoint(tmp_path / "run" / "final.pth"), from_dict(d), cfg.model_config())
 
 
 def test_headline_resolution():
