@@ -132,8 +132,8 @@ if triton is not None:
         if m0 < P:
             s_eff = tl.maximum(s_eff, P)
         A = (tl.minimum(s_eff, T) + BN - 1) // BN * BN
-        hi = (tl.minimum(m1, T) + BN - 1) // BN * BN
-        lo = tl.maximum(A, tl.maximum(m0 - W + 1, 0) // BN * BN)
+        hi = tl.maximum((tl.minimum(m1, T) + BN - 1) // BN * BN, A)
+        lo = tl.maximum(A, tl.maximum(m0 - W + 1, 0) // BN * BN)      # A <= lo <= f_lo <= f_hi <= hi
         f_lo = tl.minimum(tl.maximum(lo, (tl.maximum(m1 - W, 0) + BN - 1) // BN * BN), hi)
         f_hi = tl.minimum(tl.maximum(tl.minimum((m0 + 1) // BN * BN, T // BN * BN), f_lo), hi)
         return A, lo, f_lo, f_hi, hi
@@ -155,6 +155,14 @@ if triton is not None:
         if n1 > T:
             f_hi = f_lo
         return lo, f_lo, f_hi, hi
+
+    @triton.jit
+    def _edge_block(t, A, lo, f_lo, f_hi, B: tl.constexpr):
+        """Start of the t-th block that needs the elementwise mask: [0, A), then [lo, f_lo), then [f_hi, hi).
+        One loop over all of them keeps one pipelined loop for the edges and one for the fully allowed blocks."""
+        c1 = A // B
+        c2 = (f_lo - lo) // B
+        return tl.where(t < c1, t * B, tl.where(t < c1 + c2, lo + (t - c1) * B, f_hi + (t - c1 - c2) * B))
 
     # ------------------------------------------------------------------------ forward
     @triton.jit
@@ -210,16 +218,11 @@ if triton is not None:
         k_ptr = K + b * skb + hk * skh
         v_ptr = V + b * svb + hk * svh
         A, lo, f_lo, f_hi, hi = _key_ranges(m0, T, W, NS, P, BM, BN)
-        for n0 in range(0, A, BN):
-            acc, z = _fwd_block(acc, z, q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale, slope,
-                                OP, NORMALIZE, True, ALIBI, D, BN, FAST, PREC)
-        for n0 in range(lo, f_lo, BN):
-            acc, z = _fwd_block(acc, z, q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale, slope,
-                                OP, NORMALIZE, True, ALIBI, D, BN, FAST, PREC)
         for n0 in range(f_lo, f_hi, BN):
             acc, z = _fwd_block(acc, z, q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale, slope,
                                 OP, NORMALIZE, False, ALIBI, D, BN, FAST, PREC)
-        for n0 in range(f_hi, hi, BN):
+        for t in range(0, (A + f_lo - lo + hi - f_hi) // BN):
+            n0 = _edge_block(t, A, lo, f_lo, f_hi, BN)
             acc, z = _fwd_block(acc, z, q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale, slope,
                                 OP, NORMALIZE, True, ALIBI, D, BN, FAST, PREC)
         if NORMALIZE:
@@ -285,13 +288,11 @@ if triton is not None:
         rz_ptr = RZ + bh * T
         dl_ptr = DL + bh * T
         lo, f_lo, f_hi, hi = _query_ranges(n0, T, W, NS, P, BM, BN)
-        for m0 in range(lo, f_lo, BM):
-            dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, dy_ptr, rz_ptr, dl_ptr, sqt, sdt, m0, offs_n, offs_d, T, W,
-                                 NS, P, scale, slope, OP, NORMALIZE, True, ALIBI, D, BM, FAST, PREC)
         for m0 in range(f_lo, f_hi, BM):
             dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, dy_ptr, rz_ptr, dl_ptr, sqt, sdt, m0, offs_n, offs_d, T, W,
                                  NS, P, scale, slope, OP, NORMALIZE, False, ALIBI, D, BM, FAST, PREC)
-        for m0 in range(f_hi, hi, BM):
+        for t in range(0, (f_lo - lo + hi - f_hi) // BM):
+            m0 = _edge_block(t, 0, lo, f_lo, f_hi, BM)
             dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, dy_ptr, rz_ptr, dl_ptr, sqt, sdt, m0, offs_n, offs_d, T, W,
                                  NS, P, scale, slope, OP, NORMALIZE, True, ALIBI, D, BM, FAST, PREC)
         out = bh * T * D + offs_n[:, None] * D + offs_d[None, :]          # dk, dv: (B, H, T, D) contiguous
@@ -349,50 +350,41 @@ if triton is not None:
         k_ptr = K + b * skb + hk * skh
         v_ptr = V + b * svb + hk * svh
         A, lo, f_lo, f_hi, hi = _key_ranges(m0, T, W, NS, P, BM, BN)
-        for n0 in range(0, A, BN):
-            dq = _dq_block(dq, q, dy, rz, dl, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale,
-                           slope, OP, NORMALIZE, True, ALIBI, D, BN, FAST, PREC)
-        for n0 in range(lo, f_lo, BN):
-            dq = _dq_block(dq, q, dy, rz, dl, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale,
-                           slope, OP, NORMALIZE, True, ALIBI, D, BN, FAST, PREC)
         for n0 in range(f_lo, f_hi, BN):
             dq = _dq_block(dq, q, dy, rz, dl, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale,
                            slope, OP, NORMALIZE, False, ALIBI, D, BN, FAST, PREC)
-        for n0 in range(f_hi, hi, BN):
+        for t in range(0, (A + f_lo - lo + hi - f_hi) // BN):
+            n0 = _edge_block(t, A, lo, f_lo, f_hi, BN)
             dq = _dq_block(dq, q, dy, rz, dl, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale,
                            slope, OP, NORMALIZE, True, ALIBI, D, BN, FAST, PREC)
         tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=ld)
 
-    def _configs(pairs):
-        return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
-
-    # few configs on purpose: each is compiled and timed once per shape (key) on first use
-    _KEY = ["T", "D", "OP", "NORMALIZE", "ALIBI"]
-    if not INTERPRETED:
-        _fwd_run = triton.autotune(_configs([(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]), key=_KEY)(
-            _fwd_kernel)
-        _dkdv_run = triton.autotune(_configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)]), key=_KEY)(
-            _dkdv_kernel)
-        _dq_run = triton.autotune(_configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)]), key=_KEY)(
-            _dq_kernel)
+    # (BM, BN, warps, stages). bf16 / fp16: at head size 96 (padded to 128) these compile for sm_90 without register
+    # spills (sigmoid; dkdv spills ~250 B with elu + ALiBi), where 4-warp tiles of 64 rows spill (ptxas -v). Fixed,
+    # not autotuned: every variant compiles once (a few seconds), nothing is timed at run time.
+    # float32 (tf32x3 dots: float32-accurate on tensor cores; the correctness checks): small tiles.
+    _CONFIGS = {"bf16": {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 8, 2), "dq": (128, 64, 8, 2)},
+                "fp32": {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}}
+    _KERNELS = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
 
 
-def _launch(name: str, kernel, tuned, grid_rows: int, BH: int, *args, **meta):
-    """Run a kernel: autotuned when compiled, with INTERPRET_BLOCKS in the interpreter."""
+def _launch(name: str, n_rows: int, BH: int, *args, **meta):
+    """One kernel over ``n_rows`` query (fwd, dq) or key (dkdv) rows of BH heads."""
     if INTERPRETED:
-        bm, bn = INTERPRET_BLOCKS[name]
-        rows = bn if name == "dkdv" else bm
-        kernel[(triton.cdiv(grid_rows, rows), BH)](*args, **meta, BM=bm, BN=bn)
+        (bm, bn), extra = INTERPRET_BLOCKS[name], {}
     else:
-        tuned[lambda M: (triton.cdiv(grid_rows, M["BN"] if name == "dkdv" else M["BM"]), BH)](*args, **meta)
+        bm, bn, w, st = _CONFIGS["fp32" if meta["PREC"] == "tf32x3" else "bf16"][name]
+        extra = dict(num_warps=w, num_stages=st)
+    grid = (triton.cdiv(n_rows, bn if name == "dkdv" else bm), BH)
+    _KERNELS[name][grid](*args, **meta, BM=bm, BN=bn, **extra)
 
 
 def _meta(q: torch.Tensor, op: str, normalize: bool, alibi: bool) -> dict:
     D = q.shape[-1]
     fp32 = q.dtype == torch.float32
     return dict(OP=OPS.index(op), NORMALIZE=normalize, ALIBI=alibi, D=D, DP=max(16, triton.next_power_of_2(D)),
-                FAST=not (fp32 or INTERPRETED), PREC="ieee" if fp32 else "tf32")
+                FAST=not (fp32 or INTERPRETED), PREC="tf32x3" if fp32 else "tf32")
 
 
 def _band_args(T: int, window: int, n_sink: int, prefix: int) -> Tuple[int, int, int]:
@@ -433,7 +425,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_k: Optional[
     sks = (0, 0, 0) if slot_k is None else ((sk.stride(0) if sk.shape[0] > 1 else 0), sk.stride(1), sk.stride(2))
     svs = (0, 0, 0) if slot_v is None else ((sv.stride(0) if sv.shape[0] > 1 else 0), sv.stride(1), sv.stride(2))
     W, NS, P = _band_args(T, window, n_sink, prefix)
-    _launch("fwd", _fwd_kernel, None if INTERPRETED else _fwd_run, T, B * H,
+    _launch("fwd", T, B * H,
             q, k, v, sk, sv, q if slopes is None else slopes, out, Z,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *sks, *svs,
@@ -473,9 +465,9 @@ def _bwd_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dy.stride(0), dy.stride(1), dy.stride(2))
     sl = q if slopes is None else slopes
-    _launch("dkdv", _dkdv_kernel, None if INTERPRETED else _dkdv_run, T, B * H,
+    _launch("dkdv", T, B * H,
             q, k, v, dy, rz, dl, sl, dk, dv, *strides, H, H // G, T, W, NS, P, scale, **meta)
-    _launch("dq", _dq_kernel, None if INTERPRETED else _dq_run, T, B * H,
+    _launch("dq", T, B * H,
             q, k, v, dy, rz, dl, sl, dq, *strides, H, H // G, T, W, NS, P, scale, **meta)
     if G != H:
         dk = dk.reshape(B, G, H // G, T, D).sum(2)
@@ -534,7 +526,7 @@ def sim_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_fn: Ca
     if (slot_k is None) != (slot_v is None):
         raise ValueError("slot_k and slot_v go together")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k.to(q.dtype), v.to(q.dtype)))
     slopes = None if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
     if slot_v is not None:
         slot_v = slot_v.to(q.device)
