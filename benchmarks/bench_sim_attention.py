@@ -62,16 +62,19 @@ def train_rows(a, device, warmup, repeat):
         calls = sim.STATS["forward"]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        sec = time_fn(step, device, warmup=warmup, repeat=repeat)
-        fused = sim.STATS["forward"] > calls
-        rows.append({"variant": name, "fused_kernel_ran": fused, "ms/step": round(sec * 1e3, 1),
-                     "tokens/s": int(a.micro_batch * a.seq / sec),
-                     "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else ""})
+        try:
+            sec = time_fn(step, device, warmup=warmup, repeat=repeat)
+            rows.append({"variant": name, "fused_kernel_ran": sim.STATS["forward"] > calls,
+                         "ms/step": round(sec * 1e3, 1), "tokens/s": int(a.micro_batch * a.seq / sec),
+                         "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda"
+                         else ""})
+        except Exception as e:   # report, don't hide
+            rows.append({"variant": name, "ms/step": f"error: {type(e).__name__}: {str(e)[:200]}", "tokens/s": 0})
         print(rows[-1], flush=True)
         del model, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    base = rows[0]["tokens/s"]
+    base = rows[0]["tokens/s"] or float("nan")
     for r in rows:
         r["vs softmax"] = round(r["tokens/s"] / base, 3)
     return rows
@@ -114,8 +117,13 @@ def attention_rows(a, device, warmup, repeat):
             def fwd_bwd():
                 torch.autograd.grad(fn(), (q, k, v), dy)
 
-            f_ms = time_fn(fwd, device, warmup=warmup, repeat=repeat) * 1e3
-            fb_ms = time_fn(fwd_bwd, device, warmup=warmup, repeat=repeat) * 1e3
+            try:
+                f_ms = time_fn(fwd, device, warmup=warmup, repeat=repeat) * 1e3
+                fb_ms = time_fn(fwd_bwd, device, warmup=warmup, repeat=repeat) * 1e3
+            except Exception as e:
+                rows.append({"T": T, "impl": name, "fwd_ms": f"error: {type(e).__name__}: {str(e)[:200]}"})
+                print(rows[-1], flush=True)
+                continue
             if name.startswith("SDPA"):
                 sdpa = {"fwd": f_ms, "fwd_bwd": fb_ms}
             frac = min(1.0, 2 * a.window / T) if "window" in name else 1.0
@@ -147,8 +155,12 @@ def memory_rows(a, device):
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
-            torch.autograd.grad(fn(), (q, k, v), dy)
-            torch.cuda.synchronize()
+            try:
+                torch.autograd.grad(fn(), (q, k, v), dy)
+                torch.cuda.synchronize()
+            except Exception as e:
+                rows.append({"T": T, "impl": name, "peak_extra_MiB": f"error: {type(e).__name__}: {str(e)[:200]}"})
+                continue
             extra = torch.cuda.max_memory_allocated() - base
             rows.append({"T": T, "impl": name, "peak_extra_MiB": round(extra / 2**20, 1),
                          "bytes/token": int(extra / T), "fwd_bwd_ms(1 run)": round((time.perf_counter() - t) * 1e3, 2)})
@@ -166,11 +178,15 @@ def accuracy_rows(device, T, d):
     rows = []
     for name, op, norm in (("fused sigmoid normalised", "sigmoid", True), ("fused sigmoid Z=1", "sigmoid", False),
                            ("fused elu+1 normalised", "elu", True), ("SDPA flash softmax", "softmax", True)):
-        if op == "softmax":
-            y = sdpa_attention(q, k, v, mask=None, is_causal=True)
-        else:
-            y = sim.sim_attention(q, k, v, causal_mask, op=op, normalize=norm)
-        grads = torch.autograd.grad(y, (q, k, v), dy)
+        try:
+            if op == "softmax":
+                y = sdpa_attention(q, k, v, mask=None, is_causal=True)
+            else:
+                y = sim.sim_attention(q, k, v, causal_mask, op=op, normalize=norm)
+            grads = torch.autograd.grad(y, (q, k, v), dy)
+        except Exception as e:
+            rows.append({"impl": name, "rel_err_out": f"error: {type(e).__name__}: {str(e)[:200]}"})
+            continue
         l64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
         y64, _ = eager_attention(*l64, mask=mask, op=op, normalize=norm)
         g64 = torch.autograd.grad(y64, l64, dy.double())

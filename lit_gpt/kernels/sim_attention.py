@@ -454,10 +454,8 @@ def _bwd_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if normalize:
         rz = 1.0 / Z.clamp_min(EPS)
         dl = (dy.float() * out.float()).sum(-1) * rz * (Z > EPS)
-        dyz = dy.float() * rz.unsqueeze(-1)
     else:
         rz = dl = Z
-        dyz = dy.float()
     W, NS, P = _band_args(T, window, n_sink, prefix)
     dq = q.new_empty(B, H, T, D)
     dk = k.new_empty(B, H, T, D)     # per query head; summed over each group below
@@ -474,6 +472,7 @@ def _bwd_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         dv = dv.reshape(B, G, H // G, T, D).sum(2)
     dsk, dsv = q.new_empty(0), q.new_empty(0)
     if slot_k is not None:     # the slot columns: (B, H, T, S) in float32
+        dyz = dy.float() * rz.unsqueeze(-1) if normalize else dy.float()
         s = _slot_scores(q, slot_k, scale)
         p = _f(s, op)
         dp = dyz @ slot_v.float().transpose(-1, -2)
