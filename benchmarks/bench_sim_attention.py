@@ -40,6 +40,8 @@ TRAIN_VARIANTS = {
 def train_rows(a, device, warmup, repeat):
     rows = []
     for name, overrides in TRAIN_VARIANTS.items():
+        if a.only not in name:
+            continue
         torch.manual_seed(0)
         if device.type == "cpu" and "(fused)" in name:
             overrides = dict(overrides, attn_impl="triton")       # the interpreter runs only when asked for
@@ -74,7 +76,7 @@ def train_rows(a, device, warmup, repeat):
         del model, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    base = rows[0]["tokens/s"] or float("nan")
+    base = rows[0]["tokens/s"] if rows and rows[0]["variant"].startswith("softmax") else float("nan")
     for r in rows:
         r["vs softmax"] = round(r["tokens/s"] / base, 3)
     return rows
@@ -210,6 +212,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/sim_attention.json")
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     ap.add_argument("--parts", default="train,attention,memory,accuracy", help="which of the four to run")
+    ap.add_argument("--only", default="", help="training-step variants whose name contains this")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     a.shape = (8, 8, 96)

@@ -107,7 +107,7 @@ if triton is not None:
                                               is_pure=True, pack=1)
                 return 0.5 * t + 0.5
             return 1.0 / (1.0 + tl.exp(-s))
-        return tl.where(s > 0, s + 1.0, tl.exp(tl.minimum(s, 0.0)))    # elu + 1
+        return tl.where(s > 0, s + 1.0, tl.exp(s))    # elu + 1 (exp of a large s is inf, never selected)
 
     @triton.jit
     def _sim_grad(s, p, OP: tl.constexpr):
@@ -192,7 +192,7 @@ if triton is not None:
                     OP: tl.constexpr, NORMALIZE: tl.constexpr, N_SLOTS: tl.constexpr, ALIBI: tl.constexpr,
                     D: tl.constexpr, DP: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr):
-        pid_m = tl.program_id(0)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)     # the last query rows see the most keys: first
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -326,7 +326,7 @@ if triton is not None:
                    OP: tl.constexpr, NORMALIZE: tl.constexpr, ALIBI: tl.constexpr,
                    D: tl.constexpr, DP: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr):
-        pid_m = tl.program_id(0)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)     # the last query rows see the most keys: first
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -391,11 +391,6 @@ def _band_args(T: int, window: int, n_sink: int, prefix: int) -> Tuple[int, int,
     return (window if window > 0 else T + 1), n_sink, prefix
 
 
-def _slot_scores(q, slot_k, scale):
-    """scale q . k*_m in float32: (B, H, T, S)."""
-    return (q.float() @ slot_k.float().transpose(-1, -2)) * scale
-
-
 def _f(s, op):
     return torch.sigmoid(s) if op == "sigmoid" else torch.where(s > 0, s + 1.0, torch.exp(s.clamp_max(0.0)))
 
@@ -405,8 +400,8 @@ def _f_grad(s, p, op):
 
 
 def _batch_sum(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A (B, H, S, d) gradient reduced to a slot tensor's (1|B, H, S, d) shape and dtype."""
-    return (g.sum(0, keepdim=True) if like.shape[0] == 1 else g).to(like.dtype)
+    """A (B, H, S, d) gradient reduced (in float32) to a slot tensor's (1|B, H, S, d) shape and dtype."""
+    return (g.float().sum(0, keepdim=True) if like.shape[0] == 1 else g).to(like.dtype)
 
 
 # ---------------------------------------------------------------------------- custom ops (opaque to torch.compile)
@@ -472,16 +467,21 @@ def _bwd_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         dv = dv.reshape(B, G, H // G, T, D).sum(2)
     dsk, dsv = q.new_empty(0), q.new_empty(0)
     if slot_k is not None:     # the slot columns: (B, H, T, S) in float32
-        dyz = dy.float() * rz.unsqueeze(-1) if normalize else dy.float()
-        s = _slot_scores(q, slot_k, scale)
+        # matmuls in q's dtype (float32 accumulation) against the thin (.., S, d) slot tensors: each big tensor is
+        # read once and nothing of size (B, H, T, d) is made in float32
+        sk, sv = slot_k.to(q.dtype), slot_v.to(q.dtype)
+        s = (q @ sk.transpose(-1, -2)).float() * scale                                      # (B, H, T, S)
         p = _f(s, op)
-        dp = dyz @ slot_v.float().transpose(-1, -2)
+        dp = (dy @ sv.transpose(-1, -2)).float()
         if normalize:
-            dp = dp - dl.unsqueeze(-1)
+            dp = dp * rz.unsqueeze(-1) - dl.unsqueeze(-1)
+            p_z = p * rz.unsqueeze(-1)
+        else:
+            p_z = p
         ds = dp * _f_grad(s, p, op)
-        dq = (dq.float() + scale * (ds @ slot_k.float())).to(q.dtype)
-        dsk = _batch_sum(scale * ds.transpose(-1, -2) @ q.float(), slot_k)
-        dsv = _batch_sum(p.transpose(-1, -2) @ dyz, slot_v)
+        dq.add_((ds * scale).to(q.dtype) @ sk)
+        dsk = _batch_sum((scale * ds).transpose(-1, -2).to(q.dtype) @ q, slot_k)
+        dsv = _batch_sum(p_z.transpose(-1, -2).to(dy.dtype) @ dy, slot_v)
     return dq, dk, dv, dsk, dsv
 
 
