@@ -164,18 +164,40 @@ if triton is not None:
         c2 = (f_lo - lo) // B
         return tl.where(t < c1, t * B, tl.where(t < c1 + c2, lo + (t - c1) * B, f_hi + (t - c1 - c2) * B))
 
+    @triton.jit
+    def _tile(ptr, rows, stride, offs_d, T, D: tl.constexpr, ROWS_MASKED: tl.constexpr):
+        """A (rows, DP) tile of a (T, D) matrix with row stride ``stride``; zeros past D (and past T if masked)."""
+        ld = (offs_d < D)[None, :]
+        if ROWS_MASKED:
+            ld = ld & (rows < T)[:, None]
+        return tl.load(ptr + rows[:, None] * stride + offs_d[None, :], mask=ld, other=0.0)
+
+    @triton.jit
+    def _program(H, GROUP, R: tl.constexpr, DP: tl.constexpr, REVERSED: tl.constexpr):
+        """This program's (batch * head, batch, head, kv head), the first of its R rows, the rows and the DP columns;
+        REVERSED: the last block first (the last query rows see the most keys)."""
+        pid = tl.program_id(0)
+        if REVERSED:
+            pid = tl.num_programs(0) - 1 - pid
+        bh = tl.program_id(1)
+        return bh, bh // H, bh % H, (bh % H) // GROUP, pid * R, pid * R + tl.arange(0, R), tl.arange(0, DP)
+
+    @triton.jit
+    def _key_block(q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, scale, slope, MASKED: tl.constexpr,
+                   ALIBI: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+        """Key block [n0, n0 + BN) for query rows offs_m: its columns, k, v and the scores (BM, BN)."""
+        offs_n = n0 + tl.arange(0, BN)
+        k = _tile(k_ptr, offs_n, skt, offs_d, T, D, MASKED)
+        v = _tile(v_ptr, offs_n, svt, offs_d, T, D, MASKED)
+        return offs_n, k, v, _scores(q, tl.trans(k), offs_m[:, None], offs_n[None, :], scale, slope, ALIBI, PREC)
+
     # ------------------------------------------------------------------------ forward
     @triton.jit
     def _fwd_block(acc, z, q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale, slope,
                    OP: tl.constexpr, NORMALIZE: tl.constexpr, MASKED: tl.constexpr, ALIBI: tl.constexpr,
                    D: tl.constexpr, BN: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
-        offs_n = n0 + tl.arange(0, BN)
-        ld = (offs_d < D)[None, :]
-        if MASKED:
-            ld = ld & (offs_n < T)[:, None]
-        k = tl.load(k_ptr + offs_n[:, None] * skt + offs_d[None, :], mask=ld, other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :], mask=ld, other=0.0)
-        s = _scores(q, tl.trans(k), offs_m[:, None], offs_n[None, :], scale, slope, ALIBI, PREC)
+        offs_n, k, v, s = _key_block(q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, scale, slope, MASKED, ALIBI,
+                                     D, BN, PREC)
         p = _sim(s, OP, FAST)
         if MASKED:
             p = tl.where(_allowed(offs_m[:, None], offs_n[None, :], T, W, NS, P), p, 0.0)
@@ -192,18 +214,10 @@ if triton is not None:
                     OP: tl.constexpr, NORMALIZE: tl.constexpr, N_SLOTS: tl.constexpr, ALIBI: tl.constexpr,
                     D: tl.constexpr, DP: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr):
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)     # the last query rows see the most keys: first
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        hk = h // GROUP
-        m0 = pid_m * BM
-        offs_m = m0 + tl.arange(0, BM)
-        offs_d = tl.arange(0, DP)
+        bh, b, h, hk, m0, offs_m, offs_d = _program(H, GROUP, BM, DP, True)
         dmask = offs_d < D
         row_ok = offs_m < T
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
-                    mask=row_ok[:, None] & dmask[None, :], other=0.0)
+        q = _tile(Q + b * sqb + h * sqh, offs_m, sqt, offs_d, T, D, True)
         acc = tl.zeros([BM, DP], dtype=tl.float32)
         z = tl.zeros([BM], dtype=tl.float32)
         slope = 0.0
@@ -237,11 +251,8 @@ if triton is not None:
                     OP: tl.constexpr, NORMALIZE: tl.constexpr, MASKED: tl.constexpr, ALIBI: tl.constexpr,
                     D: tl.constexpr, BM: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
         offs_m = m0 + tl.arange(0, BM)
-        ld = (offs_d < D)[None, :]
-        if MASKED:
-            ld = ld & (offs_m < T)[:, None]
-        q = tl.load(q_ptr + offs_m[:, None] * sqt + offs_d[None, :], mask=ld, other=0.0)
-        dy = tl.load(dy_ptr + offs_m[:, None] * sdt + offs_d[None, :], mask=ld, other=0.0)
+        q = _tile(q_ptr, offs_m, sqt, offs_d, T, D, MASKED)
+        dy = _tile(dy_ptr, offs_m, sdt, offs_d, T, D, MASKED)
         s_t = _scores(k, tl.trans(q), offs_m[None, :], offs_n[:, None], scale, slope, ALIBI, PREC)   # (BN, BM)
         p_t = _sim(s_t, OP, FAST)
         g_t = _sim_grad(s_t, p_t, OP)
@@ -267,17 +278,10 @@ if triton is not None:
                      D: tl.constexpr, DP: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr):
         """One key block of one query head: dk, dv (B, H, T, D); the caller sums query heads of a group."""
-        pid_n = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        hk = h // GROUP
-        n0 = pid_n * BN
-        offs_n = n0 + tl.arange(0, BN)
-        offs_d = tl.arange(0, DP)
+        bh, b, h, hk, n0, offs_n, offs_d = _program(H, GROUP, BN, DP, False)   # key blocks: the first sees most
         ld = (offs_n < T)[:, None] & (offs_d < D)[None, :]
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=ld, other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=ld, other=0.0)
+        k = _tile(K + b * skb + hk * skh, offs_n, skt, offs_d, T, D, True)
+        v = _tile(V + b * svb + hk * svh, offs_n, svt, offs_d, T, D, True)
         dk = tl.zeros([BN, DP], dtype=tl.float32)
         dv = tl.zeros([BN, DP], dtype=tl.float32)
         slope = 0.0
@@ -304,13 +308,8 @@ if triton is not None:
     def _dq_block(dq, q, dy, rz, dl, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale, slope,
                   OP: tl.constexpr, NORMALIZE: tl.constexpr, MASKED: tl.constexpr, ALIBI: tl.constexpr,
                   D: tl.constexpr, BN: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
-        offs_n = n0 + tl.arange(0, BN)
-        ld = (offs_d < D)[None, :]
-        if MASKED:
-            ld = ld & (offs_n < T)[:, None]
-        k = tl.load(k_ptr + offs_n[:, None] * skt + offs_d[None, :], mask=ld, other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None] * svt + offs_d[None, :], mask=ld, other=0.0)
-        s = _scores(q, tl.trans(k), offs_m[:, None], offs_n[None, :], scale, slope, ALIBI, PREC)
+        offs_n, k, v, s = _key_block(q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, scale, slope, MASKED, ALIBI,
+                                     D, BN, PREC)
         g = _sim_grad(s, _sim(s, OP, FAST), OP)
         if MASKED:
             g = tl.where(_allowed(offs_m[:, None], offs_n[None, :], T, W, NS, P), g, 0.0)
@@ -326,18 +325,11 @@ if triton is not None:
                    OP: tl.constexpr, NORMALIZE: tl.constexpr, ALIBI: tl.constexpr,
                    D: tl.constexpr, DP: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr):
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)     # the last query rows see the most keys: first
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        hk = h // GROUP
-        m0 = pid_m * BM
-        offs_m = m0 + tl.arange(0, BM)
-        offs_d = tl.arange(0, DP)
+        bh, b, h, hk, m0, offs_m, offs_d = _program(H, GROUP, BM, DP, True)
         row_ok = offs_m < T
         ld = row_ok[:, None] & (offs_d < D)[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=ld, other=0.0)
-        dy = tl.load(DY + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=ld, other=0.0)
+        q = _tile(Q + b * sqb + h * sqh, offs_m, sqt, offs_d, T, D, True)
+        dy = _tile(DY + b * sdb + h * sdh, offs_m, sdt, offs_d, T, D, True)
         rz = tl.zeros([BM], dtype=tl.float32)
         dl = tl.zeros([BM], dtype=tl.float32)
         if NORMALIZE:
