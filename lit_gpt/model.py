@@ -284,9 +284,18 @@ class CausalSelfAttention(nn.Module):
         """Attention core over already position-encoded q (B,H,Tq,d), k/v (B,G,Tk,d) with their positions.
 
         Path: eager when maps are requested or the operation is not softmax; FlexAttention when
-        ``attn_impl='flex'`` on a full forward (CUDA, or CPU without grad); otherwise SDPA."""
+        ``attn_impl='flex'`` on a full forward (CUDA, or CPU without grad); otherwise SDPA. Sigmoid / elu on a full
+        forward: the fused Triton kernel on CUDA where it supports the layout (lit_gpt.kernels.sim_attention)."""
         cfg = self.config
         slots = self.slots()
+        if (not need_weights and ctx.no_cache and cfg.attn_op in ("sigmoid", "elu")
+                and (q.is_cuda or cfg.attn_impl == "triton")):
+            from lit_gpt.kernels import sim_attention as sim
+            if sim.supports(cfg, q, ctx.mask_fn):
+                return sim.sim_attention(
+                    q, k, v, ctx.mask_fn, op=cfg.attn_op, normalize=cfg.attn_normalize, scale=self.scale,
+                    alibi_slopes=alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None,
+                    slot_k=slots["slot_k"], slot_v=slots["slot_v"]), None
         eager = need_weights or cfg.attn_op != "softmax" or cfg.attn_impl == "eager"
         if not eager and ctx.no_cache and use_flex(cfg, q, full_causal):
             from lit_gpt.flex import flex_attention_forward, flex_failed

@@ -217,6 +217,8 @@ def all_field_values():
                 ov["kv_bias"] = "k"
             if name == "attn_impl" and value == "flex":
                 continue  # CUDA only (FlexAttention has no CPU backward); covered on the GPU benchmark
+            if name == "attn_impl" and value == "triton":
+                ov["attn_op"] = "sigmoid"   # the fused sigmoid / elu kernel (Triton's interpreter on CPU)
             cases.append(ov)
     combos = [
         dict(attn_op="sigmoid", attn_normalize=False, pos_encoding="alibi", norm_position="post"),
