@@ -17,8 +17,9 @@ litgpt's pretrain is:
    :func:`stop_reason` (``stop_at_step`` / ``max_time_s``). Every ``eval_interval`` / ``sink_interval`` steps
    :func:`validate`: the validation loss (per domain and weighted) and Sink_1..k with the probe loss on the
    fixed probe set (step 0 included), logged to ``metrics.csv`` (always), TensorBoard and wandb (when installed).
-5. :func:`save` — every ``save_interval`` steps and at the end an atomic, self-describing checkpoint (model
-   config, run config, model, optimizer, schedule, step, data position, RNG).
+5. :func:`save` — every ``save_interval`` steps and at the end an atomic, self-describing checkpoint folder
+   (``step-XXXXXXX/``, ``final/``: lit_gpt.checkpoint; model config, run config, weights, optimizer, schedule, step,
+   data position, RNG).
 6. :func:`summarize` — ``summary.json`` (tokens/s, losses, the Sink_1 curve) and ``curves.png``.
 """
 from __future__ import annotations
@@ -27,19 +28,18 @@ import csv
 import json
 import math
 import os
-import random
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lit_gpt.checkpoint import (list_checkpoints, load_checkpoint, model_state_dict, step_checkpoints,
-                                 write_checkpoint)
+from lit_gpt.checkpoint import (FINAL, CheckpointError, delete_checkpoint, find_checkpoint, legacy_checkpoints,
+                                 list_checkpoints, load_checkpoint, model_state_dict, rng_state, set_rng_state,
+                                 step_checkpoints, step_name, write_checkpoint)
 from lit_gpt.config import Config
 from lit_gpt.data import (
     DataError, DataInfo, Domain, MixtureLoader, ValidationSet, check_domains, make_transforms, open_domains,
@@ -140,21 +140,6 @@ def check_resume_compatible(payload: dict, cfg: RunConfig, mc: Config) -> None:
                              "resume with the same settings or choose another train.out_dir")
 
 
-def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 # ---------------------------------------------------------------------------- preflight
 @dataclass
 class Plan:
@@ -196,6 +181,11 @@ def preflight(cfg: RunConfig) -> Plan:
         check_writable_dir(out_dir)
     except OSError as e:
         raise PreflightError(f"train.out_dir={str(out_dir)!r} is not writable ({e.strerror or e})") from e
+    legacy = legacy_checkpoints(out_dir, unconverted=True)
+    if legacy:
+        raise PreflightError(f"train.out_dir={str(out_dir)!r} holds checkpoints of the old pickle format "
+                             f"({', '.join(p.name for p in legacy[:3])}); nothing was overwritten. Convert them "
+                             f"(python -m lit_gpt.checkpoint convert {out_dir}) or choose another train.out_dir")
     existing = list_checkpoints(out_dir)
     resume = cfg.train.resume
     if isinstance(resume, str) and resume.lower() in ("true", "false", "auto"):
@@ -208,10 +198,10 @@ def preflight(cfg: RunConfig) -> Plan:
         raise PreflightError(f"train.resume=true but {out_dir} holds no checkpoint")
     candidates: List[Path] = []
     if isinstance(resume, str) and resume != "auto":
-        p = Path(resume)
-        if not p.is_file():
-            raise PreflightError(f"train.resume={resume!r}: checkpoint file not found")
-        candidates = [p]
+        try:
+            candidates = [find_checkpoint(resume)]
+        except (FileNotFoundError, CheckpointError) as e:
+            raise PreflightError(f"train.resume={resume!r}: {e}") from e
     elif resume in (True, "auto"):
         candidates = existing
     return Plan(cfg, mc, out_dir, rd, probe, where, candidates, loss_skip(cfg, mc))
@@ -494,7 +484,7 @@ def save(run: Run, name: str) -> Path:
                          scheduler={"kind": t.lr_schedule, "next_lr": lr_at(s.step, run.cfg)})
         if t.keep_last:
             for p in step_checkpoints(out_dir)[t.keep_last:]:
-                p.unlink(missing_ok=True)
+                delete_checkpoint(p)
     fabric.barrier()
     return out_dir / name
 
@@ -670,9 +660,9 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         if on_step_end is not None:
             on_step_end(s.step, log.last)
         if (t.save_interval and s.step % t.save_interval == 0 and not final) or (stopped and not final):
-            save(run, f"step-{s.step:07d}.pth")
+            save(run, step_name(s.step))
         if final and t.save_final:
-            save(run, "final.pth")
+            save(run, FINAL)
         overhead += time.perf_counter() - t0
         if stopped:
             fabric.print(f"stopping after step {s.step}: {stopped}; resume with the same command")

@@ -166,7 +166,7 @@ def test_save_then_resume_restores_weights_optimizer_data_and_rng(packed, tmp_pa
     for _ in range(2):
         optimizer_step(a, a.loader.next_batch)
     a.state = TrainState(step=2, tokens_seen=2 * 4 * 32, train_seconds=1.5)
-    path = save(a, "step-0000002.pth")
+    path = save(a, "step-0000002")
     after_save = draws()
     next_a = a.loader.next_batch()
 
@@ -191,9 +191,10 @@ def test_resume_with_nothing_or_nothing_readable(packed, tmp_path):
     assert resume(run) is None and run.state == TrainState()
     out = tmp_path / "torn"
     out.mkdir()
-    (out / "step-0000004.pth").write_bytes(b"torn")
+    (out / "step-0000004").mkdir()
+    (out / "step-0000004" / "model.safetensors").write_bytes(b"torn")        # no checkpoint.json
     run = new_run(packed, out)
-    with pytest.raises(PreflightError, match=r"no readable checkpoint among \['step-0000004.pth'\]"):
+    with pytest.raises(PreflightError, match=r"no readable checkpoint among \['step-0000004'\]"):
         resume(run)
 
 
@@ -201,10 +202,10 @@ def test_save_keeps_the_newest_step_checkpoints_and_final(packed, tmp_path):
     run = new_run(packed, tmp_path / "run", keep_last=2)
     for step in (1, 2, 3):
         run.state.step = step
-        save(run, f"step-{step:07d}.pth")
-    save(run, "final.pth")
+        save(run, f"step-{step:07d}")
+    save(run, "final")
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == \
-        ["final.pth", "step-0000002.pth", "step-0000003.pth"]
+        ["final", "step-0000002", "step-0000003"]
 
 
 # ---------------------------------------------------------------------------- RunLog / summarize
@@ -227,7 +228,7 @@ def test_run_log_and_summary(packed, tmp_path):
     assert summary["final"]["train_loss"] == 5.0 and summary["stopped_early"] == "train.stop_at_step=1"
     assert json.loads((out / "summary.json").read_text())["tokens_seen"] == 128
     # a resumed run keeps the rows up to its checkpoint's step and drops the later ones
-    run.resumed_from, run.state = out / "step-0000000.pth", TrainState(step=0)
+    run.resumed_from, run.state = out / "step-0000000", TrainState(step=0)
     RunLog(run).close()
     with open(out / "metrics.csv") as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["0"]
