@@ -354,7 +354,7 @@ def export_llama(checkpoint_or_model, out_folder: Union[str, Path], tokenizer: U
     tokenizer.json) from a checkpoint path or a GPT. The folder appears complete or not at all."""
     from transformers import LlamaForCausalLM
 
-    from lit_gpt.checkpoint import load_model
+    from lit_gpt.checkpoint import checkpoint_tokenizer, load_model
     from lit_gpt.model import GPT
     from lit_gpt.utils import parse_dtype
 
@@ -363,7 +363,7 @@ def export_llama(checkpoint_or_model, out_folder: Union[str, Path], tokenizer: U
     else:
         model, payload = load_model(checkpoint_or_model)
         if tokenizer is None:
-            tokenizer = payload.get("run_config", {}).get("tokenizer")
+            tokenizer = checkpoint_tokenizer(payload)
     reason = llama_incompatibility(model.config)
     if reason:
         raise ValueError(reason)

@@ -95,7 +95,7 @@ class TrainConfig:
     max_time_s: Optional[float] = None               # leave (with a checkpoint) after this many seconds
     fsdp_activation_checkpointing: bool = False
     cpu_threads: Optional[int] = None                # torch threads on CPU (None: torch's default)
-    save_final: bool = True                          # write final.pth at max_steps
+    save_final: bool = True                          # write the final/ checkpoint at max_steps
 
 
 @dataclass

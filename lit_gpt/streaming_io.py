@@ -4,7 +4,8 @@ method specs from command-line options, and the log-PPL plot.
 
 Model sources (:func:`load_lm`):
 * a folder with a llama2.c ``*.bin`` + ``tok*.bin`` (e.g. ../shared/models/stories260K);
-* a lit_gpt checkpoint (``.pth`` or a run folder) with ``--tokenizer`` (anything lit_gpt.tokenizer reads);
+* a lit_gpt checkpoint (a checkpoint folder or a run folder) with ``--tokenizer`` (anything lit_gpt.tokenizer
+  reads; default: the tokenizer the checkpoint's run names);
 * a Hugging Face folder (config.json), a ``.gguf`` file (dequantised by transformers), or a Hub repo id.
 """
 from __future__ import annotations
@@ -67,12 +68,13 @@ def load_lm(source: str, *, tokenizer: Optional[str] = None, dtype: str = "float
         model, tok = load_llama2c_folder(path, dt)
         model.to(device)
         return LoadedLM(GPTRunner(model), tok, path.name, model.config.block_size)
-    if path.suffix == ".pth" or (path.is_dir() and (list(path.glob("*.pth")))):
-        from lit_gpt.checkpoint import load_model
+    from lit_gpt.checkpoint import checkpoint_tokenizer, is_checkpoint, load_model
+
+    if is_checkpoint(path):
         from lit_gpt.tokenizer import Tokenizer
 
         model, payload = load_model(path, device=device, dtype=dt)
-        tok_src = tokenizer or (payload.get("run_config") or {}).get("tokenizer")
+        tok_src = tokenizer or checkpoint_tokenizer(payload)
         if tok_src is None:
             raise ValueError(f"{source}: give --tokenizer (the checkpoint does not name one)")
         return LoadedLM(GPTRunner(model), Tokenizer(tok_src), path.stem, model.config.block_size)
