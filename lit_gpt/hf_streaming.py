@@ -507,10 +507,14 @@ def disable_streaming(model) -> None:
     if model._sink_stream_support.route == "module":
         for attn in attention_modules(model):
             attn.__dict__.pop("forward", None)
+    _drop_default_wrappers(model)
+    model._sink_stream_prev = None
+
+
+def _drop_default_wrappers(model) -> None:
     for name in ("forward", "generate"):
         if getattr(model.__dict__.get(name), "_sink_stream_default", False):
             del model.__dict__[name]
-    model._sink_stream_prev = None
 
 
 # ---------------------------------------------------------------------------- drop-in loading
@@ -518,6 +522,7 @@ def stream_by_default(model, spec: StreamingSpec):
     """Make ``model.generate`` and ``model(...)`` stream through a fresh :class:`SinkCache` of ``spec`` unless the
     call brings its own cache (an empty cache of another kind, e.g. the DynamicCache generate makes, is replaced).
     A forward's output carries the cache (``cache_of(out)``) for the next call. Returns the model."""
+    _drop_default_wrappers(model)                     # called again: the new spec replaces the old one
     enable_streaming(model)
     check_spec(model._sink_stream_support, spec)
     key = cache_kwarg(model)

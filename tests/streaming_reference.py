@@ -61,11 +61,16 @@ def plan_attention(q, k, v, plan: Plan, *, n_rot: int = 0, base: float = 10000.0
     G = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
-    def enc(vec, pos):
-        return rope_rotate(vec, pos, n_rot, base) if n_rot else vec.double()
+    rotated = {}                # (tensor, b, head, t, pos) -> the vector rotated at pos (each computed once)
+
+    def enc(x, b, hd, t, pos):
+        key = (x is q, b, hd, t, pos)
+        if key not in rotated:
+            rotated[key] = rope_rotate(x[b, t, hd], pos, n_rot, base) if n_rot else x[b, t, hd].double()
+        return rotated[key]
 
     def logit(b, h, g, p, j, qp, kp):
-        s = float(enc(q[b, p, h], qp) @ enc(k[b, j, g], kp)) * scale
+        s = float(enc(q, b, h, p, qp) @ enc(k, b, g, j, kp)) * scale
         return s - (slopes[h] * (qp - kp) if slopes is not None else 0.0)
 
     y = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)

@@ -286,7 +286,8 @@ REFUSED = [
     ("xglm", {}, "XGLMForCausalLM computes attention inline"),
     ("llama4_text", {}, r"config.layer_types has \['chunked_attention'\] layers; streaming supports full_attention"),
     ("qwen3_next", {}, r"config.layer_types has \['linear_attention'\] layers"),
-    ("gptj", {}, "RoPE set by config.rotary_dim without config.rope_parameters"),
+    ("gptj", {}, "RoPE set by config.rotary_dim without config.rope_parameters"   # 5.24; 5.17: inline
+                 "|GPTJForCausalLM computes attention inline"),
     ("t5", {}, "an encoder-decoder .config.is_encoder_decoder=True."),
     ("gemma3", {}, "a multimodal config .config.vision_config."),
     ("gemma3_text", {"use_bidirectional_attention": True}, "config.use_bidirectional_attention=True"),
@@ -425,6 +426,9 @@ def test_drop_in_streams_generate_and_forward_by_default(tmp_path):
         c = transformers.DynamicCache(config=model.config)
         c.update(torch.zeros(1, 2, 3, 8, dtype=torch.float64), torch.zeros(1, 2, 3, 8, dtype=torch.float64), 0)
         model(idx, **{cache_kwarg(model): c})
+    hs.stream_by_default(model, StreamingSpec(2, 3))                 # again: the new spec replaces the old
+    assert model.generate(idx, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 5:].tolist() \
+        == stream_generate(runner, [idx[0].tolist()], StreamingSpec(2, 3), 8)[0]
     disable_streaming(model)
     assert "forward" not in model.__dict__ and model.config._attn_implementation != hs.ATTN_NAME
 
