@@ -460,3 +460,22 @@ def test_the_drop_in_snippet_in_the_docs_runs(tmp_path):
     assert out.shape[1] == ids.shape[1] + 30
     ours = stream_generate(HFRunner(model), [ids[0].tolist()], StreamingSpec(4, 8), 30)[0]
     assert out[0, ids.shape[1]:].tolist() == ours
+
+
+def test_eval_long_ppl_runs_dense_on_any_model_and_refuses_streaming_in_one_line(tmp_path, capsys):
+    import json
+
+    import eval_long_ppl
+
+    folder = tiny_folder(tmp_path, "gemma2")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 30}" for i in range(60)))
+    args = ["--model", str(folder), "--text", "file", "--text-file", str(text), "--tokens", "40", "--cache-size", "8",
+            "--chunk", "16", "--threads", "1"]
+    eval_long_ppl.main(args + ["--methods", "dense,recompute", "--out", str(tmp_path / "dense")])
+    res = json.loads((tmp_path / "dense" / "results.json").read_text())["results"]
+    assert [r["method"] for r in res] == ["dense", "recompute"] and all(r["nll"] > 0 for r in res)
+    with pytest.raises(SystemExit, match=r"^error: model_type='gemma2' is not supported by hf_streaming: attention "
+                                         r"logit soft-capping.*; --methods dense, recompute run on any causal LM$"):
+        eval_long_ppl.main(args + ["--methods", "dense,sink", "--out", str(tmp_path / "sink")])
+    assert not (tmp_path / "sink").exists()
