@@ -26,11 +26,11 @@ linear-attention hybrids), rope types whose frequencies depend on the length, ta
 
 RoPE per layer is measured once after loading (:func:`layer_position_ops`): one-token sequences of the same
 token at positions 0, 1, 2, ... give every layer the same hidden state at every position (a token attending to
-itself sees q.k independent of the rotation), so a layer's key at position p is its key at 0 rotated by p. Each layer is matched against the model's
-own ``inv_freq`` buffers in both RoPE layouts (rotate-half, interleaved) or no rotation: Gemma-3's local / global
-bases, SmolLM3's NoPE layers, Cohere's interleaved pairs, partial rotary and YaRN's scaled cos/sin come out
-without a list of families. Re-indexing / the distance ceiling then re-rotate by position offsets with those
-frequencies.
+itself sees q.k independent of the rotation), so a layer's key at position p is its key at 0 rotated by p.
+Each layer is matched against the model's own ``inv_freq`` buffers in both RoPE layouts (rotate-half,
+interleaved) or no rotation: Gemma-3's local / global bases, SmolLM3's NoPE layers, Cohere's interleaved pairs,
+partial rotary and YaRN's scaled cos/sin come out without a list of families. Re-indexing / the distance ceiling
+then re-rotate by position offsets with those frequencies.
 
 The cache keyword follows the installed transformers (:func:`cache_kwarg`): ``cache`` where ``forward`` takes it
 (``past_key_values`` is deprecated there and removed in 6.0), ``past_key_values`` before.
