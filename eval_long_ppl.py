@@ -88,8 +88,27 @@ def main(argv=None) -> None:
     add_model_args(ap)
     args = ap.parse_args(argv)
     out = Path(args.out)
+    kw = dict(start_size=args.start_size, lminf_global=args.lminf_global, lminf_local=args.lminf_local,
+              lminf_ceiling=args.lminf_ceiling, topk=args.topk, topk_from_layer=args.topk_from_layer,
+              stride=args.stride)
+    if args.sink_ablation:
+        methods = [make_method("window" if s == 0 else "sink", **dict(kw, cache_size=args.cache_size, start_size=s))
+                   for s in parse_ints(args.sink_ablation)]
+        for m, s in zip(methods, parse_ints(args.sink_ablation)):
+            m.label = f"{s} + {args.cache_size - s}"
+    elif args.cache_sweep:
+        methods = []
+        for c in parse_ints(args.cache_sweep):
+            methods += [make_method("window", **dict(kw, cache_size=c)), make_method("sink", **dict(kw, cache_size=c))]
+    else:
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in names if m not in METHODS]
+        if bad:
+            ap.error(f"--methods {bad} invalid; allowed: {', '.join(METHODS)}")
+        methods = [make_method(m, **dict(kw, cache_size=args.cache_size)) for m in names]
+
     t_load = time.perf_counter()
-    lm = lm_from_args(args)
+    lm = lm_from_args(args, methods=[m.name for m in methods])      # refuses what the model cannot stream first
     print(f"loaded {lm.name} in {time.perf_counter() - t_load:.0f}s (train window {lm.train_window})", file=sys.stderr)
 
     info = dict(model=args.model, text=args.text, tokens=args.tokens, cache_size=args.cache_size,
@@ -109,25 +128,6 @@ def main(argv=None) -> None:
         ids = lm.tokenizer.encode(Path(args.text_file).read_text(), bos=args.bos)[: args.tokens]
     tokens = torch.tensor([ids])
     print(f"stream: {tokens.shape[1]} tokens; start: {lm.tokenizer.decode(ids[:24])!r}", file=sys.stderr)
-
-    kw = dict(start_size=args.start_size, lminf_global=args.lminf_global, lminf_local=args.lminf_local,
-              lminf_ceiling=args.lminf_ceiling, topk=args.topk, topk_from_layer=args.topk_from_layer,
-              stride=args.stride)
-    if args.sink_ablation:
-        methods = [make_method("window" if s == 0 else "sink", **dict(kw, cache_size=args.cache_size, start_size=s))
-                   for s in parse_ints(args.sink_ablation)]
-        for m, s in zip(methods, parse_ints(args.sink_ablation)):
-            m.label = f"{s} + {args.cache_size - s}"
-    elif args.cache_sweep:
-        methods = []
-        for c in parse_ints(args.cache_sweep):
-            methods += [make_method("window", **dict(kw, cache_size=c)), make_method("sink", **dict(kw, cache_size=c))]
-    else:
-        names = [m.strip() for m in args.methods.split(",") if m.strip()]
-        bad = [m for m in names if m not in METHODS]
-        if bad:
-            ap.error(f"--methods {bad} invalid; allowed: {', '.join(METHODS)}")
-        methods = [make_method(m, **dict(kw, cache_size=args.cache_size)) for m in names]
 
     results, curves = [], {}
     for m in methods:

@@ -69,7 +69,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     add_model_args(ap)
     args = ap.parse_args(argv)
-    lm = lm_from_args(args)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in names if m not in PASSKEY_METHODS]
+    if bad:
+        ap.error(f"--methods {bad} invalid; allowed: {', '.join(PASSKEY_METHODS)}")
+    lm = lm_from_args(args, methods=names)
     window = args.train_window or lm.train_window
     if not window:
         ap.error("the model does not say its training window: give --train-window")
@@ -77,10 +81,6 @@ def main(argv=None) -> None:
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else \
         [int(float(m) * window) for m in args.multiples.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in names if m not in PASSKEY_METHODS]
-    if bad:
-        ap.error(f"--methods {bad} invalid; allowed: {', '.join(PASSKEY_METHODS)}")
     methods = [make_method(m, cache_size=cache, start_size=args.start_size, topk=args.topk,
                            topk_from_layer=args.topk_from_layer) for m in names]
     rng = random.Random(args.seed)

@@ -113,6 +113,18 @@ class StreamingSpec:
         """g(i): the position a sink key is stored at (0 = un-rotated for LM-Infinite)."""
         return torch.zeros_like(i) if self.policy == "lminfinite" else i
 
+    def key_distance(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """The distance at which the query at original position q_pos sees the key at k_pos under this policy:
+        q_pos - k_pos inside the recent window, f(q_pos) - g(k_pos) beyond it (sinks, LM-Infinite's middle
+        tokens). A model's own sliding window (Gemma-3, Mistral, ...) is applied to this distance, so that
+        ``reindex`` equals the model's own forward over the cache content."""
+        d = q_pos - k_pos
+        return torch.where(d < self.recent_size, d, self.sink_query_pos(q_pos) - self.sink_key_pos(k_pos))
+
+    def window_mask(self, window: int) -> MaskFn:
+        """The model's sliding window of ``window`` keys (the query itself included) at :meth:`key_distance`."""
+        return lambda q_pos, k_pos: self.key_distance(q_pos, k_pos) < window
+
     def uses_topk(self, layer_idx: int) -> bool:
         return self.topk > 0 and layer_idx >= self.topk_from_layer
 
@@ -132,14 +144,16 @@ def dense_spec(max_len: int) -> StreamingSpec:
 class PositionOps:
     """How a model encodes positions, as far as the streaming attention needs to know.
 
-    kind: ``rope`` (rotate-half layout on the first 2*len(inv_freq) dims), ``bias`` (additive score bias
+    kind: ``rope`` (on the first 2*len(inv_freq) dims), ``bias`` (additive score bias
     ``bias_fn(q_pos (B|1, Tq), k_pos (B|1, Tk)) -> (B|1, H, Tq, Tk)``), ``none`` (NoPE) or ``absolute``
-    (added to the input embedding; only the ``original`` policy is meaningful).
+    (added to the input embedding; only the ``original`` policy is meaningful). ``layout`` of the RoPE pairs:
+    ``half`` (dims i and i + n/2, Llama / NeoX) or ``interleaved`` (dims 2i and 2i + 1, GPT-J / Cohere / GLM).
     """
 
     kind: str
     inv_freq: Optional[torch.Tensor] = None
     bias_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    layout: str = "half"
 
     def rotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """RoPE of x (B, heads, T, d) by integer offsets ``delta`` (B|1, T); identity unless kind == 'rope'."""
@@ -147,7 +161,13 @@ class PositionOps:
             return x
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         cos, sin = rope_cos_sin(delta, self.inv_freq, dtype)
-        return apply_rope(x, cos.unsqueeze(1), sin.unsqueeze(1))
+        if self.layout == "half":
+            return apply_rope(x, cos.unsqueeze(1), sin.unsqueeze(1))
+        n = cos.shape[-1]                       # interleaved: rotate in the half layout, then put the dims back
+        perm = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)]).to(x.device)
+        out = x.clone()
+        out[..., perm] = apply_rope(x[..., perm], cos.unsqueeze(1), sin.unsqueeze(1))
+        return out
 
 
 # ---------------------------------------------------------------------------- the cache

