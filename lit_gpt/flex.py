@@ -81,22 +81,23 @@ def merge_slots(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, scale: fl
         y = e^(lse - M) out + sum_m e^(s_m - M) u_m,   M = logsumexp(lse, s_1, ..., s_S).
     """
     B, H, T, d = q.shape
-    logits, values = [lse.float().unsqueeze(-1)], []
+    f = torch.float64 if q.dtype == torch.float64 else torch.float32     # merge in fp32 (fp64 stays fp64)
+    logits, values = [lse.to(f).unsqueeze(-1)], []
     if slot_logit is not None:
-        logits.append(slot_logit.float().view(1, H, 1, 1).expand(B, H, T, 1))
+        logits.append(slot_logit.to(f).view(1, H, 1, 1).expand(B, H, T, 1))
         values.append(None)
     if slot_k is not None:
-        logits.append((q.float() @ slot_k.float().transpose(-1, -2)) * scale)           # (B, H, T, S)
+        logits.append((q.to(f) @ slot_k.to(f).transpose(-1, -2)) * scale)              # (B, H, T, S)
         values.append(slot_v)
     all_logits = torch.cat(logits, dim=-1)
     w = torch.softmax(all_logits, dim=-1)                                                # (B, H, T, 1 + S)
-    y = w[..., :1] * out.float()
+    y = w[..., :1] * out.to(f)
     col = 1
     if slot_logit is not None:
         col += 1                       # zero value: only renormalises
     if slot_k is not None:
         S = slot_k.shape[-2]
-        y = y + w[..., col:col + S] @ slot_v.float().expand(B, H, S, d)
+        y = y + w[..., col:col + S] @ slot_v.to(f).expand(B, H, S, d)
     return y.to(out.dtype)
 
 
