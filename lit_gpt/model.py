@@ -239,6 +239,7 @@ class CausalSelfAttention(nn.Module):
         if config.attn_op == "mlp_kernel":
             self.kernel = KernelMLP(d, config.bias)
         self.kv_cache: Optional[nn.Module] = None
+        self.last_impl: Optional[str] = None        # the attention path of the last forward (see attend)
 
     # -- pieces reusable by streaming code
     def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -279,7 +280,9 @@ class CausalSelfAttention(nn.Module):
         """Attention core over already position-encoded q (B,H,Tq,d), k/v (B,G,Tk,d) with their positions.
 
         Path: eager when maps are requested or the operation is not softmax; FlexAttention when
-        ``attn_impl='flex'`` on a full forward (CUDA, or CPU without grad); otherwise SDPA."""
+        :func:`use_flex` says so (a full forward); otherwise SDPA. The path taken is recorded in ``last_impl``.
+        A Flex failure raises, except a Triton resource limit under ``attn_impl='auto'``, which warns and uses SDPA
+        for that layout from then on (:func:`lit_gpt.flex.flex_failed`)."""
         cfg = self.config
         slots = self.slots()
         eager = need_weights or cfg.attn_op != "softmax" or cfg.attn_impl == "eager"
@@ -289,22 +292,31 @@ class CausalSelfAttention(nn.Module):
                 y = flex_attention_forward(
                     q, k, v, ctx.mask_fn, scale=self.scale, alpha=cfg.softmax_alpha,
                     alibi_slopes=alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None,
-                    rel_bias=ctx.rel_bias if cfg.pos_encoding == "relative" else None, **slots)
+                    rel_bias=ctx.rel_bias, **slots)
+                self._record("flex")
                 return y, None
-            except Exception as e:   # e.g. a Triton resource limit at this shape: SDPA computes the same function
-                flex_failed(cfg, e)
+            except Exception as e:
+                flex_failed(cfg, e)      # re-raises unless it is a resource limit that 'auto' may route to SDPA
         key, pin = (id(q_pos), id(k_pos), id(ctx.mask_fn)), (q_pos, k_pos)
         bias = ctx.cached(("bias",) + key, lambda: ctx.bias_fn(q_pos, k_pos), pin) if ctx.bias_fn is not None else None
         make_mask = lambda: dense_mask(ctx.mask_fn, q_pos, k_pos)
         if eager:
+            self._record("eager")
             mask = ctx.cached(("mask",) + key, make_mask, pin)
             return eager_attention(q, k, v, mask=mask, op=cfg.attn_op, normalize=cfg.attn_normalize,
                                    alpha=cfg.softmax_alpha, scale=self.scale, bias=bias,
                                    kernel=self.feature_map(), need_weights=need_weights, **slots)
+        self._record("sdpa")
         mask = None if full_causal else ctx.cached(("mask",) + key, make_mask, pin)
         y = sdpa_attention(q, k, v, mask=mask, is_causal=full_causal, alpha=cfg.softmax_alpha,
                            scale=self.scale, bias=bias, **slots)
         return y, None
+
+    def _record(self, impl: str) -> None:
+        """Remember which attention path this layer ran last (flex, sdpa, eager, streaming); skipped while
+        torch.compile traces, where a Python side effect would only cost graph breaks."""
+        if not torch.compiler.is_compiling():
+            self.last_impl = impl
 
     def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
         B, H, T, d = y.shape
@@ -326,6 +338,7 @@ class CausalSelfAttention(nn.Module):
         cache = None if ctx.no_cache else self.kv_cache       # a full forward leaves the caches untouched
         if cache is not None and getattr(cache, "attend", None) is not None:
             # a streaming cache may compute attention itself (e.g. LM-Infinite's two position systems)
+            self._record("streaming")
             y, w = cache.attend(self, q, k, v, ctx, need_weights="attn" in ctx.need)
         else:
             if cache is not None:
@@ -520,6 +533,11 @@ class GPT(nn.Module):
             analysis.hidden.append(x[:, sl].detach())
         logits = self.lm_head(self.ln_f(x[:, sl] if prepend else x))
         return (logits, analysis) if analysis is not None else logits
+
+    def attention_paths(self) -> List[Optional[str]]:
+        """The attention path each layer ran in the last forward ('flex', 'sdpa', 'eager', 'streaming'; None before
+        any forward), e.g. to check that a fused kernel really ran."""
+        return [block.attn.last_impl for block in self.blocks]
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         seen, n = set(), 0

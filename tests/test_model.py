@@ -391,7 +391,8 @@ FLEX_VARIANTS = [{}, dict(attn_mask="window", window_size=3), dict(attn_mask="pr
 @pytest.mark.parametrize("overrides", FLEX_VARIANTS, ids=variant_id)
 @torch.no_grad()
 def test_flex_path_equals_eager_forward(overrides):
-    """FlexAttention (forward on CPU; it trains on CUDA only) computes the same function as the eager path."""
+    """FlexAttention (forward on CPU; it trains on CUDA only) computes the same function as the eager path, and
+    every layer really ran it (a Flex failure raises with attn_impl='flex'; nothing falls back silently)."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     import warnings
     model = build(dtype=torch.float32, attn_impl="flex", **overrides)
@@ -399,5 +400,64 @@ def test_flex_path_equals_eager_forward(overrides):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         flex = model(idx)
+    assert model.attention_paths() == ["flex"] * model.config.n_layer
     model.config.attn_impl = "eager"
     torch.testing.assert_close(flex, model(idx), rtol=1e-4, atol=1e-4)
+    assert model.attention_paths() == ["eager"] * model.config.n_layer
+
+
+class OutOfResources(RuntimeError):
+    """Stands for triton.runtime.errors.OutOfResources (matched by name, as torch.compile wraps it)."""
+
+
+@torch.no_grad()
+def test_flex_failures_are_visible(monkeypatch):
+    """attn_impl='flex' never falls back; 'auto' falls back to SDPA only on a Triton resource limit, with a warning,
+    and records that SDPA ran; any other error of the Flex path raises."""
+    import lit_gpt.flex as flex
+    import lit_gpt.model as model_mod
+
+    def fails_with(error):
+        def f(*a, **k):
+            raise error
+        return f
+
+    model = build(dtype=torch.float32, attn_mask="window", window_size=3)
+    idx = torch.randint(0, V, (2, 10))
+    model.config.attn_impl = "sdpa"
+    want = model(idx)
+    assert model.attention_paths() == ["sdpa", "sdpa"]
+    monkeypatch.setattr(flex, "_FAILED", {})                      # this test's own layout record
+    monkeypatch.setattr(model_mod, "use_flex", lambda cfg, q, full: cfg.attn_impl in ("flex", "auto"))
+    limit = RuntimeError("backend='inductor' raised")
+    limit.__cause__ = OutOfResources("out of resource: shared memory, Required: 135168, Hardware limit: 101376")
+    bug = TypeError("score_mod got an unexpected argument")
+    for impl, error in (("flex", limit), ("flex", bug), ("auto", bug)):
+        model.config.attn_impl = impl
+        monkeypatch.setattr(flex, "flex_attention_forward", fails_with(error))
+        with pytest.raises(flex.FlexAttentionError, match=f"FlexAttention failed for layout .* attn_impl='{impl}'"):
+            model(idx)
+    assert flex._FAILED == {}
+    model.config.attn_impl = "auto"
+    monkeypatch.setattr(flex, "flex_attention_forward", fails_with(limit))
+    with pytest.warns(RuntimeWarning, match="Triton resource limit .* uses SDPA for this layout"):
+        got = model(idx)
+    torch.testing.assert_close(got, want)
+    assert model.attention_paths() == ["sdpa", "sdpa"] and len(flex._FAILED) == 1
+    assert not flex.flex_available(model.config)                  # this layout stays on SDPA, no retry per call
+    assert flex.is_resource_limit(limit) and not flex.is_resource_limit(bug)
+
+
+def test_gpu_checks_fail_a_flex_case_that_did_not_run_flex():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_checks import case_ok
+
+    flex = dict(attn_mask="window", window_size=64, attn_impl="flex")
+    assert case_ok(flex, 1e-7, 1e-6, 11.0, "flex")
+    assert not case_ok(flex, 1e-7, 1e-6, 11.0, "sdpa")                  # the silent fallback of before
+    assert not case_ok(flex, 1e-7, 1e-6, 11.0, "flex / bf16 flex+sdpa")
+    assert case_ok(dict(attn_mask="window", window_size=64), 1e-7, 1e-6, 11.0, "sdpa")
+    assert not case_ok(flex, 1e-3, 1e-6, 11.0, "flex")
