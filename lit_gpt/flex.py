@@ -157,10 +157,11 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         def score_mod(score, b, h, q_idx, kv_idx):
             return score - slopes[h] * (q_idx - kv_idx).abs()
     elif rel_bias is not None:
-        table, buckets = rel_bias.embedding.weight, rel_bias.buckets(T, q.device)
+        table = rel_bias.offset_table(T, q.device)                       # (H|1, 2T - 1) bias by q - k
+        per_head = table.shape[0] > 1
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score + table[buckets[q_idx, kv_idx], h]
+            return score + table[h if per_head else 0, q_idx - kv_idx + (T - 1)]
     need_lse = slot_k is not None or slot_logit is not None
     res = _flex_fn(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
                              enable_gqa=k.shape[1] != q.shape[1], return_lse=need_lse)

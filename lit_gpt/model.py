@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lit_gpt.attention import (
     MaskFn, causal_mask, dense_mask, eager_attention, mask_from_config, sdpa_attention,
 )
-from lit_gpt.config import Config
+from lit_gpt.config import RELATIVE_POSITIONS, Config
 from lit_gpt.positional import (
     RelativePositionBias, alibi_bias, alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_embedding,
 )
@@ -64,7 +64,7 @@ class ForwardContext:
     analysis: Optional[Analysis] = None
     drop_first: bool = False                 # a sink token was prepended in this call
     no_cache: bool = True                    # full forward: positions are 0..T-1, keys are this call's tokens
-    rel_bias: Optional[nn.Module] = None     # the model's T5 relative-bias table (for the flex score_mod)
+    rel_bias: Optional[nn.Module] = None     # the model's T5 relative bias (for the flex score_mod)
     memo: Dict[Any, Any] = field(default_factory=dict)   # masks / biases shared by all layers of one forward
 
     def cached(self, key, make: Callable[[], Any], pin: tuple = ()):
@@ -197,15 +197,15 @@ def use_flex(cfg: Config, q: torch.Tensor, full_causal: bool) -> bool:
     """FlexAttention for a full-sequence softmax forward: always with attn_impl='flex' (on CUDA, or on CPU
     without grad: it has no CPU backward); with attn_impl='auto' on CUDA where it measured faster than SDPA on an
     H100 (windows, prefix masks, ALiBi, k*/v* slots, sink logits; see benchmarks/results/train_step.json).
-    Plain causal attention stays on SDPA's flash kernel, T5 relative bias on SDPA (its learned-table score_mod
-    exceeds Triton's shared memory at d=96)."""
+    Plain causal attention stays on SDPA's flash kernel, T5 relative biases on SDPA (the learned-table score_mod
+    exceeded Triton's shared memory at d=96; the fixed-bucket score_mod has not been timed on a GPU yet)."""
     from lit_gpt.flex import flex_available
     if cfg.attn_impl == "flex":
         return (q.is_cuda or not torch.is_grad_enabled()) and flex_available(cfg)
     if cfg.attn_impl != "auto" or not q.is_cuda or not flex_available(cfg):
         return False
     needs_dense = (not full_causal or cfg.pos_encoding == "alibi" or cfg.kv_bias in ("k", "kv") or cfg.sink_logit)
-    return needs_dense and cfg.pos_encoding != "relative"
+    return needs_dense and cfg.pos_encoding not in RELATIVE_POSITIONS
 
 
 class CausalSelfAttention(nn.Module):
@@ -380,9 +380,10 @@ class GPT(nn.Module):
             self.wpe = nn.Embedding(config.block_size + int(config.sink_token), config.n_embd)
         if config.sink_token:
             self.sink_token = nn.Parameter(torch.empty(config.n_embd))
-        if config.pos_encoding == "relative":
+        if config.pos_encoding in RELATIVE_POSITIONS:
             self.rel_bias = RelativePositionBias(config.n_head, config.relative_buckets, config.relative_max_distance,
-                                                 bidirectional=config.attn_mask == "prefix")
+                                                 bidirectional=config.attn_mask == "prefix",
+                                                 learned=config.pos_encoding == "relative_learned")
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -459,7 +460,7 @@ class GPT(nn.Module):
         if cfg.pos_encoding == "alibi":
             slopes = alibi_slopes(cfg.n_head)
             return lambda qp, kp: alibi_bias(qp, kp, slopes)
-        if cfg.pos_encoding == "relative":
+        if cfg.pos_encoding in RELATIVE_POSITIONS:
             return self.rel_bias
         return None
 

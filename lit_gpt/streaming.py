@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 
 from lit_gpt.attention import MaskFn, _with_slots, eager_attention, repeat_kv, sdpa_attention
+from lit_gpt.config import SCORE_BIAS_POSITIONS
 from lit_gpt.positional import apply_rope, rope_cos_sin, rope_inv_freq
 
 POLICIES = ("reindex", "original", "lminfinite")
@@ -398,7 +399,7 @@ def gpt_position_ops(config, bias_fn: Optional[Callable] = None, device=None) ->
     pe = config.pos_encoding
     if pe == "rope":
         return PositionOps("rope", inv_freq=rope_inv_freq(config.rope_n_elem, config.rope_base, device=device))
-    if pe in ("alibi", "relative"):
+    if pe in SCORE_BIAS_POSITIONS:
         return PositionOps("bias", bias_fn=bias_fn)
     if pe == "nope":
         return PositionOps("none")

@@ -54,6 +54,17 @@ def t5_bucket(rel: int, num_buckets: int, max_distance: int, bidirectional: bool
     return ret + min(val, num_buckets - 1)
 
 
+def paper_relative_bias(i: int, j: int, num_buckets: int = 32, max_distance: int = 128) -> float:
+    """The paper's relative PE (Appendix B, eq. 6; the seed's model_relpos.py): the logit of query i and key j gets
+    the bucket index g(i - j) itself, no parameters. Distance n = max(i - j, 0) (the seed clamps keys after the
+    query to 0); n < B/2 is its own bucket, larger n fall into B/2 log-spaced buckets up to D, the last one open."""
+    n = max(i - j, 0)
+    half = num_buckets // 2
+    if n < half:
+        return float(n)
+    return float(min(num_buckets - 1, half + math.floor(math.log(n / half) / math.log(max_distance / half) * half)))
+
+
 def attention_loop(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Callable[[int, int], bool], *,
     op: str = "softmax", normalize: bool = True, alpha: float = 1.0, scale: Optional[float] = None,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lit_gpt import CHOICES, GPT, Config
 from lit_gpt.sink_metrics import SinkMeter
-from reference import alibi_slope_list, attention_loop, rope_rotate, sinusoid, t5_bucket
+from reference import alibi_slope_list, attention_loop, paper_relative_bias, rope_rotate, sinusoid, t5_bucket
 from conftest import variant_id
 
 V = 64
@@ -92,7 +92,9 @@ def ref_attention(x, attn, cfg, positions, rel_table=None):
     if cfg.pos_encoding == "alibi":
         slopes = alibi_slope_list(H)
         bias = lambda h, i, j: -slopes[h] * abs(i - j)
-    elif cfg.pos_encoding == "relative":
+    elif cfg.pos_encoding == "relative":          # the paper's fixed bucket index, no parameters
+        bias = lambda h, i, j: paper_relative_bias(i, j, cfg.relative_buckets, cfg.relative_max_distance)
+    elif cfg.pos_encoding == "relative_learned":
         bidir = cfg.attn_mask == "prefix"
         bias = lambda h, i, j: float(rel_table[t5_bucket(j - i, cfg.relative_buckets, cfg.relative_max_distance,
                                                          bidir), h])
@@ -138,12 +140,14 @@ def ref_block(x, block, cfg, positions, rel_table=None):
 VARIANTS = [
     {},
     dict(pos_encoding="nope"), dict(pos_encoding="sinusoidal"), dict(pos_encoding="learned"),
-    dict(pos_encoding="alibi"), dict(pos_encoding="relative"), dict(rotary_percentage=0.5, n_embd=32),
+    dict(pos_encoding="alibi"), dict(pos_encoding="relative"), dict(pos_encoding="relative_learned"),
+    dict(rotary_percentage=0.5, n_embd=32),
     dict(mlp="relu"), dict(mlp="gelu"), dict(mlp="swish"), dict(mlp="reglu"), dict(mlp="geglu"),
     dict(norm_position="post"), dict(norm_class="layernorm", bias=True),
     dict(head_output="sum"), dict(n_query_groups=2), dict(n_head=1),
     dict(attn_mask="window", window_size=3), dict(attn_mask="prefix", prefix_size=4),
     dict(attn_mask="prefix", prefix_size=4, pos_encoding="relative"),
+    dict(attn_mask="prefix", prefix_size=4, pos_encoding="relative_learned"),
     dict(kv_bias="k"), dict(kv_bias="kv"), dict(kv_bias="v"), dict(kv_bias="k", kv_bias_shared=True),
     dict(kv_bias="kv", kv_bias_shared=True), dict(kv_bias="v", kv_bias_shared=True),
     dict(kv_bias="k", kv_bias_value="one_hot", kv_bias_value_scale=2.0),
@@ -156,6 +160,8 @@ VARIANTS = [
     dict(attn_op="mlp_kernel", attn_normalize=False), dict(attn_op="sigmoid", attn_normalize=False, kv_bias="k"),
     dict(attn_op="sigmoid", attn_normalize=False, pos_encoding="alibi"),
     dict(attn_op="sigmoid", attn_normalize=False, pos_encoding="relative"),
+    dict(attn_op="sigmoid", attn_normalize=False, pos_encoding="relative_learned"),
+    dict(softmax_alpha=0.2, kv_bias="k"),
 ]
 
 
@@ -175,7 +181,7 @@ def test_blocks_match_reference_maths(overrides):
     elif cfg.pos_encoding == "learned":
         x0 = x0 + model.wpe.weight.double()[:T]
     torch.testing.assert_close(an.hidden[0], x0)
-    rel_table = model.rel_bias.embedding.weight.double() if cfg.pos_encoding == "relative" else None
+    rel_table = model.rel_bias.embedding.weight.double() if cfg.pos_encoding == "relative_learned" else None
     for layer, block in enumerate(model.blocks):
         out, w, q, k = ref_block(an.hidden[layer], block, cfg, positions, rel_table)
         torch.testing.assert_close(an.attn[layer], w, rtol=1e-9, atol=1e-9)
@@ -260,7 +266,7 @@ def test_fused_path_equals_eager_path(overrides):
 
 
 # ---------------------------------------------------------------------------- KV cache
-CACHE_VARIANTS = [dict(pos_encoding=p) for p in ("rope", "nope", "sinusoidal", "learned", "alibi", "relative")] + [
+CACHE_VARIANTS = [dict(pos_encoding=p) for p in CHOICES["pos_encoding"]] + [
     dict(rotary_percentage=0.5, n_embd=32), dict(n_query_groups=2), dict(kv_bias="kv"), dict(kv_bias="v"),
     dict(sink_logit=True), dict(sink_token=True), dict(sink_token=True, pos_encoding="learned"),
     dict(attn_mask="window", window_size=3), dict(attn_op="sigmoid", attn_normalize=False),
@@ -325,23 +331,26 @@ def test_softmax_maps_sum_to_one_with_slot_columns():
             torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 8, dtype=w.dtype))
 
 
-def test_first_token_dominance_shows_in_maps_and_sink_metric():
+def first_token_sink_model(**overrides):
     """Queries are a constant vector u (zero query weights, query bias u); only the embedding of token 7 has a
     component that the key weights map onto u. Placing token 7 first makes every head attend to position 1."""
-    cfg = tiny(pos_encoding="nope", bias=True, n_layer=1)
+    cfg = tiny(pos_encoding="nope", bias=True, n_layer=1, **overrides)
     model = GPT(cfg).double()
     H, d = cfg.n_head, cfg.head_size
     with torch.no_grad():
         W, b = model.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.bias
         W.zero_(); b.zero_()
         b[: H * d] = 1.0                                   # q = (1, ..., 1) in every head
-        model.wte.weight[7] = 0.0
-        model.wte.weight[7, 0] = 10.0                      # token 7's embedding has a unique direction
         model.wte.weight[:, 0] = torch.where(torch.arange(V) == 7, 10.0, 0.0).double()
         W[H * d:2 * H * d, 0] = 5.0                        # keys of token 7 align with q
     idx = torch.randint(0, V, (3, 12))
     idx[:, 0] = 7
     idx[:, 1:] = torch.where(idx[:, 1:] == 7, 8, idx[:, 1:])
+    return model, idx
+
+
+def test_first_token_dominance_shows_in_maps_and_sink_metric():
+    model, idx = first_token_sink_model()
     _, an = model(idx, return_analysis={"attn"})
     w = an.attn[0]
     assert float(w[..., 0].min()) > 0.99                 # every query puts > 99% on token 1
@@ -381,9 +390,58 @@ def test_init_follows_the_seed():
     assert abs(float(proj.std()) - expected) / expected < 0.05
 
 
+# ---------------------------------------------------------------------------- T5 relative position (point 1)
+# The seed's buckets (model_relpos.py build_attention_bias, computed in bfloat16 as there; float32 and float64 give
+# the same): the first distance of each bucket from 16 on, and the last bucket, 31, open-ended.
+SEED_BUCKET_STARTS = {16: 16, 19: 17, 21: 18, 24: 19, 27: 20, 31: 21, 35: 22, 40: 23, 46: 24, 52: 25, 59: 26,
+                      67: 27, 77: 28, 87: 29, 99: 30, 113: 31}
+
+
+def test_relative_is_the_papers_fixed_bucket_index():
+    """pos_encoding='relative' adds g(i - j) in [0, 31] (B = 32, D = 128) to the logits, the same for every head,
+    with no parameters; 'relative_learned' keeps T5's learned (bucket, head) table."""
+    fixed, learned, nope = (GPT(tiny(pos_encoding=p)) for p in ("relative", "relative_learned", "nope"))
+    assert fixed.num_parameters() == nope.num_parameters()
+    assert learned.num_parameters() == nope.num_parameters() + 32 * 4
+    assert not any("rel_bias" in k for k in fixed.state_dict())
+    T = 160
+    pos = torch.arange(T).unsqueeze(0)
+    bias = fixed.rel_bias(pos, pos)
+    assert bias.shape == (1, 1, T, T)
+    want = torch.tensor([[paper_relative_bias(i, j) for j in range(T)] for i in range(T)])
+    torch.testing.assert_close(bias[0, 0], want, rtol=0, atol=0)
+    expected, bucket = {}, 0
+    for n in range(T):
+        bucket = n if n < 16 else SEED_BUCKET_STARTS.get(n, bucket)
+        expected[n] = bucket
+    assert [int(bias[0, 0, n, 0]) for n in range(T)] == [expected[n] for n in range(T)]
+    assert int(bias[0, 0, 0, 5]) == 0                  # a key after the query counts as distance 0 (the seed)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(attn_mask="prefix", prefix_size=20), dict(kv_bias="kv")],
+                         ids=variant_id)
+@torch.no_grad()
+def test_relative_bias_long_distances_match_the_paper(overrides):
+    """Distances up to 119 (every log-spaced bucket and the open last one from 113): maps and outputs of a layer
+    against the float64 loop of the paper's formula; the fused paths (SDPA, Flex on CPU) compute the same."""
+    model = build(pos_encoding="relative", n_layer=1, n_head=2, **overrides)
+    cfg = model.config
+    T = 120
+    idx = torch.randint(0, V, (1, T))
+    logits, an = model(idx, return_analysis=True)
+    out, w, _, _ = ref_block(an.hidden[0], model.blocks[0], cfg, list(range(T)))
+    torch.testing.assert_close(an.attn[0], w, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(an.hidden[1], out, rtol=1e-9, atol=1e-9)
+    for impl in ("sdpa", "flex"):
+        model.config.attn_impl = impl
+        torch.testing.assert_close(model(idx), logits, rtol=1e-9, atol=1e-9)
+        assert model.attention_paths() == [impl]
+
+
 FLEX_VARIANTS = [{}, dict(attn_mask="window", window_size=3), dict(attn_mask="prefix", prefix_size=5),
                  dict(pos_encoding="alibi", attn_mask="window", window_size=4), dict(n_query_groups=2, softmax_alpha=2.0),
                  dict(sink_token=True, attn_mask="window", window_size=2), dict(pos_encoding="relative"),
+                 dict(pos_encoding="relative_learned"), dict(pos_encoding="relative", attn_mask="prefix", prefix_size=6),
                  dict(kv_bias="kv"), dict(kv_bias="k", kv_bias_shared=True, kv_bias_value="one_hot"),
                  dict(sink_logit=True), dict(sink_logit=True, kv_bias="kv", n_query_groups=2, softmax_alpha=0.5)]
 
