@@ -37,8 +37,9 @@ class Analysis:
     """Per-layer intermediates of one forward.
 
     attn:   per layer (B, H, T, n_extra + Tk) float32 attention maps; columns are
-            [sink logit][k* slot][sink token] (those present) followed by the Tk keys. For non-softmax
-            operations the paper's proxy |sim| / sum |sim|.
+            [sink logit][k* slot][sink token] (those present) followed by the Tk keys. For softmax the
+            probabilities before the softmax_alpha scaling (rows sum to 1, so the sink threshold does not move
+            with alpha); for non-softmax operations the paper's proxy |sim| / sum |sim|.
     hidden: n_layer + 1 tensors (B, T, n_embd): the input of every block, then the output of the last block
             before the final norm.
     q, k, v: per layer (B, H|G, T, head_size) after positional encoding (keys and values of this call only).

@@ -390,7 +390,7 @@ class SinkWindowKV:
                               idx.unsqueeze(-1).expand(B, H, T, kk, dv))
         y = w[..., :n_main] @ vr + (w[..., n_main:].unsqueeze(-1) * picked).sum(-2)
         if alpha != 1.0:
-            y, w = y * alpha, w * alpha
+            y = y * alpha                                         # the map stays the unscaled distribution
         return y, (w if need_weights else None)
 
 

@@ -78,7 +78,7 @@ def attention_loop(
     q (B, H, Tq, d), k/v (B, H, Tk, d) (heads already matched); ``allowed(qpos, kpos)``; bias(h, qpos, kpos).
     Slots (each seen by every query, no positional bias): slot_logits (H,) with value 0, then slot_keys /
     slot_values (H, d). Returns (out (B, H, Tq, d), weights (B, H, Tq, S + Tk)) where weights are the
-    probabilities for softmax and |sim| / sum |sim| otherwise.
+    probabilities for softmax (before the alpha scaling: rows sum to 1) and |sim| / sum |sim| otherwise.
     """
     B, H, Tq, d = q.shape
     Tk = k.shape[2]
@@ -109,8 +109,9 @@ def attention_loop(
                     raw.append(s); vals.append(v[b, h, j].double()); cols.append(n_slots + j)
                 raw_t = torch.tensor(raw, dtype=torch.float64)
                 if op == "softmax":
-                    w = torch.exp(raw_t - raw_t.max()); w = w / w.sum() * alpha
-                    proxy = w
+                    p = torch.exp(raw_t - raw_t.max()); p = p / p.sum()
+                    w = p * alpha                     # rows of the output weights sum to alpha
+                    proxy = p                         # the map: the distribution before the alpha scaling
                 else:
                     if op == "sigmoid":
                         sim = 1.0 / (1.0 + torch.exp(-raw_t))

@@ -438,6 +438,57 @@ def test_relative_bias_long_distances_match_the_paper(overrides):
         assert model.attention_paths() == [impl]
 
 
+# ---------------------------------------------------------------------------- softmax scaled to alpha (point 2)
+def sink_by_hand(maps, eps=0.3, K=10):
+    """Sink_k^eps (%) from per-layer maps (B, H, T, T), with loops: alpha_k = mean over i >= k of A[i, k]."""
+    out = []
+    for k in range(K):
+        hits = total = 0
+        for a in maps:
+            B, H, T, _ = a.shape
+            for b in range(B):
+                for h in range(H):
+                    score = sum(float(a[b, h, i, k]) for i in range(k, T)) / (T - k)
+                    hits += score > eps
+                    total += 1
+        out.append(100.0 * hits / total)
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.05, 2.0])
+def test_softmax_alpha_sink_is_thresholded_on_the_unscaled_distribution(alpha):
+    """Table 14: with rows summing to alpha = 0.2 an alpha-scaled map could never pass eps = 0.3 (Sink = 0 by
+    construction) and for alpha > 1 the threshold would be eps / alpha. The metric uses the row-normalised map,
+    as the seed's evaluation does for every operation (model_attn_sim_infer.py returns attn / sum attn)."""
+    model, idx = first_token_sink_model(softmax_alpha=alpha)
+    _, an = model(idx, return_analysis={"attn", "hidden"})
+    w = an.attn[0]
+    torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
+    meter = SinkMeter()
+    meter.update(an.attn)
+    res = meter.compute()
+    assert res.sink[1] == 100.0 and res.sink[2] == 0.0
+    assert sink_by_hand([alpha * w])[0] == (0.0 if alpha < 0.3 else 100.0)   # what thresholding alpha*A gave
+    # a random alpha model: the metric equals the hand loop on the reference loop's row-normalised map
+    model = build(softmax_alpha=alpha, n_layer=2)
+    idx = torch.randint(0, V, (2, 12))
+    _, an = model(idx, return_analysis=True)
+    maps = []
+    for layer, block in enumerate(model.blocks):
+        out, w_ref, _, _ = ref_block(an.hidden[layer], block, model.config, list(range(12)))
+        torch.testing.assert_close(an.attn[layer], w_ref, rtol=1e-9, atol=1e-9)
+        maps.append(w_ref)
+    meter = SinkMeter(eps=0.1)
+    meter.update(an.attn)
+    res = meter.compute()
+    assert [res.sink[k] for k in range(1, 11)] == pytest.approx(sink_by_hand(maps, eps=0.1))
+    # the first layer's map does not depend on alpha at all
+    plain = build(n_layer=2)
+    plain.load_state_dict(model.state_dict())
+    _, an1 = plain(idx, return_analysis={"attn"})
+    torch.testing.assert_close(an.attn[0], an1.attn[0], rtol=1e-12, atol=1e-12)
+
+
 FLEX_VARIANTS = [{}, dict(attn_mask="window", window_size=3), dict(attn_mask="prefix", prefix_size=5),
                  dict(pos_encoding="alibi", attn_mask="window", window_size=4), dict(n_query_groups=2, softmax_alpha=2.0),
                  dict(sink_token=True, attn_mask="window", window_size=2), dict(pos_encoding="relative"),
