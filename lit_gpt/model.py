@@ -386,7 +386,9 @@ class GPT(nn.Module):
                                                  bidirectional=config.attn_mask == "prefix",
                                                  learned=config.pos_encoding == "relative_learned")
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = make_norm(config)
+        # the final norm of pre-norm models; post-norm blocks end in a norm already and the seed's post-norm model
+        # (model_postln.py) has no final norm: an Identity, no parameters, no ln_f.* weights in checkpoints
+        self.ln_f = make_norm(config) if config.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -400,8 +402,11 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ init (the seed's scheme)
     def reset_parameters(self) -> None:
-        """normal(0, sqrt(2 / (5 fan_in))) for linears and embeddings (fan_in = n_embd for embeddings), the MLP
-        output projections normal(0, 1 / sqrt(fan_in) / n_layer), k*/v* normal(0, 0.02), sink logits 0."""
+        """The seed's ``_init_weights``: normal(0, sqrt(2 / (5 fan_in))) for linears and embeddings (fan_in = n_embd
+        for embeddings); for SwiGLU only (the seed's LLaMAMLP, whose xformers SwiGLU output layer ``w3`` it matches
+        by name) the FFN output projection normal(0, 1 / sqrt(fan_in) / n_layer); the relu / gelu / swish / reglu /
+        geglu FFNs keep the fan-in init everywhere (the seed's ReluMLP, ..., RegluMLP match neither name). Not in the
+        seed: k*/v* normal(0, 0.02), sink logits 0."""
         cfg = self.config
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -413,8 +418,9 @@ class GPT(nn.Module):
             elif isinstance(m, (RMSNorm, nn.LayerNorm)):
                 m.reset_parameters()
         for block in self.blocks:
-            w = block.mlp.proj.weight
-            nn.init.normal_(w, 0.0, 1.0 / math.sqrt(w.shape[1]) / cfg.n_layer)
+            if cfg.mlp == "swiglu":
+                w = block.mlp.proj.weight
+                nn.init.normal_(w, 0.0, 1.0 / math.sqrt(w.shape[1]) / cfg.n_layer)
             attn = block.attn
             for name in ("k_star", "v_bias"):
                 if isinstance(getattr(attn, name, None), nn.Parameter):

@@ -188,7 +188,9 @@ def test_blocks_match_reference_maths(overrides):
         torch.testing.assert_close(an.q[layer], q, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(an.k[layer], k, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(an.hidden[layer + 1], out, rtol=1e-9, atol=1e-9)
-    final = ref_norm(an.hidden[-1], model.ln_f, cfg) @ model.lm_head.weight.double().T
+    # pre-norm: a final norm before the head; post-norm: none (the seed's model_postln.py comments ln_f out)
+    last = ref_norm(an.hidden[-1], model.ln_f, cfg) if cfg.norm_position == "pre" else an.hidden[-1]
+    final = last @ model.lm_head.weight.double().T
     torch.testing.assert_close(logits, final, rtol=1e-9, atol=1e-9)
 
 
@@ -378,16 +380,257 @@ def test_named_60m_has_the_papers_size():
     del model
 
 
-def test_init_follows_the_seed():
-    cfg = Config.from_name("tinyllama_demo")
+@pytest.mark.parametrize("mlp", CHOICES["mlp"])
+def test_init_follows_the_seed(mlp):
+    """The seed's _init_weights (lit_gpt/model.py of sail-sg/Attention-Sink): every linear / embedding
+    normal(0, sqrt(2 / (5 fan_in))); the FFN output projection normal(0, 1 / sqrt(fan_in) / n_layer) only for the
+    SwiGLU FFN (LLaMAMLP, whose xformers SwiGLU names it w3); ReluMLP, GeluMLP, SwishMLP, RegluMLP and GegluMLP keep
+    the fan-in init (Table 11 compares FFNs under exactly this init)."""
+    torch.manual_seed(0)
+    cfg = Config.from_name("tinyllama_demo", mlp=mlp)
     m = GPT(cfg)
-    d = cfg.n_embd
-    assert abs(float(m.wte.weight.std()) - math.sqrt(2 / (5 * d))) < 0.002
-    qkv = m.blocks[0].attn.qkv.weight
-    assert abs(float(qkv.std()) - math.sqrt(2 / (5 * d))) < 0.005
-    proj = m.blocks[0].mlp.proj.weight
-    expected = 1 / math.sqrt(cfg.intermediate_size) / cfg.n_layer
-    assert abs(float(proj.std()) - expected) / expected < 0.05
+    d, h = cfg.n_embd, cfg.intermediate_size
+
+    def close(t, want, tol):
+        return abs(float(t.detach().std()) - want) / want < tol
+
+    assert close(m.wte.weight, math.sqrt(2 / (5 * d)), 0.01)
+    assert close(m.lm_head.weight, math.sqrt(2 / (5 * d)), 0.01)
+    for block in m.blocks:
+        assert close(block.attn.qkv.weight, math.sqrt(2 / (5 * d)), 0.02)
+        assert close(block.attn.proj.weight, math.sqrt(2 / (5 * d)), 0.03)     # attention output: fan-in too
+        assert close(block.mlp.fc.weight, math.sqrt(2 / (5 * d)), 0.02)
+        want = 1 / math.sqrt(h) / cfg.n_layer if mlp == "swiglu" else math.sqrt(2 / (5 * h))
+        assert close(block.mlp.proj.weight, want, 0.03), (mlp, float(block.mlp.proj.weight.std()), want)
+
+
+# ---------------------------------------------------------------------------- T5 relative position (point 1)
+# The seed's buckets (model_relpos.py build_attention_bias, computed in bfloat16 as there; float32 and float64 give
+# the same): the first distance of each bucket from 16 on, and the last bucket, 31, open-ended.
+SEED_BUCKET_STARTS = {16: 16, 19: 17, 21: 18, 24: 19, 27: 20, 31: 21, 35: 22, 40: 23, 46: 24, 52: 25, 59: 26,
+                      67: 27, 77: 28, 87: 29, 99: 30, 113: 31}
+
+
+def test_relative_is_the_papers_fixed_bucket_index():
+    """pos_encoding='relative' adds g(i - j) in [0, 31] (B = 32, D = 128) to the logits, the same for every head,
+    with no parameters; 'relative_learned' keeps T5's learned (bucket, head) table."""
+    fixed, learned, nope = (GPT(tiny(pos_encoding=p)) for p in ("relative", "relative_learned", "nope"))
+    assert fixed.num_parameters() == nope.num_parameters()
+    assert learned.num_parameters() == nope.num_parameters() + 32 * 4
+    assert not any("rel_bias" in k for k in fixed.state_dict())
+    T = 160
+    pos = torch.arange(T).unsqueeze(0)
+    bias = fixed.rel_bias(pos, pos)
+    assert bias.shape == (1, 1, T, T)
+    want = torch.tensor([[paper_relative_bias(i, j) for j in range(T)] for i in range(T)])
+    torch.testing.assert_close(bias[0, 0], want, rtol=0, atol=0)
+    expected, bucket = {}, 0
+    for n in range(T):
+        bucket = n if n < 16 else SEED_BUCKET_STARTS.get(n, bucket)
+        expected[n] = bucket
+    assert [int(bias[0, 0, n, 0]) for n in range(T)] == [expected[n] for n in range(T)]
+    assert int(bias[0, 0, 0, 5]) == 0                  # a key after the query counts as distance 0 (the seed)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(attn_mask="prefix", prefix_size=20), dict(kv_bias="kv")],
+                         ids=variant_id)
+@torch.no_grad()
+def test_relative_bias_long_distances_match_the_paper(overrides):
+    """Distances up to 119 (every log-spaced bucket and the open last one from 113): maps and outputs of a layer
+    against the float64 loop of the paper's formula; the fused paths (SDPA, Flex on CPU) compute the same."""
+    model = build(pos_encoding="relative", n_layer=1, n_head=2, **overrides)
+    cfg = model.config
+    T = 120
+    idx = torch.randint(0, V, (1, T))
+    logits, an = model(idx, return_analysis=True)
+    out, w, _, _ = ref_block(an.hidden[0], model.blocks[0], cfg, list(range(T)))
+    torch.testing.assert_close(an.attn[0], w, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(an.hidden[1], out, rtol=1e-9, atol=1e-9)
+    for impl in ("sdpa", "flex"):
+        model.config.attn_impl = impl
+        torch.testing.assert_close(model(idx), logits, rtol=1e-9, atol=1e-9)
+        assert model.attention_paths() == [impl]
+
+
+# ---------------------------------------------------------------------------- softmax scaled to alpha (point 2)
+def sink_by_hand(maps, eps=0.3, K=10):
+    """Sink_k^eps (%) from per-layer maps (B, H, T, T), with loops: alpha_k = mean over i >= k of A[i, k]."""
+    out = []
+    for k in range(K):
+        hits = total = 0
+        for a in maps:
+            B, H, T, _ = a.shape
+            for b in range(B):
+                for h in range(H):
+                    score = sum(float(a[b, h, i, k]) for i in range(k, T)) / (T - k)
+                    hits += score > eps
+                    total += 1
+        out.append(100.0 * hits / total)
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.05, 2.0])
+def test_softmax_alpha_sink_is_thresholded_on_the_unscaled_distribution(alpha):
+    """Table 14: with rows summing to alpha = 0.2 an alpha-scaled map could never pass eps = 0.3 (Sink = 0 by
+    construction) and for alpha > 1 the threshold would be eps / alpha. The metric uses the row-normalised map,
+    as the seed's evaluation does for every operation (model_attn_sim_infer.py returns attn / sum attn)."""
+    model, idx = first_token_sink_model(softmax_alpha=alpha)
+    _, an = model(idx, return_analysis={"attn", "hidden"})
+    w = an.attn[0]
+    torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
+    meter = SinkMeter()
+    meter.update(an.attn)
+    res = meter.compute()
+    assert res.sink[1] == 100.0 and res.sink[2] == 0.0
+    assert sink_by_hand([alpha * w])[0] == (0.0 if alpha < 0.3 else 100.0)   # what thresholding alpha*A gave
+    # a random alpha model: the metric equals the hand loop on the reference loop's row-normalised map
+    model = build(softmax_alpha=alpha, n_layer=2)
+    idx = torch.randint(0, V, (2, 12))
+    _, an = model(idx, return_analysis=True)
+    maps = []
+    for layer, block in enumerate(model.blocks):
+        out, w_ref, _, _ = ref_block(an.hidden[layer], block, model.config, list(range(12)))
+        torch.testing.assert_close(an.attn[layer], w_ref, rtol=1e-9, atol=1e-9)
+        maps.append(w_ref)
+    meter = SinkMeter(eps=0.1)
+    meter.update(an.attn)
+    res = meter.compute()
+    assert [res.sink[k] for k in range(1, 11)] == pytest.approx(sink_by_hand(maps, eps=0.1))
+    # the first layer's map does not depend on alpha at all
+    plain = build(n_layer=2)
+    plain.load_state_dict(model.state_dict())
+    _, an1 = plain(idx, return_analysis={"attn"})
+    torch.testing.assert_close(an.attn[0], an1.attn[0], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- post-norm (point 6)
+def test_post_norm_has_no_final_norm_like_the_seed():
+    """model_postln.py of the seed comments ln_f out: the head reads the last block's (normalised) output."""
+    model = build(norm_position="post")
+    assert isinstance(model.ln_f, torch.nn.Identity)
+    assert not any(k.startswith("ln_f") for k in model.state_dict())
+    idx = torch.randint(0, V, (2, 6))
+    logits, an = model(idx, return_analysis={"hidden"})
+    torch.testing.assert_close(logits, an.hidden[-1] @ model.lm_head.weight.T, rtol=1e-12, atol=1e-12)
+    pre = build(norm_position="pre")
+    assert any(k.startswith("ln_f") for k in pre.state_dict())
+
+
+def test_checkpoints_of_the_former_variants_load_or_are_refused_clearly(tmp_path):
+    from lit_gpt.checkpoint import load_model, write_checkpoint
+
+    # a 'relative' checkpoint with the learned table (written before the paper's fixed bias became 'relative')
+    old = build(pos_encoding="relative_learned")
+    sd = old.state_dict()
+    cfg = dict(old.config.to_dict(), pos_encoding="relative")
+    write_checkpoint(tmp_path / "rel.pth", sd, Config(**cfg))
+    with pytest.warns(UserWarning, match="now called 'relative_learned'"):
+        model, payload = load_model(tmp_path / "rel.pth", dtype=torch.float64)
+    assert model.config.pos_encoding == "relative_learned"
+    idx = torch.randint(0, V, (2, 9))
+    torch.testing.assert_close(model(idx), old(idx))
+    # a post-norm checkpoint with a final norm computes a function no config has any more: refused, one line
+    post = build(norm_position="post")
+    sd = dict(post.state_dict(), **{"ln_f.weight": torch.ones(post.config.n_embd, dtype=torch.float64)})
+    write_checkpoint(tmp_path / "post.pth", sd, post.config)
+    with pytest.raises(ValueError, match="unexpected \\['ln_f.weight'\\]; it has a final norm ln_f, which post-norm"):
+        load_model(tmp_path / "post.pth")
+
+
+# ---------------------------------------------------------------------------- T5 relative position (point 1)
+# The seed's buckets (model_relpos.py build_attention_bias, computed in bfloat16 as there; float32 and float64 give
+# the same): the first distance of each bucket from 16 on, and the last bucket, 31, open-ended.
+SEED_BUCKET_STARTS = {16: 16, 19: 17, 21: 18, 24: 19, 27: 20, 31: 21, 35: 22, 40: 23, 46: 24, 52: 25, 59: 26,
+                      67: 27, 77: 28, 87: 29, 99: 30, 113: 31}
+
+
+def test_relative_is_the_papers_fixed_bucket_index():
+    """pos_encoding='relative' adds g(i - j) in [0, 31] (B = 32, D = 128) to the logits, the same for every head,
+    with no parameters; 'relative_learned' keeps T5's learned (bucket, head) table."""
+    fixed, learned, nope = (GPT(tiny(pos_encoding=p)) for p in ("relative", "relative_learned", "nope"))
+    assert fixed.num_parameters() == nope.num_parameters()
+    assert learned.num_parameters() == nope.num_parameters() + 32 * 4
+    assert not any("rel_bias" in k for k in fixed.state_dict())
+    T = 160
+    pos = torch.arange(T).unsqueeze(0)
+    bias = fixed.rel_bias(pos, pos)
+    assert bias.shape == (1, 1, T, T)
+    want = torch.tensor([[paper_relative_bias(i, j) for j in range(T)] for i in range(T)])
+    torch.testing.assert_close(bias[0, 0], want, rtol=0, atol=0)
+    expected, bucket = {}, 0
+    for n in range(T):
+        bucket = n if n < 16 else SEED_BUCKET_STARTS.get(n, bucket)
+        expected[n] = bucket
+    assert [int(bias[0, 0, n, 0]) for n in range(T)] == [expected[n] for n in range(T)]
+    assert int(bias[0, 0, 0, 5]) == 0                  # a key after the query counts as distance 0 (the seed)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(attn_mask="prefix", prefix_size=20), dict(kv_bias="kv")],
+                         ids=variant_id)
+@torch.no_grad()
+def test_relative_bias_long_distances_match_the_paper(overrides):
+    """Distances up to 119 (every log-spaced bucket and the open last one from 113): maps and outputs of a layer
+    against the float64 loop of the paper's formula; the fused paths (SDPA, Flex on CPU) compute the same."""
+    model = build(pos_encoding="relative", n_layer=1, n_head=2, **overrides)
+    cfg = model.config
+    T = 120
+    idx = torch.randint(0, V, (1, T))
+    logits, an = model(idx, return_analysis=True)
+    out, w, _, _ = ref_block(an.hidden[0], model.blocks[0], cfg, list(range(T)))
+    torch.testing.assert_close(an.attn[0], w, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(an.hidden[1], out, rtol=1e-9, atol=1e-9)
+    for impl in ("sdpa", "flex"):
+        model.config.attn_impl = impl
+        torch.testing.assert_close(model(idx), logits, rtol=1e-9, atol=1e-9)
+        assert model.attention_paths() == [impl]
+
+
+# ---------------------------------------------------------------------------- T5 relative position (point 1)
+# The seed's buckets (model_relpos.py build_attention_bias, computed in bfloat16 as there; float32 and float64 give
+# the same): the first distance of each bucket from 16 on, and the last bucket, 31, open-ended.
+SEED_BUCKET_STARTS = {16: 16, 19: 17, 21: 18, 24: 19, 27: 20, 31: 21, 35: 22, 40: 23, 46: 24, 52: 25, 59: 26,
+                      67: 27, 77: 28, 87: 29, 99: 30, 113: 31}
+
+
+def test_relative_is_the_papers_fixed_bucket_index():
+    """pos_encoding='relative' adds g(i - j) in [0, 31] (B = 32, D = 128) to the logits, the same for every head,
+    with no parameters; 'relative_learned' keeps T5's learned (bucket, head) table."""
+    fixed, learned, nope = (GPT(tiny(pos_encoding=p)) for p in ("relative", "relative_learned", "nope"))
+    assert fixed.num_parameters() == nope.num_parameters()
+    assert learned.num_parameters() == nope.num_parameters() + 32 * 4
+    assert not any("rel_bias" in k for k in fixed.state_dict())
+    T = 160
+    pos = torch.arange(T).unsqueeze(0)
+    bias = fixed.rel_bias(pos, pos)
+    assert bias.shape == (1, 1, T, T)
+    want = torch.tensor([[paper_relative_bias(i, j) for j in range(T)] for i in range(T)])
+    torch.testing.assert_close(bias[0, 0], want, rtol=0, atol=0)
+    expected, bucket = {}, 0
+    for n in range(T):
+        bucket = n if n < 16 else SEED_BUCKET_STARTS.get(n, bucket)
+        expected[n] = bucket
+    assert [int(bias[0, 0, n, 0]) for n in range(T)] == [expected[n] for n in range(T)]
+    assert int(bias[0, 0, 0, 5]) == 0                  # a key after the query counts as distance 0 (the seed)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(attn_mask="prefix", prefix_size=20), dict(kv_bias="kv")],
+                         ids=variant_id)
+@torch.no_grad()
+def test_relative_bias_long_distances_match_the_paper(overrides):
+    """Distances up to 119 (every log-spaced bucket and the open last one from 113): maps and outputs of a layer
+    against the float64 loop of the paper's formula; the fused paths (SDPA, Flex on CPU) compute the same."""
+    model = build(pos_encoding="relative", n_layer=1, n_head=2, **overrides)
+    cfg = model.config
+    T = 120
+    idx = torch.randint(0, V, (1, T))
+    logits, an = model(idx, return_analysis=True)
+    out, w, _, _ = ref_block(an.hidden[0], model.blocks[0], cfg, list(range(T)))
+    torch.testing.assert_close(an.attn[0], w, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(an.hidden[1], out, rtol=1e-9, atol=1e-9)
+    for impl in ("sdpa", "flex"):
+        model.config.attn_impl = impl
+        torch.testing.assert_close(model(idx), logits, rtol=1e-9, atol=1e-9)
+        assert model.attention_paths() == [impl]
 
 
 # ---------------------------------------------------------------------------- T5 relative position (point 1)
