@@ -33,8 +33,18 @@ MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------- masks
+def _banded(f: MaskFn, window: Optional[int] = None, n_sink: int = 0, prefix: int = 0) -> MaskFn:
+    """Tag a mask with the parameters of allowed(q, k) = (k <= q and (q - k < window or k < n_sink)) or
+    (q < prefix and k < prefix), the form the fused kernels compute (lit_gpt.kernels.sim_attention)."""
+    f.band = (window, n_sink, prefix)
+    return f
+
+
 def causal_mask(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return k <= q
+
+
+_banded(causal_mask)
 
 
 def window_mask(window: int) -> MaskFn:
@@ -42,7 +52,7 @@ def window_mask(window: int) -> MaskFn:
     def f(q, k):
         return (k <= q) & (q - k < window)
     f.__name__ = f"window_{window}"
-    return f
+    return _banded(f, window=window)
 
 
 def prefix_mask(prefix: int) -> MaskFn:
@@ -50,7 +60,7 @@ def prefix_mask(prefix: int) -> MaskFn:
     def f(q, k):
         return (k <= q) | ((q < prefix) & (k < prefix))
     f.__name__ = f"prefix_{prefix}"
-    return f
+    return _banded(f, prefix=prefix)
 
 
 def sink_window_mask(n_sink: int, window: int) -> MaskFn:
@@ -58,7 +68,7 @@ def sink_window_mask(n_sink: int, window: int) -> MaskFn:
     def f(q, k):
         return (k <= q) & ((k < n_sink) | (q - k < window))
     f.__name__ = f"sink{n_sink}_window_{window}"
-    return f
+    return _banded(f, window=window, n_sink=n_sink)
 
 
 def and_masks(*fns: MaskFn) -> MaskFn:

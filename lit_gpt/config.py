@@ -42,7 +42,9 @@ CHOICES: Dict[str, tuple] = {
     #   v:  a learned value bias v* added to every value (no extra slot; equals output + v* under softmax)
     "kv_bias": ("none", "k", "v", "kv"),
     "kv_bias_value": ("zero", "one_hot", "uniform"),
-    "attn_impl": ("auto", "sdpa", "flex", "eager"),
+    # auto: SDPA / FlexAttention for softmax, the fused Triton kernel for sigmoid / elu on CUDA, eager otherwise;
+    # triton: that kernel explicitly (sigmoid / elu only; on CPU it runs in Triton's interpreter, for tests)
+    "attn_impl": ("auto", "sdpa", "flex", "eager", "triton"),
 }
 
 
@@ -104,7 +106,7 @@ class Config:
     sink_token: bool = False               # learnable sink token prepended to every sequence (StreamingLLM §3.3)
     sink_logit: bool = False               # learned per-head logit in the softmax denominator (gpt-oss form)
     # ---- implementation ----
-    attn_impl: str = "auto"                # auto: SDPA / FlexAttention (CUDA) for softmax, eager for the rest
+    attn_impl: str = "auto"                # auto: SDPA / Flex (CUDA) for softmax, Triton (CUDA) for sigmoid / elu
     extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes carried into checkpoints
 
     def __post_init__(self) -> None:
@@ -173,6 +175,9 @@ class Config:
         if self.attn_impl in ("sdpa", "flex") and self.attn_op != "softmax":
             raise _bad("attn_impl", self.attn_impl, f"auto or eager with attn_op={self.attn_op!r} "
                                                    "(fused kernels only compute softmax attention)")
+        if self.attn_impl == "triton" and (self.attn_op not in ("sigmoid", "elu") or self.pos_encoding in RELATIVE_POSITIONS):
+            raise _bad("attn_impl", self.attn_impl, f"auto, sdpa, flex or eager with attn_op={self.attn_op!r}, "
+                       f"pos_encoding={self.pos_encoding!r} (the Triton kernel computes sigmoid / elu without T5 bias)")
         if self.pos_encoding in SCORE_BIAS_POSITIONS and self.attn_op not in ("softmax", "sigmoid", "elu"):
             raise _bad("pos_encoding", self.pos_encoding, f"rope, nope, sinusoidal or learned with attn_op={self.attn_op!r} "
                        "(an additive score bias needs a score-based operation: softmax, sigmoid, elu)")

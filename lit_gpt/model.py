@@ -281,11 +281,21 @@ class CausalSelfAttention(nn.Module):
         """Attention core over already position-encoded q (B,H,Tq,d), k/v (B,G,Tk,d) with their positions.
 
         Path: eager when maps are requested or the operation is not softmax; FlexAttention when
-        :func:`use_flex` says so (a full forward); otherwise SDPA. The path taken is recorded in ``last_impl``.
-        A Flex failure raises, except a Triton resource limit under ``attn_impl='auto'``, which warns and uses SDPA
-        for that layout from then on (:func:`lit_gpt.flex.flex_failed`)."""
+        :func:`use_flex` says so (a full forward); otherwise SDPA. Sigmoid / elu on a full forward: the fused Triton
+        kernel on CUDA where it supports the layout (lit_gpt.kernels.sim_attention). The path taken is recorded in
+        ``last_impl``. A Flex failure raises, except a Triton resource limit under ``attn_impl='auto'``, which warns
+        and uses SDPA for that layout from then on (:func:`lit_gpt.flex.flex_failed`)."""
         cfg = self.config
         slots = self.slots()
+        if (not need_weights and ctx.no_cache and cfg.attn_op in ("sigmoid", "elu")
+                and (q.is_cuda or cfg.attn_impl == "triton")):
+            from lit_gpt.kernels import sim_attention as sim
+            if sim.supports(cfg, q, ctx.mask_fn):
+                self._record("triton")
+                return sim.sim_attention(
+                    q, k, v, ctx.mask_fn, op=cfg.attn_op, normalize=cfg.attn_normalize, scale=self.scale,
+                    alibi_slopes=alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None,
+                    slot_k=slots["slot_k"], slot_v=slots["slot_v"]), None
         eager = need_weights or cfg.attn_op != "softmax" or cfg.attn_impl == "eager"
         if not eager and ctx.no_cache and use_flex(cfg, q, full_causal):
             from lit_gpt.flex import flex_attention_forward, flex_failed
@@ -314,7 +324,7 @@ class CausalSelfAttention(nn.Module):
         return y, None
 
     def _record(self, impl: str) -> None:
-        """Remember which attention path this layer ran last (flex, sdpa, eager, streaming); skipped while
+        """Remember which attention path this layer ran last (flex, sdpa, eager, triton, streaming); skipped while
         torch.compile traces, where a Python side effect would only cost graph breaks."""
         if not torch.compiler.is_compiling():
             self.last_impl = impl
@@ -543,8 +553,8 @@ class GPT(nn.Module):
         return (logits, analysis) if analysis is not None else logits
 
     def attention_paths(self) -> List[Optional[str]]:
-        """The attention path each layer ran in the last forward ('flex', 'sdpa', 'eager', 'streaming'; None before
-        any forward), e.g. to check that a fused kernel really ran."""
+        """The attention path each layer ran in the last forward ('flex', 'sdpa', 'eager', 'triton', 'streaming';
+        None before any forward), e.g. to check that a fused kernel really ran."""
         return [block.attn.last_impl for block in self.blocks]
 
     def num_parameters(self, trainable_only: bool = False) -> int:

@@ -225,6 +225,8 @@ def all_field_values():
                 ov["kv_bias"] = "k"
             if name == "attn_impl" and value == "flex":
                 continue  # CUDA only (FlexAttention has no CPU backward); covered on the GPU benchmark
+            if name == "attn_impl" and value == "triton":
+                ov["attn_op"] = "sigmoid"   # the fused sigmoid / elu kernel (Triton's interpreter on CPU)
             cases.append(ov)
     combos = [
         dict(attn_op="sigmoid", attn_normalize=False, pos_encoding="alibi", norm_position="post"),
@@ -613,8 +615,8 @@ def test_gpu_checks_fail_a_flex_case_that_did_not_run_flex():
     from gpu_checks import case_ok
 
     flex = dict(attn_mask="window", window_size=64, attn_impl="flex")
-    assert case_ok(flex, 1e-7, 1e-6, 11.0, "flex")
-    assert not case_ok(flex, 1e-7, 1e-6, 11.0, "sdpa")                  # the silent fallback of before
-    assert not case_ok(flex, 1e-7, 1e-6, 11.0, "flex / bf16 flex+sdpa")
-    assert case_ok(dict(attn_mask="window", window_size=64), 1e-7, 1e-6, 11.0, "sdpa")
-    assert not case_ok(flex, 1e-3, 1e-6, 11.0, "flex")
+    assert case_ok("flex_window64", flex, 1e-7, 1e-6, 11.0, "flex")
+    assert not case_ok("flex_window64", flex, 1e-7, 1e-6, 11.0, "sdpa")      # the silent fallback of before
+    assert not case_ok("flex_window64", flex, 1e-7, 1e-6, 11.0, "flex / bf16 flex+sdpa")
+    assert case_ok("window64", dict(attn_mask="window", window_size=64), 1e-7, 1e-6, 11.0, "sdpa")
+    assert not case_ok("flex_window64", flex, 1e-3, 1e-6, 11.0, "flex")
