@@ -28,8 +28,8 @@ import torch
 
 from lit_gpt.streaming import recompute_nll, stream_nll
 from lit_gpt.streaming_io import (
-    METHODS, add_model_args, book_stream, lm_from_args, make_method, markdown_table, plot_log_ppl, sampled_stream,
-    shared_dir, write_json,
+    METHODS, add_model_args, add_topk_args, book_stream, lm_from_args, make_method, markdown_table, plot_log_ppl,
+    sampled_stream, shared_dir, topk_kwargs, write_json,
 )
 from lit_gpt.utils import atomic_torch_save
 
@@ -78,8 +78,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lminf-global", type=int, default=None, help="LM-Infinite n_global (default --start-size)")
     ap.add_argument("--lminf-local", type=int, default=None, help="LM-Infinite n_local (default --cache-size minus n_global)")
     ap.add_argument("--lminf-ceiling", type=int, default=None, help="LM-Infinite L_pretrain (default n_local)")
-    ap.add_argument("--topk", type=int, default=0, help="LM-Infinite top-k middle tokens (0 = off)")
-    ap.add_argument("--topk-from-layer", type=int, default=4)
+    add_topk_args(ap)
     ap.add_argument("--sink-ablation", default=None, help="e.g. 0,1,2,4,8: sinks in a cache of --cache-size")
     ap.add_argument("--cache-sweep", default=None, help="e.g. 128,256,512: window vs sinks at each cache size")
     ap.add_argument("--plot-width", type=int, default=128, help="tokens in the rolling mean of the plot")
@@ -89,8 +88,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     out = Path(args.out)
     kw = dict(start_size=args.start_size, lminf_global=args.lminf_global, lminf_local=args.lminf_local,
-              lminf_ceiling=args.lminf_ceiling, topk=args.topk, topk_from_layer=args.topk_from_layer,
-              stride=args.stride)
+              lminf_ceiling=args.lminf_ceiling, stride=args.stride, **topk_kwargs(args))
     if args.sink_ablation:
         methods = [make_method("window" if s == 0 else "sink", **dict(kw, cache_size=args.cache_size, start_size=s))
                    for s in parse_ints(args.sink_ablation)]

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from lit_gpt.streaming import dense_spec, stream_generate
 from lit_gpt.streaming_io import (
-    add_model_args, lm_from_args, make_method, markdown_table, parse_passkey, passkey_prompt, write_json,
+    add_model_args, add_topk_args, lm_from_args, make_method, markdown_table, parse_passkey, passkey_prompt,
+    topk_kwargs, write_json,
 )
 
 PASSKEY_METHODS = ("dense", "window", "sink", "lminfinite")
@@ -59,8 +60,7 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default="dense,sink,lminfinite")
     ap.add_argument("--cache-size", type=int, default=None, help="default: the training window")
     ap.add_argument("--start-size", type=int, default=4, help="sinks / LM-Infinite n_global")
-    ap.add_argument("--topk", type=int, default=0)
-    ap.add_argument("--topk-from-layer", type=int, default=4)
+    add_topk_args(ap)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8, help="prompts per forward")
@@ -81,8 +81,7 @@ def main(argv=None) -> None:
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else \
         [int(float(m) * window) for m in args.multiples.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
-    methods = [make_method(m, cache_size=cache, start_size=args.start_size, topk=args.topk,
-                           topk_from_layer=args.topk_from_layer) for m in names]
+    methods = [make_method(m, cache_size=cache, start_size=args.start_size, **topk_kwargs(args)) for m in names]
     rng = random.Random(args.seed)
     cases = []
     for n in lengths:

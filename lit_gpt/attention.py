@@ -181,7 +181,7 @@ def eager_attention(
     q (B, H, Tq, d); k, v (B, Hkv, Tk, d); mask bool broadcastable to (B, H, Tq, Tk); bias additive scores.
     ``kernel`` is the feature map phi for kernel operations (applied to q, k and slot keys).
     Returns the output (B, H, Tq, d) and, if ``need_weights``, the attention map (B, H, Tq, S + Tk): the
-    probabilities for softmax, else the paper's proxy |sim| / sum |sim|.
+    softmax probabilities before the ``alpha`` scaling (rows sum to 1), else the paper's proxy |sim| / sum |sim|.
     """
     H = q.shape[1]
     k, v = repeat_kv(k, H), repeat_kv(v, H)
@@ -193,10 +193,10 @@ def eager_attention(
     scores, mask, v = _with_slots(q, k, v, scale, bias, mask, slot_k, slot_v, slot_logit)
     if op == "softmax":
         w = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        if alpha != 1.0:
-            w = w * alpha
         y = w @ v
-        return y, (w if need_weights else None)
+        # the map is the attention distribution before the alpha scaling (rows sum to 1), so the sink threshold
+        # means the same for every alpha (paper Table 14); only the output carries alpha
+        return (y * alpha if alpha != 1.0 else y), (w if need_weights else None)
     if op == "sigmoid":
         sim = torch.sigmoid(scores)
     elif op == "elu":

@@ -20,6 +20,11 @@ highest ``step-XXXXXXX/``). Anything else gets one line saying what it is: an ol
 written before this format) names the converter, ``python -m lit_gpt.checkpoint convert OLD.pth`` (or a run
 folder: every ``*.pth`` in it), which reads the old file with ``torch.load(weights_only=True)`` and an
 allow-list of the numpy types its RNG state holds, so converting does not run code either.
+
+Checkpoints written before issue #8 changed two variants are recognised: a ``pos_encoding: relative``
+checkpoint holding the learned T5 table (``rel_bias.embedding.weight``) loads as ``relative_learned`` (what it
+was trained as), with a warning; a post-norm checkpoint holding a final norm ``ln_f`` is refused with a one-line
+reason (post-norm models no longer have one, as in the seed, so no config computes what it was trained as).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import random
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
@@ -310,6 +316,27 @@ def find_checkpoint(path: Union[str, Path]) -> Path:
                             "final/ or step-XXXXXXX/")
 
 
+def _upgrade_legacy(payload: Dict[str, Any]) -> None:
+    """Rename what an older version called the variant a checkpoint was trained as (see the module docstring)."""
+    mc = payload["model_config"]
+    if isinstance(mc, dict) and mc.get("pos_encoding") == "relative" and "rel_bias.embedding.weight" in payload["model"]:
+        mc["pos_encoding"] = "relative_learned"
+        warnings.warn(f"{payload['_path']}: pos_encoding='relative' with a learned bucket table is what is now called "
+                      "'relative_learned' ('relative' is the paper's fixed bucket bias); loading it as relative_learned")
+
+
+def check_state_keys(config: Config, missing, unexpected, where: str) -> Optional[str]:
+    """One line describing why a state dict does not fit a model of ``config`` (None when it fits)."""
+    missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
+    if not missing and not unexpected:
+        return None
+    msg = f"{where}: weights do not match the config: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+    if config.norm_position == "post" and any(k.startswith("ln_f.") for k in unexpected):
+        msg += ("; it has a final norm ln_f, which post-norm models no longer apply (the seed's model_postln.py has "
+                "none): it was trained as another function and no config of this version computes it")
+    return msg
+
+
 # ---------------------------------------------------------------------------- load
 def _read_meta(folder: Path) -> dict:
     try:
@@ -349,6 +376,7 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
         weights[name] = weights[stored]
     payload["model"] = weights
     payload["_path"] = str(folder)
+    _upgrade_legacy(payload)
     return payload
 
 
@@ -362,10 +390,9 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     config = Config.from_dict(dict(payload["model_config"], **config_overrides), where=payload["_path"])
     model = GPT(config)
     missing, unexpected = model.load_state_dict(payload.pop("model"), strict=False)
-    missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{payload['_path']}: weights do not match the config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+    problem = check_state_keys(config, missing, unexpected, payload["_path"])
+    if problem:
+        raise ValueError(problem)
     model.to(device=device, dtype=dtype).eval()
     for k in ("optimizer", "scheduler"):
         payload.pop(k, None)

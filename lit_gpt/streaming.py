@@ -24,9 +24,13 @@ Position policies (``StreamingSpec.policy``)
 * ``lminfinite`` (LM-Infinite): original positions with a distance ceiling L = ``max_distance`` (L_pretrain,
   default recent_size): sink ("global") keys are stored un-rotated (position 0) and the query that sees them is
   rotated to min(p, L), i.e. every key beyond the local window is at distance L (the reference code's
-  "stationary" branch). Optional: ``topk`` middle tokens (keys neither global nor local) with the largest
-  logits under the ceiling, from layer ``topk_from_layer`` on (the paper's k=5 from layer 4, for retrieval);
-  this keeps all keys (O(n) cache memory), the Λ part stays O(s + r).
+  "stationary" branch). Optional: ``topk`` middle tokens (keys neither global nor local), from layer
+  ``topk_from_layer`` on (the paper's k=5 from layer 4, for retrieval): the k with the largest logits when
+  placed at distance ``topk_insert_at`` (LM-Infinite's ``top_k_insert_at``; default L // 2, i.e. its 2048 for
+  Llama-2's L = 4096), attended at that distance, and only once at least k middle tokens exist (LM-Infinite's
+  ``col_high >= global_branch + top_k_attention``); this keeps all keys (O(n) cache memory), the Λ part stays
+  O(s + r). Unlike LM-Infinite, which applies top-k to the last query of a forward call only, every query
+  gets it, so chunked prefill equals token-by-token.
 * ``original``: no re-indexing, no ceiling (ablation; the only policy for absolute position embeddings).
 
 So both policies have the same two-group structure: sink keys at key position g(i) (i, or 0 for LM-Infinite)
@@ -49,6 +53,7 @@ import torch
 import torch.nn as nn
 
 from lit_gpt.attention import MaskFn, _with_slots, eager_attention, repeat_kv, sdpa_attention
+from lit_gpt.config import SCORE_BIAS_POSITIONS
 from lit_gpt.positional import apply_rope, rope_cos_sin, rope_inv_freq
 
 POLICIES = ("reindex", "original", "lminfinite")
@@ -73,6 +78,7 @@ class StreamingSpec:
     max_distance: Optional[int] = None     # lminfinite: L_pretrain, the distance ceiling (default recent_size)
     topk: int = 0                          # lminfinite: middle tokens attended per query and head (0 = off)
     topk_from_layer: int = 4               # ... in layers with index >= this (0-based)
+    topk_insert_at: Optional[int] = None   # ... placed at this distance from the query (default ceiling // 2)
 
     def __post_init__(self) -> None:
         if not _is_int(self.start_size) or self.start_size < 0:
@@ -92,6 +98,11 @@ class StreamingSpec:
             raise _bad("topk", self.topk, f"0 unless policy='lminfinite' (policy={self.policy!r})")
         if not _is_int(self.topk_from_layer) or self.topk_from_layer < 0:
             raise _bad("topk_from_layer", self.topk_from_layer, "an integer >= 0")
+        if self.topk_insert_at is not None:
+            if not self.topk:
+                raise _bad("topk_insert_at", self.topk_insert_at, "null unless topk > 0")
+            if not _is_int(self.topk_insert_at) or self.topk_insert_at < 0:
+                raise _bad("topk_insert_at", self.topk_insert_at, "an integer >= 0 (a query-key distance)")
 
     @property
     def cache_size(self) -> int:
@@ -100,6 +111,11 @@ class StreamingSpec:
     @property
     def ceiling(self) -> int:
         return self.max_distance if self.max_distance is not None else self.recent_size
+
+    @property
+    def insert_at(self) -> int:
+        """The distance at which top-k middle tokens are scored and attended (LM-Infinite's top_k_insert_at)."""
+        return self.topk_insert_at if self.topk_insert_at is not None else self.ceiling // 2
 
     def sink_query_pos(self, p: torch.Tensor) -> torch.Tensor:
         """f(p): the position of the query when it looks at sink keys."""
@@ -131,7 +147,8 @@ class StreamingSpec:
     def describe(self) -> str:
         s = f"{self.policy} sinks={self.start_size} recent={self.recent_size}"
         if self.policy == "lminfinite":
-            s += f" L={self.ceiling}" + (f" topk={self.topk}@layer>={self.topk_from_layer}" if self.topk else "")
+            s += f" L={self.ceiling}" + (f" topk={self.topk}@layer>={self.topk_from_layer} at distance "
+                                          f"{self.insert_at}" if self.topk else "")
         return s
 
 
@@ -377,7 +394,7 @@ class SinkWindowKV:
             b_loc = ops.bias_fn(p, kp[:, s:]).expand(B, -1, -1, -1)
             bias = torch.cat([b_sink, b_loc], dim=-1)
         if self.topk:
-            y, w = self._attend_topk(qq, keys, vals, vis, bias, q, p, fq, ops, scale, alpha, sk, slot_v,
+            y, w = self._attend_topk(qq, keys, vals, vis, bias, q, p, ops, scale, alpha, sk, slot_v,
                                      slot_logit, mask_fn, need_weights)
         elif op == "softmax" and not need_weights:
             y = sdpa_attention(qq, keys, vals, mask=vis.unsqueeze(1), scale=scale, bias=bias, alpha=alpha,
@@ -391,27 +408,29 @@ class SinkWindowKV:
             self._write_ring(k, v, p, valid)
         return y, w
 
-    def _attend_topk(self, qq, keys, vals, vis, bias, q, p, fq, ops, scale, alpha, slot_k, slot_v, slot_logit,
+    def _attend_topk(self, qq, keys, vals, vis, bias, q, p, ops, scale, alpha, slot_k, slot_v, slot_logit,
                      mask_fn, need_weights):
-        """Λ attention plus, per query and head, the top-k middle keys by their logit under the ceiling."""
-        s, r = self.spec.start_size, self.spec.recent_size
+        """Λ attention plus, per query and head, the top-k middle keys by their logit at distance ``insert_at``."""
+        s, r, topk = self.spec.start_size, self.spec.recent_size, self.spec.topk
         B, H, T, _ = q.shape
         kr, vr = repeat_kv(keys, H), repeat_kv(vals, H)
         scores, mask, vr = _with_slots(qq, kr, vr, scale, bias, vis.unsqueeze(1).expand(B, H, -1, -1),
                                        slot_k, slot_v, slot_logit)
         scores = scores.masked_fill(~mask, float("-inf"))
-        q_far = ops.rotate(q, fq - p)                             # the query at min(p, L) vs un-rotated keys
+        d_ins = torch.full_like(p, self.spec.insert_at)
+        q_ins = ops.rotate(q, d_ins - p)                          # the query at insert_at vs un-rotated keys
         mk, mv, mpos = repeat_kv(self.mid_k, H), repeat_kv(self.mid_v, H), self.mid_pos
-        mid = (q_far @ mk.transpose(-1, -2)) * scale              # (B, H, T, N)
+        mid = (q_ins @ mk.transpose(-1, -2)) * scale              # (B, H, T, N)
         if ops.kind == "bias":
-            mid = mid + ops.bias_fn(fq, torch.zeros_like(mpos)).to(mid.dtype)
+            mid = mid + ops.bias_fn(d_ins, torch.zeros_like(mpos)).to(mid.dtype)
         qp, kq = p.unsqueeze(-1), mpos.unsqueeze(-2)
         cand = (kq >= s) & (kq <= qp) & (qp - kq >= r)
         if mask_fn is not None:
             cand = cand & mask_fn(qp, kq)
+        cand = cand & (cand.sum(-1, keepdim=True) >= topk)        # LM-Infinite: no top-k before k candidates exist
         mid = mid.masked_fill(~cand.unsqueeze(1), float("-inf"))
-        kk = min(self.spec.topk, mid.shape[-1])
-        top, idx = mid.topk(kk, dim=-1)                           # (B, H, T, kk); -inf where fewer candidates
+        kk = min(topk, mid.shape[-1])
+        top, idx = mid.topk(kk, dim=-1)                           # (B, H, T, kk); -inf where no candidates
         w = torch.softmax(torch.cat([scores, top], dim=-1), dim=-1)
         n_main = scores.shape[-1]
         dv = mv.shape[-1]
@@ -419,7 +438,7 @@ class SinkWindowKV:
                               idx.unsqueeze(-1).expand(B, H, T, kk, dv))
         y = w[..., :n_main] @ vr + (w[..., n_main:].unsqueeze(-1) * picked).sum(-2)
         if alpha != 1.0:
-            y, w = y * alpha, w * alpha
+            y = y * alpha                                         # the map stays the unscaled distribution
         return y, (w if need_weights else None)
 
 
@@ -428,7 +447,7 @@ def gpt_position_ops(config, bias_fn: Optional[Callable] = None, device=None) ->
     pe = config.pos_encoding
     if pe == "rope":
         return PositionOps("rope", inv_freq=rope_inv_freq(config.rope_n_elem, config.rope_base, device=device))
-    if pe in ("alibi", "relative"):
+    if pe in SCORE_BIAS_POSITIONS:
         return PositionOps("bias", bias_fn=bias_fn)
     if pe == "nope":
         return PositionOps("none")

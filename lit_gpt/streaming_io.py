@@ -120,6 +120,20 @@ def add_model_args(ap) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
 
+def add_topk_args(ap) -> None:
+    """LM-Infinite's optional top-k middle tokens (--topk, --topk-from-layer, --topk-insert-at), shared by the
+    drivers; :func:`topk_kwargs` turns the parsed values into :func:`make_method` arguments."""
+    ap.add_argument("--topk", type=int, default=0, help="LM-Infinite top-k middle tokens per query and head (0 = off)")
+    ap.add_argument("--topk-from-layer", type=int, default=4, help="top-k in layers with index >= this (0-based)")
+    ap.add_argument("--topk-insert-at", type=int, default=None,
+                    help="distance at which the top-k tokens are scored and attended (LM-Infinite's top_k_insert_at; "
+                         "default L_pretrain // 2, the LM-Infinite ceiling halved)")
+
+
+def topk_kwargs(args) -> dict:
+    return dict(topk=args.topk, topk_from_layer=args.topk_from_layer, topk_insert_at=args.topk_insert_at)
+
+
 def lm_from_args(args, methods: Sequence[str] = ()) -> LoadedLM:
     """The model of the command line; a ValueError (a refused method, a bad path) ends the script in one line."""
     if args.threads:
@@ -146,7 +160,7 @@ class Method:
 
 def make_method(name: str, *, cache_size: int, start_size: int = 4, lminf_global: Optional[int] = None,
                 lminf_local: Optional[int] = None, lminf_ceiling: Optional[int] = None, topk: int = 0,
-                topk_from_layer: int = 4, stride: int = 1) -> Method:
+                topk_from_layer: int = 4, topk_insert_at: Optional[int] = None, stride: int = 1) -> Method:
     if name == "dense":
         return Method(name, "dense")
     if name == "window":
@@ -161,9 +175,10 @@ def make_method(name: str, *, cache_size: int, start_size: int = 4, lminf_global
         g = start_size if lminf_global is None else lminf_global
         local = lminf_local or cache_size - g          # the same key budget as sinks + window
         L = lminf_ceiling or local
-        label = f"LM-Infinite {g} + {local}, L={L}" + (f", top-{topk}" if topk else "")
-        return Method(name, label, StreamingSpec(g, local, "lminfinite", max_distance=L, topk=topk,
-                                                 topk_from_layer=topk_from_layer))
+        spec = StreamingSpec(g, local, "lminfinite", max_distance=L, topk=topk, topk_from_layer=topk_from_layer,
+                             topk_insert_at=topk_insert_at)
+        label = f"LM-Infinite {g} + {local}, L={L}" + (f", top-{topk} at {spec.insert_at}" if topk else "")
+        return Method(name, label, spec)
     if name == "recompute":
         return Method(name, f"recompute {cache_size} (stride {stride})", window=cache_size, stride=stride)
     raise ValueError(f"method={name!r} is invalid; allowed: {', '.join(METHODS)}")

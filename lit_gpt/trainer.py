@@ -37,8 +37,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from lit_gpt.checkpoint import (FINAL, CheckpointError, delete_checkpoint, find_checkpoint, legacy_checkpoints,
-                                 list_checkpoints, load_checkpoint, model_state_dict, rng_state, set_rng_state,
+from lit_gpt.checkpoint import (FINAL, CheckpointError, check_state_keys, delete_checkpoint, find_checkpoint,
+                                 legacy_checkpoints, list_checkpoints, load_checkpoint, model_state_dict, rng_state, set_rng_state,
                                  step_checkpoints, step_name, write_checkpoint)
 from lit_gpt.config import Config
 from lit_gpt.data import (
@@ -334,10 +334,9 @@ def _load_full_state(fabric, model, optimizer, raw, msd: dict, osd: dict) -> Non
                        options=StateDictOptions(full_state_dict=True))
         return
     missing, unexpected = raw.load_state_dict(msd, strict=False)
-    missing = [m for m in missing if not (raw.config.tie_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise PreflightError(f"checkpoint weights do not match the model: missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}")
+    problem = check_state_keys(raw.config, missing, unexpected, "checkpoint")
+    if problem:
+        raise PreflightError(problem)
     optimizer.load_state_dict(osd)
 
 

@@ -54,6 +54,17 @@ def t5_bucket(rel: int, num_buckets: int, max_distance: int, bidirectional: bool
     return ret + min(val, num_buckets - 1)
 
 
+def paper_relative_bias(i: int, j: int, num_buckets: int = 32, max_distance: int = 128) -> float:
+    """The paper's relative PE (Appendix B, eq. 6; the seed's model_relpos.py): the logit of query i and key j gets
+    the bucket index g(i - j) itself, no parameters. Distance n = max(i - j, 0) (the seed clamps keys after the
+    query to 0); n < B/2 is its own bucket, larger n fall into B/2 log-spaced buckets up to D, the last one open."""
+    n = max(i - j, 0)
+    half = num_buckets // 2
+    if n < half:
+        return float(n)
+    return float(min(num_buckets - 1, half + math.floor(math.log(n / half) / math.log(max_distance / half) * half)))
+
+
 def attention_loop(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Callable[[int, int], bool], *,
     op: str = "softmax", normalize: bool = True, alpha: float = 1.0, scale: Optional[float] = None,
@@ -67,7 +78,7 @@ def attention_loop(
     q (B, H, Tq, d), k/v (B, H, Tk, d) (heads already matched); ``allowed(qpos, kpos)``; bias(h, qpos, kpos).
     Slots (each seen by every query, no positional bias): slot_logits (H,) with value 0, then slot_keys /
     slot_values (H, d). Returns (out (B, H, Tq, d), weights (B, H, Tq, S + Tk)) where weights are the
-    probabilities for softmax and |sim| / sum |sim| otherwise.
+    probabilities for softmax (before the alpha scaling: rows sum to 1) and |sim| / sum |sim| otherwise.
     """
     B, H, Tq, d = q.shape
     Tk = k.shape[2]
@@ -98,8 +109,9 @@ def attention_loop(
                     raw.append(s); vals.append(v[b, h, j].double()); cols.append(n_slots + j)
                 raw_t = torch.tensor(raw, dtype=torch.float64)
                 if op == "softmax":
-                    w = torch.exp(raw_t - raw_t.max()); w = w / w.sum() * alpha
-                    proxy = w
+                    p = torch.exp(raw_t - raw_t.max()); p = p / p.sum()
+                    w = p * alpha                     # rows of the output weights sum to alpha
+                    proxy = p                         # the map: the distribution before the alpha scaling
                 else:
                     if op == "sigmoid":
                         sim = 1.0 / (1.0 + torch.exp(-raw_t))

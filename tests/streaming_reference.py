@@ -43,20 +43,24 @@ def original_plan(start: int, recent: int) -> Plan:
 
 
 def lminfinite_middle(n_global: int, n_local: int) -> Callable[[int], List[int]]:
-    """The middle tokens LM-Infinite's top-k may pick from: neither global nor local."""
+    """The middle tokens LM-Infinite's top-k may pick from: neither global nor local (its columns
+    [global_branch, col_high) with col_high = p - local_branch + 1, models/llama.py detailed_lambda_attention)."""
     return lambda p: [j for j in range(p + 1) if j >= n_global and p - j >= n_local]
 
 
 # ---------------------------------------------------------------------------- attention by plan
 def plan_attention(q, k, v, plan: Plan, *, n_rot: int = 0, base: float = 10000.0, slopes=None, topk: int = 0,
-                   middle: Optional[Callable[[int], List[int]]] = None, ceiling: int = 0,
+                   middle: Optional[Callable[[int], List[int]]] = None, insert_at: int = 0,
                    scale: Optional[float] = None, window: Optional[int] = None, sink_logits=None) -> torch.Tensor:
     """Softmax attention of q (B, T, H, d) over k, v (B, T, G, d) (pre-positional; GQA by h // (H / G)), the
     query at p attending to ``plan(p)``: RoPE on the first ``n_rot`` dims (rotate-half pairs) at the plan's
-    positions, or ALiBi ``slopes``. With ``topk`` also the top-k of ``middle(p)`` by logit at distance
-    ``ceiling``. ``scale``: the logit scale (default 1/sqrt(d)); ``window``: a sliding-window layer sees only
-    the plan's keys with q_pos - k_pos < window; ``sink_logits`` (H,): one more softmax column per head with that
-    logit and a zero value (gpt-oss). Returns (B, T, H, d) float64."""
+    positions, or ALiBi ``slopes``. With ``topk``, LM-Infinite's top-k: the query at position ``insert_at`` against
+    the un-rotated middle keys (its ``near_query_states`` at ``top_k_insert_at`` times ``stationary_key_states``),
+    i.e. every middle token at distance ``insert_at``; the ``topk`` largest of those logits join the softmax, and
+    only once ``middle(p)`` holds at least ``topk`` tokens (``col_high >= global_branch + top_k_attention``).
+    ``scale``: the logit scale (default 1/sqrt(d)); ``window``: a sliding-window layer sees only the plan's keys
+    with q_pos - k_pos < window; ``sink_logits`` (H,): one more softmax column per head with that logit and a zero
+    value (gpt-oss). Returns (B, T, H, d) float64."""
     B, T, H, d = q.shape
     G = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -84,8 +88,8 @@ def plan_attention(q, k, v, plan: Plan, *, n_rot: int = 0, base: float = 10000.0
                 if sink_logits is not None:
                     scores.append(float(sink_logits[h]))
                     vals.append(torch.zeros_like(v[b, 0, g]))
-                if topk:
-                    mids = sorted(((logit(b, h, g, p, j, j + ceiling, j), j) for j in middle(p)), reverse=True)
+                if topk and len(middle(p)) >= topk:
+                    mids = sorted(((logit(b, h, g, p, j, insert_at, 0), j) for j in middle(p)), reverse=True)
                     for sc, j in mids[:topk]:
                         scores.append(sc)
                         vals.append(v[b, j, g])
@@ -122,7 +126,7 @@ def lin(x, mod):
 # ---------------------------------------------------------------------------- models written out
 def ref_gpt_logits(model, idx: torch.Tensor, plan: Plan, **attn_kw) -> torch.Tensor:
     """Our GPT (pre-norm RMSNorm, SwiGLU, no biases; rope / alibi / nope) with attention by plan.
-    ``attn_kw`` (topk, middle, ceiling) applies to layers >= ``topk_from_layer``."""
+    ``attn_kw`` (topk, middle, insert_at) applies to layers >= ``topk_from_layer``."""
     cfg = model.config
     assert cfg.norm_class == "rmsnorm" and cfg.norm_position == "pre" and cfg.mlp == "swiglu" and not cfg.bias
     from_layer = attn_kw.pop("topk_from_layer", 0)
@@ -145,18 +149,21 @@ def ref_gpt_logits(model, idx: torch.Tensor, plan: Plan, **attn_kw) -> torch.Ten
     return lin(rms(x, model.ln_f.weight, cfg.norm_eps), model.lm_head)
 
 
-def ref_hf_llama_logits(model, idx: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """transformers LlamaForCausalLM (default RoPE, no biases) written out, attention by plan."""
+def ref_hf_llama_logits(model, idx: torch.Tensor, plan: Plan, **attn_kw) -> torch.Tensor:
+    """transformers LlamaForCausalLM (default RoPE, no biases) written out, attention by plan (``attn_kw`` as in
+    :func:`ref_gpt_logits`)."""
+    from_layer = attn_kw.pop("topk_from_layer", 0)
     cfg = model.config
     B, T = idx.shape
     H = cfg.num_attention_heads
     d = cfg.hidden_size // H
     x = model.model.embed_tokens.weight.double()[idx]
-    for layer in model.model.layers:
+    for li, layer in enumerate(model.model.layers):
         a = layer.self_attn
         hdn = rms(x, layer.input_layernorm.weight, cfg.rms_norm_eps)
         q, k, v = (lin(hdn, m).view(B, T, -1, d) for m in (a.q_proj, a.k_proj, a.v_proj))
-        y = plan_attention(q, k, v, plan, n_rot=d, base=cfg.rope_parameters["rope_theta"])
+        y = plan_attention(q, k, v, plan, n_rot=d, base=cfg.rope_parameters["rope_theta"],
+                           **(attn_kw if li >= from_layer else {}))
         x = x + lin(y.reshape(B, T, H * d), a.o_proj)
         hdn = rms(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
         m = layer.mlp

@@ -40,7 +40,8 @@ from lit_gpt.hf_streaming import (  # noqa: E402
 )
 from lit_gpt.streaming import StreamingSpec, stream_generate, stream_nll  # noqa: E402
 from streaming_reference import (  # noqa: E402
-    lminfinite_plan, original_plan, ref_hf_llama_logits, ref_hf_neox_logits, ref_hf_plan_logits, streamingllm_plan,
+    lminfinite_middle, lminfinite_plan, original_plan, ref_hf_llama_logits, ref_hf_neox_logits, ref_hf_plan_logits,
+    streamingllm_plan,
 )
 
 V = 40
@@ -207,6 +208,19 @@ def test_learned_positions_stream_at_original_positions_only(family):
     runner.start(1, StreamingSpec(2, 4, "original"))
     with pytest.raises(ValueError, match="position 64 is past .* learned position table .max_position_embeddings=64"):
         runner.step(idx[:1, :1], torch.tensor([[64]]))
+
+
+@torch.no_grad()
+def test_lminfinite_topk_on_hf_llama_follows_the_reference():
+    """LM-Infinite's top-k middle tokens at distance top_k_insert_at (default L / 2) on a Hugging Face model."""
+    model = tiny("llama", layers=3)
+    idx = torch.randint(0, V, (2, 16))
+    for insert_at, at in ((None, 3), (9, 9)):
+        spec = StreamingSpec(2, 6, "lminfinite", topk=2, topk_from_layer=1, topk_insert_at=insert_at)
+        want = ref_hf_llama_logits(model, idx, lminfinite_plan(2, 6, 6), topk=2, topk_from_layer=1,
+                                   middle=lminfinite_middle(2, 6), insert_at=at)
+        for chunk in (1, 7):
+            torch.testing.assert_close(stream_logits(HFRunner(model), idx, spec, chunk), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("family,ref", [("llama", ref_hf_llama_logits), ("gpt_neox", ref_hf_neox_logits)])

@@ -40,6 +40,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from lit_gpt.config import RELATIVE_POSITIONS
+
 if "triton" not in sys.modules and not torch.cuda.is_available():
     # Triton builds its language library for the interpreter or the compiler when it is first imported: without a
     # GPU only the interpreter can run, so ask for it before that import
@@ -85,7 +87,7 @@ def supports(cfg, q: torch.Tensor, mask_fn: Callable) -> bool:
     can express, on CUDA (attn_impl 'auto' or 'triton'), or on CPU in the interpreter when asked for explicitly."""
     if triton is None or cfg.attn_op not in OPS or cfg.attn_impl not in ("auto", "triton"):
         return False
-    if cfg.pos_encoding == "relative" or mask_band(mask_fn) is None or q.shape[-1] > MAX_HEAD_SIZE:
+    if cfg.pos_encoding in RELATIVE_POSITIONS or mask_band(mask_fn) is None or q.shape[-1] > MAX_HEAD_SIZE:
         return False
     if INTERPRETED:
         return q.device.type == "cpu" and cfg.attn_impl == "triton"
