@@ -45,7 +45,7 @@ from lit_gpt.evaluate import probe_tokens, sink_on_probe, sink_summary
 from lit_gpt.packed import ShardError
 from lit_gpt.run_config import RunConfig, loss_skip
 from lit_gpt.sink_metrics import format_sink
-from lit_gpt.utils import atomic_write_text, check_writable_dir
+from lit_gpt.utils import atomic_write_text, check_writable_dir, environment
 
 
 class PreflightError(ValueError):
@@ -596,6 +596,8 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         "final": {k: v for k, v in last.items() if not k.startswith("_")},
         "sink_1_curve": sink_curve, "probe": plan.probe_where,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if fabric.device.type == "cuda" else None,
+        "environment": environment(),        # commit, versions, CPU / GPU, threads, load: where this ran
+        "run_config": cfg.to_dict(),         # what ran: a summary.json describes its run on its own
     }
     if fabric.global_rank == 0:
         csv_log.close()
