@@ -152,6 +152,77 @@ def build_record(run_dir: Union[str, Path], *, row: str, regime: str, config: st
     }
 
 
+def final_checks(run_dir: Union[str, Path]) -> Dict[str, Any]:
+    """What the training log does not hold, measured on the run's ``final.pth`` over its own probe: Sink_1 per layer
+    (and Sink_1* per layer for extra slots), and for a sliding-window run the share of (sample, layer, head) whose
+    attention on the first token of each query's own window exceeds ε (``sink_metrics.window_start_scores``).
+    Empty when the run kept no final checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "final.pth").is_file():
+        return {}
+    import torch
+
+    from lit_gpt.checkpoint import load_model
+    from lit_gpt.evaluate import sink_on_probe
+    from lit_gpt.run_config import from_dict
+    from lit_gpt.sink_metrics import window_start_scores
+    from lit_gpt.trainer import make_probe, open_run_data
+
+    model, payload = load_model(run_dir / "final.pth", device="cpu", attn_impl="eager")
+    mc = model.config
+    cfg = from_dict(payload["run_config"])
+    pc = cfg.probe
+    tokens, _ = make_probe(cfg, open_run_data(cfg, mc, need_train=False))
+    result, _ = sink_on_probe(model, tokens, eps=pc.eps, k_max=pc.k_max, batch_size=pc.batch_size)
+    S = result.n_extra
+    out: Dict[str, Any] = {"sink_1_per_layer": result.per_layer[:, S].tolist()}
+    if S:
+        out["sink_extra_per_layer"] = [result.per_layer[:, j].tolist() for j in range(S)]
+    if mc.attn_mask == "window" and mc.window_size < pc.T:
+        hits, total = 0.0, 0
+        model.eval()
+        with torch.no_grad():
+            for batch in tokens[:, :pc.T].split(pc.batch_size):
+                _, an = model(batch, return_analysis=("attn",))
+                for a in an.attn:
+                    score = window_start_scores(a, mc.window_size, an.n_extra)     # (B, H)
+                    hits += float((score > pc.eps).sum())
+                    total += score.numel()
+        out["sink_window_start"] = 100.0 * hits / total
+    return out
+
+
+EXPLORATION_SCHEMA = "asl-repro-exploration/1"
+
+
+def exploration_entry(run_dir: Union[str, Path], why_stopped: str = "") -> Dict[str, Any]:
+    """A compact record of an exploratory run, finished or not (only ``metrics.csv`` and ``run_config.yaml`` are
+    needed): its settings, how far it got and its Sink_1 (Sink_1*) curve."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    rc = yaml.safe_load((run_dir / "run_config.yaml").read_text())
+    m, t, d = rc["model"], rc["train"], rc["data"]
+    curve = read_curve(run_dir / "metrics.csv")
+    summary = run_dir / "summary.json"
+    keep = ("step", "tokens", "sink_1", "sink_extra_0", "val_loss")
+    s1 = [v for v in curve["sink_1"] if v is not None]
+    return {
+        "name": run_dir.name,
+        "settings": {"n_layer": m.get("n_layer"), "n_head": m.get("n_head"), "n_embd": m.get("n_embd"),
+                     "block_size": m.get("block_size"), "pos_encoding": m.get("pos_encoding", "rope"),
+                     "kv_bias": m.get("kv_bias", "none"), "first_token_fixed": d.get("fixed_token") is not None,
+                     "lr": t["lr"], "weight_decay": t["weight_decay"],
+                     "tokens_per_step": t["global_batch_size"] * m.get("block_size", 0)},
+        "steps": curve["step"][-1],
+        "tokens": curve["tokens"][-1],
+        "ended": "finished" if summary.is_file() and not json.loads(summary.read_text()).get("stopped_early")
+        else (json.loads(summary.read_text())["stopped_early"] if summary.is_file() else why_stopped or "stopped"),
+        "sink_1_max": max(s1), "sink_1_last": s1[-1],
+        "curve": {k: v for k, v in curve.items() if k in keep},
+    }
+
+
 def check_record(rec: Dict[str, Any], where: str = "record") -> None:
     missing = [k for k in REQUIRED if k not in rec]
     if missing:

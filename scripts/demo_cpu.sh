@@ -36,8 +36,10 @@ for s in ${DEMO_SET:-}; do SETS+=(--set "$s"); done
   --results "$RUNS/records" "${SETS[@]}"
 "$PYTHON" -m lit_gpt.training_curves "$RUNS/cpu/default/metrics.csv" "$RUNS/cpu/$CONTRAST/metrics.csv" \
   --labels "default (softmax)" "$CONTRAST" --out "$RUNS/curves.png" --title "CPU regime: default vs $CONTRAST"
-"$PYTHON" - "$RUNS/records/cpu/default.json" "$RUNS/records/cpu/$CONTRAST.json" "$(( $(date +%s) - t0 ))" <<'PY'
-import json, sys
+"$PYTHON" - "$RUNS/records/cpu/default.json" "$RUNS/records/cpu/$CONTRAST.json" "$(( $(date +%s) - t0 ))" \
+  "$RUNS/demo.json" "bash scripts/demo_cpu.sh${1:+ $1}" <<'PY'
+import json, sys, time
+from lit_gpt.utils import atomic_write_text, environment
 a, b = (json.load(open(p)) for p in sys.argv[1:3])
 def col(r):
     extra = [k for k in r["curve"] if k.startswith("sink_extra_")]
@@ -54,5 +56,8 @@ for r in (a, b):
     print(f"{r['row']}: {r['steps']} steps, {r['tokens']:,} tokens in {r['train_seconds']:.0f} s "
           f"({r['tokens_per_s_median'] or 0:,.0f} tokens/s); val loss {f['val_loss']:.3f}; Sink_1 {f['sink'][0]:.1f}%{extra}")
 print(f"wall time of the demo: {int(sys.argv[3]) // 60} min {int(sys.argv[3]) % 60} s")
+atomic_write_text(sys.argv[4], json.dumps({
+    "schema": "asl-demo-run/1", "command": sys.argv[5], "wall_seconds": int(sys.argv[3]),
+    "rows": [a["row"], b["row"]], "date": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment()}, indent=1))
 PY
-echo "plot: $RUNS/curves.png   runs: $RUNS/cpu/{default,$CONTRAST}   records: $RUNS/records/cpu"
+echo "plot: $RUNS/curves.png   runs: $RUNS/cpu/{default,$CONTRAST}   records: $RUNS/records/cpu   timing: $RUNS/demo.json"

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lit_gpt.repro import RecordError, build_record, write_record  # noqa: E402
+from lit_gpt.repro import RecordError, build_record, final_checks, write_record  # noqa: E402
 
 CONFIGS = REPO / "configs" / "repro"
 
@@ -75,6 +75,26 @@ def pretrain_command(python: str, config: Path, out_dir: Path, threads: Optional
     return cmd + list(sets)
 
 
+def finish_record(rec: dict, run_dir: Path, results: str) -> Path:
+    """Add the measurements a record needs beyond the training log, then write it."""
+    rec["final"].update(final_checks(run_dir))
+    return write_record(rec, results)
+
+
+def rerecord(rows: Sequence[str], regime: str, configs: Path, runs_root: Path, results: str, note: str) -> int:
+    import json
+
+    for row in rows:
+        run = runs_root / row
+        old_path = Path(results) / regime / f"{row}.json"
+        old = json.loads(old_path.read_text()) if old_path.is_file() else {}
+        rec = build_record(run, row=row, regime=regime, config=shown_path(row_config(regime, row, configs)),
+                           overrides=old.get("overrides", []), command=old.get("command", "(unknown)"),
+                           wall_seconds=old.get("wall_seconds"), note=note or old.get("hardware", {}).get("note", ""))
+        print(f"[{row}] re-recorded -> {finish_record(rec, run, results)}")
+    return 0
+
+
 def import_runs(folder: Path, regime: str, configs: Path, results: str, command: Optional[str], note: str) -> int:
     """Records for run folders fetched from another machine (their summary.json says what and where)."""
     found = sorted(p.parent for p in folder.glob("*/summary.json"))
@@ -88,7 +108,8 @@ def import_runs(folder: Path, regime: str, configs: Path, results: str, command:
             return 2
         rec = build_record(run, row=row, regime=regime, config=shown_path(row_config(regime, row, configs)),
                            command=command or f"(imported from {folder})", note=note)
-        print(f"[{row}] {rec['steps']} steps, Sink_1={rec['final']['sink'][0]:.1f}% -> {write_record(rec, results)}")
+        print(f"[{row}] {rec['steps']} steps, Sink_1={rec['final']['sink'][0]:.1f}% -> "
+              f"{finish_record(rec, run, results)}")
     return 0
 
 
@@ -109,6 +130,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--import", dest="import_dir", default=None,
                     help="record runs made elsewhere (e.g. the GPU box): DIR/<row>/{summary.json,metrics.csv}")
     ap.add_argument("--command", default=None, help="with --import: the command that made those runs")
+    ap.add_argument("--rerecord", action="store_true",
+                    help="no training: rebuild the records of the given rows from their run folders under --runs "
+                         "(keeping the command and wall time of the previous record)")
     a = ap.parse_args(argv)
     if a.import_dir:
         return import_runs(Path(a.import_dir), a.regime, Path(a.configs), a.results, a.command, a.note)
@@ -125,6 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("--parallel must be >= 1")
 
     runs_root = Path(a.runs).resolve() / a.regime
+    if a.rerecord:
+        return rerecord(rows, a.regime, configs, runs_root, a.results, a.note)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTHONUNBUFFERED="1")
     if a.threads:
@@ -166,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 failed.append(row)
                 print(f"[{row}] no record: {e}", flush=True)
                 continue
-            path = write_record(rec, a.results)
+            path = finish_record(rec, out_dir, a.results)
             f = rec["final"]
             extra = "".join(f" Sink_1*={v:.1f}%" for v in f["sink_extra"] if v is not None)
             print(f"[{row}] done in {wall:.0f} s: {rec['steps']} steps, {rec['tokens']:,} tokens, "

@@ -3,12 +3,12 @@
 # byte-level shards from a carried Gutenberg file, then the rows of configs/repro/gpu/ one after the other, each
 # for SECONDS_PER_ROW seconds of training, then the records, metrics and a side-by-side plot in $OUT.
 #
-#   bash scripts/device/repro_gpu.sh                          # default + sigmoid_no_norm + k_bias, ~8 minutes
+#   bash scripts/device/repro_gpu.sh                          # default + sigmoid_no_norm + k_bias, ~8.5 minutes
 #   ROWS="default" SECONDS_PER_ROW=400 bash scripts/device/repro_gpu.sh
 #
 # Inputs: CORPUS (default dev_cache/gutenberg-train-00.jsonl.xz: any JSONL(.xz) of {"text": ...} documents; a
 # slice is enough, see docs/repro.md), carried in an ignored folder next to the repository. Knobs: ROWS (rows of
-# configs/repro/gpu/, run in this order), SECONDS_PER_ROW (150), VALID_FRACTION (0.02), WORK (/tmp/asl_repro_gpu),
+# configs/repro/gpu/, run in this order), SECONDS_PER_ROW (130), VALID_FRACTION (0.02), WORK (/tmp/asl_repro_gpu),
 # EXTRA (overrides for every row, space-separated), PYTHON (python3), GIT_COMMIT (recorded; there is no .git here).
 # Output ($OUT, at most 8 files, 2 folders deep): log.txt, curves.png (the rows side by side),
 # <row>/metrics.csv and <row>/summary.json per row (the summary holds the run config and the environment).
@@ -17,12 +17,8 @@
 # A CPU dry run of the whole script (tiny budget): see docs/repro.md ("GPU regime").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PYTHON=${PYTHON:-python3}
-OUT=${OUT:-out/repro_gpu}
-WORK=${WORK:-/tmp/asl_repro_gpu}
-CORPUS=${CORPUS:-dev_cache/gutenberg-train-00.jsonl.xz}
-ROWS=${ROWS:-default sigmoid_no_norm k_bias}
-SECONDS_PER_ROW=${SECONDS_PER_ROW:-150}
+: "${PYTHON:=python3}" "${OUT:=out/repro_gpu}" "${WORK:=/tmp/asl_repro_gpu}" "${SECONDS_PER_ROW:=130}"
+: "${CORPUS:=dev_cache/gutenberg-train-00.jsonl.xz}" "${ROWS:=default sigmoid_no_norm k_bias}"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT" "$WORK"
 
