@@ -153,8 +153,8 @@ def build_record(run_dir: Union[str, Path], *, row: str, regime: str, config: st
 
 
 def final_checks(run_dir: Union[str, Path]) -> Dict[str, Any]:
-    """What the training log does not hold, measured on the run's ``final.pth`` over its own probe: Sink_1 per layer
-    (and Sink_1* per layer for extra slots), and for a sliding-window run the share of (sample, layer, head) whose
+    """What the training log does not hold, measured on the run's ``final.pth`` over its own probe: Sink_1 and the
+    mean α_1 per layer (and Sink_1* per layer for extra slots), and for a sliding-window run the share of (sample, layer, head) whose
     attention on the first token of each query's own window exceeds ε (``sink_metrics.window_start_scores``).
     Empty when the run kept no final checkpoint."""
     run_dir = Path(run_dir)
@@ -175,7 +175,14 @@ def final_checks(run_dir: Union[str, Path]) -> Dict[str, Any]:
     tokens, _ = make_probe(cfg, open_run_data(cfg, mc, need_train=False))
     result, _ = sink_on_probe(model, tokens, eps=pc.eps, k_max=pc.k_max, batch_size=pc.batch_size)
     S = result.n_extra
-    out: Dict[str, Any] = {"sink_1_per_layer": result.per_layer[:, S].tolist()}
+    T = tokens.shape[1] - 1
+    out: Dict[str, Any] = {
+        "sink_1_per_layer": result.per_layer[:, S].tolist(),
+        # mean importance score of token 1 per layer (over heads and samples) and its value under uniform causal
+        # attention, (1/T) sum_i 1/i: a layer at that level attends evenly, one far above it sinks
+        "alpha_1_per_layer": result.mean_alpha[:, :, S].nanmean(-1).tolist(),
+        "alpha_1_uniform": sum(1.0 / i for i in range(1, T + 1)) / T,
+    }
     if S:
         out["sink_extra_per_layer"] = [result.per_layer[:, j].tolist() for j in range(S)]
     if mc.attn_mask == "window" and mc.window_size < pc.T:

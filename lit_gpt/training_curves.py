@@ -101,11 +101,12 @@ def plot_compare(runs: Sequence[Tuple[str, Union[str, Path, Series]]], out_png: 
 
     if x not in ("step", "tokens"):
         raise ValueError(f"x={x!r} is invalid; allowed: step, tokens")
-    fig, (ax2, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax2, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
     top = 0.0
+    palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     for i, (label, path) in enumerate(runs):
         m = path if isinstance(path, dict) else read_metrics(path)
-        colour = f"C{i}"
+        colour = palette(i % palette.N)
         # tokens per optimizer step is constant within a run: read it off any row that logged tokens
         per_step = next((t / st for st, t in m.get("tokens", []) if st > 0), None) if x == "tokens" else 1.0
         if per_step is None:

@@ -96,7 +96,16 @@ def rerecord(rows: Sequence[str], regime: str, configs: Path, runs_root: Path, r
 
 
 def import_runs(folder: Path, regime: str, configs: Path, results: str, command: Optional[str], note: str) -> int:
-    """Records for run folders fetched from another machine (their summary.json says what and where)."""
+    """Records for run folders fetched from another machine (their summary.json says what and where): ``folder``
+    holds ``<row>/summary.json`` and ``<row>/metrics.csv``, or is a ``.tar.gz`` of such folders (the device script's
+    ``runs.tar.gz``), unpacked into a temporary folder."""
+    if folder.is_file():
+        import tarfile
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp, tarfile.open(folder) as tar:
+            tar.extractall(tmp, filter="data")
+            return import_runs(Path(tmp), regime, configs, results, command, note)
     found = sorted(p.parent for p in folder.glob("*/summary.json"))
     if not found:
         print(f"error: no <row>/summary.json under {folder}", file=sys.stderr)
@@ -128,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--note", default="", help="a note stored with the hardware (e.g. 'shared machine')")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--import", dest="import_dir", default=None,
-                    help="record runs made elsewhere (e.g. the GPU box): DIR/<row>/{summary.json,metrics.csv}")
+                    help="record runs made elsewhere (e.g. the GPU box): DIR/<row>/{summary.json,metrics.csv} or a .tar.gz of them")
     ap.add_argument("--command", default=None, help="with --import: the command that made those runs")
     ap.add_argument("--rerecord", action="store_true",
                     help="no training: rebuild the records of the given rows from their run folders under --runs "

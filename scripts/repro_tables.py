@@ -221,6 +221,10 @@ def section_table(section: str, regime: str, spec: dict, records: Dict[Tuple[str
             f"`docs/results/repro/{regime}/<row>.json`.")
     if not_run:
         out += f" Not run yet in this regime: {', '.join(not_run)}."
+    notes = [f"- `{rid}`: {row['note'][regime]}" for rid, row in spec["rows"].items()
+             if section in row["sections"] and (regime, rid) in records and regime in (row.get("note") or {})]
+    if notes:
+        out += "\n\nWhat we checked where a row disagrees or needs reading:\n\n" + "\n".join(notes)
     return out
 
 
@@ -267,6 +271,12 @@ def headline(records: Dict[Tuple[str, str], dict], demo: Optional[dict]) -> Opti
     per_layer = f.get("sink_1_per_layer")
     if per_layer:
         out.append("Sink_1 per layer (first to last): " + ", ".join(f"{v:.1f}%" for v in per_layer) + ".")
+    seeds = [records[("cpu", r)] for r in ("seed2", "seed3") if ("cpu", r) in records]
+    if seeds:
+        out.append("**The same config with other seeds gives Sink_1 = "
+                   + " and ".join(f"{r['final']['sink'][0]:.1f}%" for r in seeds)
+                   + f" (seeds {', '.join(str(r['row'][4:]) for r in seeds)}): in this regime the sink is a property of "
+                   "one trajectory, not yet of the recipe (docs/repro.md).**")
     s = records.get(("cpu", "sigmoid_no_norm"))
     if s is not None:
         out.append(f"Sigmoid attention without normalisation: Sink_1 = {s['final']['sink'][0]:.1f}% (proxy scores), "
@@ -286,7 +296,7 @@ def headline(records: Dict[Tuple[str, str], dict], demo: Optional[dict]) -> Opti
 
 def exploration_table(doc: dict) -> str:
     cols = ("run", "layers x heads x width", "context", "first token fixed", "lr", "weight decay", "tokens/step",
-            "other", "steps reached", "max Sink_1 (%)", "last Sink_1 (%)", "max Sink_1* (%)", "how it ended")
+            "seed", "other", "steps reached", "max Sink_1 (%)", "last Sink_1 (%)", "max Sink_1* (%)", "how it ended")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in doc["runs"]:
         st = r["settings"]
@@ -295,7 +305,7 @@ def exploration_table(doc: dict) -> str:
         extra = [v for v in r["curve"].get("sink_extra_0", []) if v is not None]
         cells = [r["name"], f"{st['n_layer']} x {st['n_head']} x {st['n_embd']}", str(st["block_size"]),
                  "yes" if st["first_token_fixed"] else "no", f"{st['lr']:g}", f"{st['weight_decay']:g}",
-                 str(st["tokens_per_step"]), other, str(r["steps"]), fmt_pct(r["sink_1_max"]), fmt_pct(r["sink_1_last"]),
+                 str(st["tokens_per_step"]), str(st.get("seed", "-")), other, str(r["steps"]), fmt_pct(r["sink_1_max"]), fmt_pct(r["sink_1_last"]),
                  fmt_pct(max(extra)) if extra else "-", r["ended"]]
         lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
     return "\n".join(lines) + f"\n\nHow: {doc['how']}. Machine: {doc['machine']}. Raw: `docs/results/repro/exploration.json`."

@@ -42,6 +42,7 @@ def recorded(tmp_path_factory):
     conf = tmp / "configs" / "t"
     write_yaml(conf / "default.yaml", base)
     write_yaml(conf / "k_bias.yaml", {"base": "default.yaml", "model": {"kv_bias": "k", "kv_bias_shared": True}})
+    write_yaml(conf / "window.yaml", {"base": "default.yaml", "model": {"attn_mask": "window", "window_size": 8}})
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "repro_run.py"), "--regime", "t", "--all",
                           "--configs", str(tmp / "configs"), "--runs", str(tmp / "runs"),
                           "--results", str(tmp / "results"), "--set", "train.warmup_steps=1", "--note", "test"],
@@ -52,7 +53,7 @@ def recorded(tmp_path_factory):
 
 def test_records_hold_what_the_runs_logged(recorded):
     recs = load_records(recorded / "results")
-    assert sorted(recs) == [("t", "default"), ("t", "k_bias")]
+    assert sorted(recs) == [("t", "default"), ("t", "k_bias"), ("t", "window")]
     for (_, row), rec in recs.items():
         check_record(rec)
         run = recorded / "runs" / "t" / row
@@ -68,9 +69,17 @@ def test_records_hold_what_the_runs_logged(recorded):
         assert f"t/{row}.yaml" in rec["command"] and "pretrain.py" in rec["command"]
         summary = json.loads((run / "summary.json").read_text())
         assert rec["final"]["val_loss"] == pytest.approx(summary["final"]["val_loss"])
+        # the trainer's summary says what ran and where, so a folder fetched from a GPU box can be recorded
+        assert summary["run_config"]["model"]["name"] == "tiny" and summary["run_config"]["train"]["max_steps"] == 6
+        assert summary["environment"]["torch"] and summary["environment"]["cpu_cores"] >= 1
+        assert rec["hardware"]["cpu_cores"] == summary["environment"]["cpu_cores"]
+        assert len(rec["final"]["sink_1_per_layer"]) == 2                   # final.pth checked: one value per layer
     assert recs[("t", "default")]["final"]["sink_extra"] == []
     extra = recs[("t", "k_bias")]["final"]["sink_extra"]
     assert len(extra) == 1 and 0.0 <= extra[0] <= 100.0
+    assert len(recs[("t", "k_bias")]["final"]["sink_extra_per_layer"][0]) == 2
+    assert 0.0 <= recs[("t", "window")]["final"]["sink_window_start"] <= 100.0
+    assert "sink_window_start" not in recs[("t", "default")]["final"]
 
 
 def test_a_record_that_breaks_the_schema_is_refused(recorded, tmp_path):
@@ -129,8 +138,8 @@ def test_verdicts_follow_the_rules():
 def test_tables_are_rendered_from_records_and_checked(recorded, tmp_path):
     results = tmp_path / "results"
     recs = load_records(recorded / "results")
-    for rec in recs.values():
-        write_record(rec, results)
+    for key in [("t", "default"), ("t", "k_bias")]:
+        write_record(recs[key], results)
     spec = {"sections": {"arch": {"md": "docs/arch.md", "title": "Arch"}},
             "rows": {"default": {"sections": ["arch"], "what": "d", "paper": "P1", "expect": "sink"},
                      "k_bias": {"sections": ["arch"], "what": "k", "paper": "P2", "expect": "slot"},
@@ -141,8 +150,8 @@ def test_tables_are_rendered_from_records_and_checked(recorded, tmp_path):
     (tmp_path / "docs" / "arch.md").write_text("# Arch\n\nhand-written text stays.\n")
     # the registry uses regimes cpu/gpu: put the tiny records under cpu
     cpu = tmp_path / "cpu_results"
-    for rec in recs.values():
-        write_record(dict(rec, regime="cpu"), cpu)
+    for key in [("t", "default"), ("t", "k_bias")]:
+        write_record(dict(recs[key], regime="cpu"), cpu)
     args = ["--rows", str(rows), "--results", str(cpu), "--root", str(tmp_path)]
     assert repro_tables.main(args + ["--check"]) == 1                       # the table is not there yet
     assert repro_tables.main(args) == 0
