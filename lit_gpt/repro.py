@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from lit_gpt.utils import atomic_write_text
 
 SCHEMA = "asl-repro-run/1"
-REQUIRED = ("schema", "row", "regime", "config", "overrides", "command", "hardware", "software", "steps",
+REQUIRED = ("schema", "row", "regime", "config", "overrides", "command", "hardware", "software", "seed", "steps",
             "tokens", "train_seconds", "final", "curve", "probe")
 
 
@@ -138,6 +138,8 @@ def build_record(run_dir: Union[str, Path], *, row: str, regime: str, config: st
         "software": {k: env[k] for k in ("python", "torch", "platform") if k in env},
         "model": model,
         "params_M": s.get("params_M"),
+        "seed": (rc.get("train") or {}).get("seed"),             # model initialisation
+        "data_seed": (rc.get("data") or {}).get("seed"),         # data order
         "steps": s["step"],
         "max_steps": s.get("max_steps"),
         "stopped_early": s.get("stopped_early"),

@@ -256,7 +256,21 @@ def fmt_seconds(x: float) -> str:
     return f"{int(x) // 60} min {int(x) % 60:02d} s"
 
 
-def headline(records: Dict[Tuple[str, str], dict], demo: Optional[dict]) -> Optional[str]:
+def seed_finals(records: Dict[Tuple[str, str], dict], exploration: Optional[dict]) -> Dict[int, float]:
+    """Final Sink_1 of the CPU default per seed: the default row, the seedN rows, and the exploration's seedN runs
+    (the default config with train.seed = data.seed = N)."""
+    out: Dict[int, float] = {}
+    for (regime, row), rec in records.items():
+        if regime == "cpu" and (row == "default" or (row.startswith("seed") and row[4:].isdigit())):
+            out[int(rec["seed"])] = rec["final"]["sink"][0]
+    for r in (exploration or {}).get("runs", []):
+        if r["name"].startswith("seed") and r["name"][4:].isdigit() and r["ended"] == "finished":
+            out.setdefault(int(r["settings"]["seed"]), r["sink_1_last"])
+    return out
+
+
+def headline(records: Dict[Tuple[str, str], dict], demo: Optional[dict],
+             exploration: Optional[dict] = None) -> Optional[str]:
     """A few sentences with the CPU regime's main numbers (default, sigmoid without normalisation, k*, the demo)."""
     d = records.get(("cpu", "default"))
     if d is None:
@@ -271,24 +285,32 @@ def headline(records: Dict[Tuple[str, str], dict], demo: Optional[dict]) -> Opti
     per_layer = f.get("sink_1_per_layer")
     if per_layer:
         out.append("Sink_1 per layer (first to last): " + ", ".join(f"{v:.1f}%" for v in per_layer) + ".")
-    seeds = [records[("cpu", r)] for r in ("seed2", "seed3") if ("cpu", r) in records]
-    if seeds:
-        out.append("**The same config with other seeds gives Sink_1 = "
-                   + " and ".join(f"{r['final']['sink'][0]:.1f}%" for r in seeds)
-                   + f" (seeds {', '.join(str(r['row'][4:]) for r in seeds)}): in this regime the sink is a property of "
-                   "one trajectory, not yet of the recipe (docs/repro.md).**")
+    finals = seed_finals(records, exploration)
+    if len(finals) > 1:
+        formed = [s for s, v in finals.items() if v >= EMERGE_AT]
+        out.append(f"**But the same config forms a sink (final Sink_1 >= {EMERGE_AT:g}%) in {len(formed)} of the "
+                   f"{len(finals)} seeds tried (seeds {', '.join(map(str, sorted(finals)))}; formed: "
+                   f"{', '.join(map(str, sorted(formed))) or 'none'}): in this regime the sink is a property of one "
+                   "trajectory, not yet of the recipe (docs/repro.md).**")
     s = records.get(("cpu", "sigmoid_no_norm"))
     if s is not None:
         out.append(f"Sigmoid attention without normalisation: Sink_1 = {s['final']['sink'][0]:.1f}% (proxy scores), "
                    f"validation loss {fmt_loss(s['final']['val_loss'])}.")
     k = records.get(("cpu", "k_bias"))
     if k is not None and k["final"]["sink_extra"]:
+        slots = {int(k["seed"]): k["final"]["sink_extra"][0]}
+        for r in (exploration or {}).get("runs", []):
+            if r["name"].startswith("kbias_seed") and r["ended"] == "finished":
+                slots.setdefault(int(r["settings"]["seed"]), [v for v in r["curve"]["sink_extra_0"] if v is not None][-1])
+        taken = [sd for sd, v in slots.items() if v >= EMERGE_AT]
         out.append(f"With a learned key slot k* (value 0): Sink_1 = {k['final']['sink'][0]:.1f}%, "
-                   f"Sink_1* = {k['final']['sink_extra'][0]:.1f}%.")
+                   f"Sink_1* = {k['final']['sink_extra'][0]:.1f}%; the slot takes a sink (Sink_1* >= {EMERGE_AT:g}%) in "
+                   f"{len(taken)} of the {len(slots)} seeds tried (final Sink_1* "
+                   + ", ".join(f"{slots[sd]:.1f}%" for sd in sorted(slots)) + ").")
     if demo is not None:
         env = demo.get("environment", {})
         out.append(f"`{demo['command']}` took {fmt_seconds(demo['wall_seconds'])} of wall time (corpus included) on "
-                   f"{env.get('cpu_cores')} cores of a {env.get('cpu')} CPU"
+                   f"{env.get('cpu_cores')} CPU cores ({env.get('cpu')})"
                    + (f" shared with other jobs (1-minute load {env['load_avg_1m']:.0f} at the end)"
                       if env.get("load_avg_1m", 0) > (env.get("cpu_cores") or 1) else "") + ".")
     return " ".join(out)
@@ -315,7 +337,7 @@ def render(spec: dict, records: Dict[Tuple[str, str], dict], root: Path = REPO,
            exploration: Optional[dict] = None, demo: Optional[dict] = None) -> Dict[Path, str]:
     """markdown file (under ``root``) -> its new text, the tables spliced in."""
     out: Dict[Path, str] = {}
-    head = headline(records, demo)
+    head = headline(records, demo, exploration)
     if head is not None:
         for rel in HEADLINE_MDS:
             path = root / rel
