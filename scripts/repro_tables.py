@@ -323,7 +323,8 @@ def exploration_table(doc: dict) -> str:
     for r in doc["runs"]:
         st = r["settings"]
         other = ", ".join(x for x in (st["pos_encoding"] if st["pos_encoding"] != "rope" else "",
-                                      f"kv_bias {st['kv_bias']}" if st["kv_bias"] != "none" else "") if x) or "-"
+                                      f"kv_bias {st['kv_bias']}" if st["kv_bias"] != "none" else "",
+                                      "linear biases" if st.get("bias") else "") if x) or "-"
         extra = [v for v in r["curve"].get("sink_extra_0", []) if v is not None]
         cells = [r["name"], f"{st['n_layer']} x {st['n_head']} x {st['n_embd']}", str(st["block_size"]),
                  "yes" if st["first_token_fixed"] else "no", f"{st['lr']:g}", f"{st['weight_decay']:g}",
