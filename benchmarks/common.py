@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,24 +16,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def environment() -> Dict:
-    try:
-        if os.environ.get("GIT_COMMIT"):   # a copied tree (GPU box) may sit inside another repository's work tree
-            raise RuntimeError("GIT_COMMIT given")
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                             text=True).strip())
-    except Exception:   # no .git (e.g. a copied working tree on a remote GPU box): take it from the environment
-        commit, dirty = os.environ.get("GIT_COMMIT", "unknown"), False
-    env = {"command": " ".join([Path(sys.executable).name] + sys.argv), "git_commit": commit + ("+dirty" if dirty else ""),
-           "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                   gpu_count=torch.cuda.device_count(), cudnn=torch.backends.cudnn.version())
-    env["libraries"] = library_versions()
-    return env
+    from lit_gpt.utils import environment as env_of
+
+    return {"command": " ".join([Path(sys.executable).name] + sys.argv), **env_of(ROOT), "libraries": library_versions(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def library_versions() -> Dict[str, str]:

@@ -65,6 +65,27 @@ def importance_scores(attn: torch.Tensor, n_extra: int = 0) -> torch.Tensor:
     return torch.cat([extra, tok_sum / counts], dim=-1)
 
 
+def window_start_scores(attn: torch.Tensor, window: int, n_extra: int = 0) -> torch.Tensor:
+    """Attention each query puts on the first token of its own sliding window, averaged over the queries.
+
+    Under a window of ``window`` tokens query i (0-indexed) sees keys i-window+1..i; for the queries i >= window
+    that first key is a token other than the absolute first one. A sink "on each window's first token" (the
+    alternative the paper rules out, its Fig. 6) would make this large.
+
+    Args:
+        attn: ``(..., T, n_extra + T)`` attention probabilities, as for :func:`importance_scores`.
+        window: the window size (``Config.window_size``); needs ``window < T``.
+
+    Returns ``(...)`` float32 means over the ``T - window`` queries i = window..T-1 of ``A[i, i - window + 1]``.
+    """
+    T = attn.shape[-2]
+    if not (isinstance(window, int) and 1 <= window < T):
+        raise ValueError(f"window={window!r} is invalid; allowed: an integer in [1, T-1] = [1, {T - 1}]")
+    q = torch.arange(window, T, device=attn.device)
+    tok = attn[..., n_extra:].float()
+    return tok[..., q, q - window + 1].mean(-1)
+
+
 def sink_rate(alpha: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """Percentage of entries with α > eps (strict), reduced over every dim but the last."""
     return (alpha > eps).float().reshape(-1, alpha.shape[-1]).mean(0) * 100.0

@@ -50,7 +50,7 @@ from lit_gpt.run_config import RunConfig, loss_skip
 from lit_gpt.sink_metrics import format_sink
 from lit_gpt.attention import set_sdpa_backend
 from lit_gpt.throughput import PhaseTimer, PinnedBatches, compile_model, eager, time_steps
-from lit_gpt.utils import atomic_write_text, check_writable_dir
+from lit_gpt.utils import atomic_write_text, check_writable_dir, environment
 
 
 class PreflightError(ValueError):
@@ -759,6 +759,8 @@ def summarize(run: Run, log: RunLog, stopped: Optional[str], profile: Optional[d
         "val_loss_domain": run.headline,
         "sink_1_curve": log.sink_curve, "probe": run.plan.probe_where,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if fabric.device.type == "cuda" else None,
+        "environment": environment(),        # commit, versions, CPU / GPU, threads, load: where this ran
+        "run_config": cfg.to_dict(),         # what ran: a summary.json describes its run on its own
     }
     if profile is not None:
         summary["profile"] = profile

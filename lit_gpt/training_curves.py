@@ -1,6 +1,10 @@
 """Training curves: the metrics CSV that ``pretrain.py`` writes, read back and drawn (loss + Sink_k vs step).
 
     python -m lit_gpt.training_curves checkpoints/demo_cpu/metrics.csv --out curves.png
+    python -m lit_gpt.training_curves A/metrics.csv B/metrics.csv --labels softmax sigmoid --out both.png
+
+One CSV: :func:`plot_curves` (loss and Sink_k of one run). Several: :func:`plot_compare` (the runs side by side:
+validation loss, and Sink_1 with Sink_1* of the extra slots where a run has them).
 """
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import argparse
 import csv
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 
 def read_metrics(path: Union[str, Path]) -> Dict[str, List[tuple]]:
@@ -73,14 +77,87 @@ def plot_curves(metrics_csv: Union[str, Path], out_png: Union[str, Path], title:
     return out_png
 
 
+Series = Dict[str, List[tuple]]
+
+
+def curve_series(curve: Dict[str, List[Optional[float]]]) -> Series:
+    """A column-wise curve (``{"step": [...], "sink_1": [...], ...}``, as in a repro record) in the
+    ``read_metrics`` form: column -> [(step, value), ...] without the missing values."""
+    steps = curve["step"]
+    return {k: [(s, v) for s, v in zip(steps, vals) if v is not None] for k, vals in curve.items() if k != "step"}
+
+
+def plot_compare(runs: Sequence[Tuple[str, Union[str, Path, Series]]], out_png: Union[str, Path],
+                 title: Optional[str] = None, x: str = "step") -> Path:
+    """Runs side by side: ``runs`` is ``[(label, metrics_csv or read_metrics-style series), ...]``. Left: Sink_1
+    (solid) and Sink_1* of every extra slot (dashed), one colour per run; right: validation loss (training loss
+    where a run logged no validation). ``x`` is ``step`` or ``tokens``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lit_gpt.plots import _save
+
+    if x not in ("step", "tokens"):
+        raise ValueError(f"x={x!r} is invalid; allowed: step, tokens")
+    fig, (ax2, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
+    top = 0.0
+    palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    for i, (label, path) in enumerate(runs):
+        m = path if isinstance(path, dict) else read_metrics(path)
+        colour = palette(i % palette.N)
+        # tokens per optimizer step is constant within a run: read it off any row that logged tokens
+        per_step = next((t / st for st, t in m.get("tokens", []) if st > 0), None) if x == "tokens" else 1.0
+        if per_step is None:
+            raise ValueError(f"{label}: no 'tokens' column to plot against")
+
+        def xs_of(points):
+            return [s * per_step for s, _ in points], [v for _, v in points]
+
+        loss_key = "val_loss" if "val_loss" in m else "train_loss"
+        if loss_key in m:
+            ax1.plot(*xs_of(m[loss_key]), "o-", color=colour, markersize=2, label=f"{label} ({loss_key})")
+        if "sink_1" in m:
+            xs, ys = xs_of(m["sink_1"])
+            ax2.plot(xs, ys, "o-", color=colour, markersize=3, label=f"{label}: Sink_1")
+            top = max([top] + ys)
+        for key in sorted(k for k in m if k.startswith("sink_extra_")):
+            xs, ys = xs_of(m[key])
+            ax2.plot(xs, ys, "^--", color=colour, markersize=3,
+                     label=f"{label}: Sink_1* (slot {key.rsplit('_', 1)[1]})")
+            top = max([top] + ys)
+    for ax in (ax1, ax2):
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax1.set_ylabel("loss (nats/token)")
+    ax2.set_ylabel("% of heads with α > ε")
+    hi = min(100.0, max(5.0, 1.15 * top))
+    ax2.set_ylim(-0.02 * hi, hi)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description="Plot loss and Sink_k curves from a pretraining metrics.csv")
-    ap.add_argument("metrics_csv")
-    ap.add_argument("--out", default=None, help="PNG path (default: curves.png next to the CSV)")
+    ap = argparse.ArgumentParser(description="Plot loss and Sink_k curves from pretraining metrics.csv files "
+                                             "(one: loss + Sink_k; several: side by side)")
+    ap.add_argument("metrics_csv", nargs="+")
+    ap.add_argument("--labels", nargs="*", default=None, help="one label per CSV (default: the run folders' names)")
+    ap.add_argument("--out", default=None, help="PNG path (default: curves.png next to the (first) CSV)")
     ap.add_argument("--title", default=None)
+    ap.add_argument("--x", default="step", choices=["step", "tokens"], help="x axis of the side-by-side plot")
     a = ap.parse_args(argv)
-    out = a.out or str(Path(a.metrics_csv).with_name("curves.png"))
-    print(plot_curves(a.metrics_csv, out, a.title))
+    out = a.out or str(Path(a.metrics_csv[0]).with_name("curves.png"))
+    if len(a.metrics_csv) == 1 and not a.labels:
+        print(plot_curves(a.metrics_csv[0], out, a.title))
+        return 0
+    labels = a.labels or [Path(p).parent.name for p in a.metrics_csv]
+    if len(labels) != len(a.metrics_csv):
+        ap.error(f"--labels: {len(labels)} labels for {len(a.metrics_csv)} CSV files")
+    print(plot_compare(list(zip(labels, a.metrics_csv)), out, a.title, x=a.x))
     return 0
 
 

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The README's main command: a few minutes on a CPU, no GPU, no internet.
-#   bash scripts/demo_cpu.sh [overrides, e.g. train.max_time_s=60]
+# The README's main command: a few minutes on a 2-core CPU, no GPU, no internet.
+#   bash scripts/demo_cpu.sh [CONTRAST]       CONTRAST: a row of configs/repro/cpu (default: sigmoid_no_norm;
+#                                              k_bias shows the sink moving to a learned key slot)
 # 1. builds datasets/demo_cpu/ from the standard library's docstrings (preprocess/demo_corpus.py; reused when
-#    present; DEMO_SOURCE=shared uses ../shared's held-out Gutenberg + Wikipedia text instead),
-# 2. trains configs/demo_cpu.yaml (byte-level 0.4M model, 900 steps, Sink_1..10 logged every 25 steps),
-# 3. prints Sink_1..10 of the final model and writes checkpoints/demo_cpu/curves.png (loss + Sink_k vs step).
+#    present): the same 1.5M-byte corpus on every machine, nothing downloaded,
+# 2. trains the CPU regime's default (configs/repro/cpu/default.yaml: byte-level LLaMA-style model, 4 layers x 4 heads,
+#    2,500 steps) and the contrast side by side, one CPU thread each (scripts/repro_run.py),
+# 3. prints both Sink_1 curves (Sink_1* for a row with a key slot or sink token) and writes
+#    checkpoints/demo_cpu/curves.png with both runs side by side.
+# DEMO_SET="train.max_steps=300" (space-separated overrides) shortens both runs, e.g. for a smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+CONTRAST=${1:-sigmoid_no_norm}
 # use the current python when it has what the repo needs, else install into ./.venv (scripts/install.sh)
 if [ -z "${PYTHON:-}" ]; then
   if python -c "import torch, lightning, yaml, numpy, matplotlib" 2>/dev/null; then
@@ -16,21 +21,43 @@ if [ -z "${PYTHON:-}" ]; then
     PYTHON=.venv/bin/python
   fi
 fi
+t0=$(date +%s)
 DEMO=datasets/demo_cpu
 if [ ! -f "$DEMO/packed/manifest.json" ]; then
-  "$PYTHON" -m preprocess.demo_corpus --out "$DEMO" --source "${DEMO_SOURCE:-stdlib}" --tokenizer bytes --block_size 64
+  "$PYTHON" -m preprocess.demo_corpus --out "$DEMO" --source stdlib --tokenizer bytes --block_size 64
 fi
-if [ -d checkpoints/demo_cpu ]; then        # keep the previous demo run (one generation) instead of deleting it
-  rm -rf checkpoints/demo_cpu.prev && mv checkpoints/demo_cpu checkpoints/demo_cpu.prev
+RUNS=checkpoints/demo_cpu
+if [ -d "$RUNS" ]; then        # keep the previous demo run (one generation) instead of deleting it
+  rm -rf "$RUNS.prev" && mv "$RUNS" "$RUNS.prev"
 fi
-"$PYTHON" pretrain.py --config configs/demo_cpu.yaml "$@"
-"$PYTHON" - <<'PY'
-import json
-s = json.load(open("checkpoints/demo_cpu/summary.json"))
-f = s["final"]
-print(f"\nSink_1..10 after {s['step']} steps ({s['tokens_seen']:,} tokens, {s['train_seconds']:.0f} s, "
-      f"{s['tokens_per_s_median']:,.0f} tokens/s):")
-print("  " + "  ".join(f"Sink_{k}={f[f'sink_{k}']:.2f}%" for k in range(1, 11)))
-print("Sink_1 during training (step, %):", [(st, round(v, 2)) for st, v in s["sink_1_curve"]])
-print("plot: checkpoints/demo_cpu/curves.png   metrics: checkpoints/demo_cpu/metrics.csv")
+SETS=()
+for s in ${DEMO_SET:-}; do SETS+=(--set "$s"); done
+"$PYTHON" scripts/repro_run.py --regime cpu default "$CONTRAST" --parallel 2 --threads 1 --runs "$RUNS" \
+  --results "$RUNS/records" "${SETS[@]}"
+"$PYTHON" -m lit_gpt.training_curves "$RUNS/cpu/default/metrics.csv" "$RUNS/cpu/$CONTRAST/metrics.csv" \
+  --labels "default (softmax)" "$CONTRAST" --out "$RUNS/curves.png" --title "CPU regime: default vs $CONTRAST"
+"$PYTHON" - "$RUNS/records/cpu/default.json" "$RUNS/records/cpu/$CONTRAST.json" "$(( $(date +%s) - t0 ))" \
+  "$RUNS/demo.json" "bash scripts/demo_cpu.sh${1:+ $1}" <<'PY'
+import json, sys, time
+from lit_gpt.utils import atomic_write_text, environment
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+def col(r):
+    extra = [k for k in r["curve"] if k.startswith("sink_extra_")]
+    return (extra[0], "Sink_1*") if extra else ("sink_1", "Sink_1")
+(ka, na), (kb, nb) = col(a), col(b)
+print(f"\n{'step':>6} {'tokens':>10} | default {na:>7} | {b['row']} {nb}")
+for i, step in enumerate(a["curve"]["step"]):
+    vb = b["curve"][kb][i] if i < len(b["curve"][kb]) else None
+    print(f"{step:>6} {a['curve']['tokens'][i]:>10,} | {a['curve'][ka][i]:>14.1f}% | "
+          + ("-" if vb is None else f"{vb:.1f}%") + ("" if kb == "sink_1" else f"  (Sink_1 {b['curve']['sink_1'][i]:.1f}%)"))
+for r in (a, b):
+    f = r["final"]
+    extra = "".join(f", Sink_1* {v:.1f}%" for v in f["sink_extra"] if v is not None)
+    print(f"{r['row']}: {r['steps']} steps, {r['tokens']:,} tokens in {r['train_seconds']:.0f} s "
+          f"({r['tokens_per_s_median'] or 0:,.0f} tokens/s); val loss {f['val_loss']:.3f}; Sink_1 {f['sink'][0]:.1f}%{extra}")
+print(f"wall time of the demo: {int(sys.argv[3]) // 60} min {int(sys.argv[3]) % 60} s")
+atomic_write_text(sys.argv[4], json.dumps({
+    "schema": "asl-demo-run/1", "command": sys.argv[5], "wall_seconds": int(sys.argv[3]),
+    "rows": [a["row"], b["row"]], "date": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment()}, indent=1))
 PY
+echo "plot: $RUNS/curves.png   runs: $RUNS/cpu/{default,$CONTRAST}   records: $RUNS/records/cpu   timing: $RUNS/demo.json"

@@ -1,0 +1,414 @@
+"""Render the reproduction tables (issue #10) from the raw records, the one place where they are written.
+
+    python scripts/repro_tables.py            # rewrite the tables in scripts/*.md and docs/repro.md, and the plots
+    python scripts/repro_tables.py --check    # exit 1 if a table differs from what the records give (tests use it)
+
+Inputs: ``scripts/repro_rows.yaml`` (rows, sections, the paper's numbers, the agreement rules) and the records
+``docs/results/repro/<regime>/<row>.json`` written by ``scripts/repro_run.py``. Every number in a table comes
+from a record; a row without a record is listed as not run. Each table sits between the markers
+``<!-- repro:<section>:<regime>:begin -->`` and ``<!-- repro:<section>:<regime>:end -->`` of its markdown
+file (appended at the end of the file, under a heading, when the markers are not there yet). Plots:
+``docs/img/repro_<regime>_<section>.png`` (Sink_1 / Sink_1* and validation loss of the section's rows).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lit_gpt.repro import emergence_step, load_records  # noqa: E402
+from lit_gpt.utils import atomic_write_text  # noqa: E402
+
+ROWS = REPO / "scripts" / "repro_rows.yaml"
+RESULTS = REPO / "docs" / "results" / "repro"
+IMG_DIR = Path("docs") / "img"
+REGIMES = ("cpu", "gpu")
+EMERGE_AT = 5.0          # a sink "has emerged" from the first evaluation after which Sink_1 stays >= this (%)
+
+
+def load_rows(path: Path = ROWS) -> dict:
+    d = yaml.safe_load(path.read_text())
+    for rid, r in d["rows"].items():
+        bad = [s for s in r["sections"] if s not in d["sections"]]
+        if bad:
+            raise ValueError(f"{path}: row {rid!r} names unknown sections {bad}")
+        if r.get("expect") is not None and r["expect"] not in EXPECT:
+            raise ValueError(f"{path}: row {rid!r} expect={r.get('expect')!r} is invalid; allowed: {', '.join(EXPECT)}")
+    return d
+
+
+# ---------------------------------------------------------------------------- agreement rules
+def _sinks(rec: dict) -> Tuple[float, List[float], List[float]]:
+    f = rec["final"]
+    return f["sink"][0], f["sink"], [v for v in f["sink_extra"] if v is not None]
+
+
+def _small(D: float) -> float:
+    return max(1.0, 0.1 * D)
+
+
+def _rule_sink(rec, D, row):
+    return _sinks(rec)[0] >= 5.0
+
+
+def _rule_no_sink(rec, D, row):
+    return _sinks(rec)[0] <= _small(D)
+
+
+def _rule_lower(rec, D, row):
+    return _sinks(rec)[0] <= 0.75 * D
+
+
+def _rule_higher(rec, D, row):
+    return _sinks(rec)[0] >= 1.25 * D
+
+
+def _rule_similar(rec, D, row):
+    return 0.5 * D <= _sinks(rec)[0] <= 2.0 * D
+
+
+def _rule_slot(rec, D, row):
+    s1, _, extra = _sinks(rec)
+    return bool(extra) and max(extra) >= 0.5 * D and s1 <= _small(D)
+
+
+def _rule_in_prefix(rec, D, row):
+    _, sk, _ = _sinks(rec)
+    p = int(row["prefix"])
+    return max(sk[:p]) >= 0.5 * D and all(v <= _small(D) for v in sk[p:])
+
+
+EXPECT = {
+    "sink": ("Sink_1 >= 5%", _rule_sink),
+    "no_sink": ("Sink_1 <= max(1, 0.1 D)", _rule_no_sink),
+    "lower": ("Sink_1 <= 0.75 D", _rule_lower),
+    "higher": ("Sink_1 >= 1.25 D", _rule_higher),
+    "similar": ("0.5 D <= Sink_1 <= 2 D", _rule_similar),
+    "slot": ("Sink_1* >= 0.5 D, Sink_1 <= max(1, 0.1 D)", _rule_slot),
+    "in_prefix": ("max Sink_1..p >= 0.5 D, Sink_k <= max(1, 0.1 D) for k > p", _rule_in_prefix),
+}
+
+
+def agreement(rec: dict, default: Optional[dict], row: dict) -> str:
+    if row.get("expect") is None:
+        return "-"
+    if default is None:
+        return "no default run to compare with"
+    D = default["final"]["sink"][0]
+    return "yes" if EXPECT[row["expect"]][1](rec, D, row) else "**no**"
+
+
+# ---------------------------------------------------------------------------- cells
+def fmt_pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def fmt_tokens(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
+
+
+def fmt_loss(v: Optional[float]) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def other_sinks(rec: dict, row: dict) -> str:
+    """Sink_1* of the extra slots, else the largest Sink_k for k >= 2 (within the prefix for prefix rows)."""
+    s1, sk, extra = _sinks(rec)
+    if extra:
+        return " / ".join(f"Sink_1* {v:.1f}" for v in extra)
+    if rec["final"].get("sink_window_start") is not None:
+        return f"each window's first token: {rec['final']['sink_window_start']:.1f}"
+    lo, hi = (1, int(row["prefix"])) if "prefix" in row else (1, len(sk))
+    k = max(range(lo, hi), key=lambda i: sk[i]) if hi > lo else 1
+    return f"Sink_{k + 1} {sk[k]:.1f}"
+
+
+def emerges(rec: dict) -> str:
+    c = rec["curve"]
+    keys = ["sink_1"] + sorted(k for k in c if k.startswith("sink_extra_"))
+    best = []
+    for key in keys:
+        s = emergence_step(c["step"], c[key], EMERGE_AT)
+        if s is not None:
+            best.append((s, key))
+    if not best:
+        return "never"
+    s, key = min(best)
+    return f"{s}" + ("" if key == "sink_1" else " (slot)")
+
+
+def hardware_cell(rec: dict) -> str:
+    hw = rec["hardware"]
+    if hw["device"] == "cpu":
+        cell = f"CPU {hw.get('cpu_cores')} cores, {hw.get('torch_threads', 'all')} thread(s)"
+        load = hw.get("load_avg_1m_at_end")
+        if load is not None and hw.get("cpu_cores") and load > hw["cpu_cores"]:
+            cell += f", shared (load {load:.0f})"
+        return cell
+    return hw["device"]
+
+
+def run_command(rec: dict) -> str:
+    over = "".join(f" --set {o}" for o in rec["overrides"])
+    return f"`python scripts/repro_run.py --regime {rec['regime']} {rec['row']}{over}`"
+
+
+# ---------------------------------------------------------------------------- tables
+SECTION_COLUMNS = ("row", "what", "Sink_1 (%)", "other", "val loss", "tokens", "steps", "sink from step", "hardware",
+                   "paper", "expected", "agrees", "command")
+MAP_COLUMNS = ("row", "lever", "Sink_1 (%)", "max Sink_1 (%)", "sink from step", "tokens then", "val loss", "tokens",
+               "train s", "hardware", "paper", "agrees", "command")
+
+
+def cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def emergence_tokens(rec: dict) -> str:
+    s = emerges(rec)
+    if s == "never":
+        return "-"
+    step = int(s.split()[0])
+    c = rec["curve"]
+    return fmt_tokens(c["tokens"][c["step"].index(step)])
+
+
+def row_cells(rid: str, row: dict, rec: dict, default: Optional[dict], columns: Sequence[str]) -> List[str]:
+    f = rec["final"]
+    values = {
+        "row": rid, "what": row["what"], "lever": row["what"], "Sink_1 (%)": fmt_pct(f["sink"][0]),
+        "max Sink_1 (%)": fmt_pct(max(v for v in rec["curve"]["sink_1"] if v is not None)),
+        "other": other_sinks(rec, row), "val loss": fmt_loss(f["val_loss"]), "tokens": fmt_tokens(rec["tokens"]),
+        "steps": str(rec["steps"]), "sink from step": emerges(rec), "tokens then": emergence_tokens(rec),
+        "train s": f"{rec['train_seconds']:.0f}", "hardware": hardware_cell(rec), "paper": row["paper"],
+        "expected": EXPECT[row["expect"]][0] if row.get("expect") else "-", "agrees": agreement(rec, default, row),
+        "command": run_command(rec),
+    }
+    return [cell(values[c]) for c in columns]
+
+
+def section_table(section: str, regime: str, spec: dict, records: Dict[Tuple[str, str], dict]) -> str:
+    default = records.get((regime, "default"))
+    columns = MAP_COLUMNS if section == "emergence_map" else SECTION_COLUMNS
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    not_run = []
+    for rid, row in spec["rows"].items():
+        if section not in row["sections"] or regime not in row.get("regimes", REGIMES):
+            continue
+        rec = records.get((regime, rid))
+        if rec is None:
+            not_run.append(rid)
+            continue
+        lines.append("| " + " | ".join(row_cells(rid, row, rec, default, columns)) + " |")
+    if len(lines) == 2:
+        return f"No {regime.upper()} run of this section has been recorded yet."
+    out = "\n".join(lines)
+    out += (f"\n\nD = Sink_1 of the default row of the same regime. Sink_1: % of heads (all layers) whose mean attention "
+            f"on token 1 exceeds ε = 0.3 over the probe ({describe_probe(default)}); operations without normalisation "
+            f"use the paper's proxy \\|sim\\| / Σ\\|sim\\|. Sink_1*: the same for the extra key slot. \"sink from step\": "
+            f"the first evaluation after which Sink_1 (or Sink_1*) stays ≥ {EMERGE_AT:g}%. Raw records: "
+            f"`docs/results/repro/{regime}/<row>.json`.")
+    if not_run:
+        out += f" Not run yet in this regime: {', '.join(not_run)}."
+    notes = [f"- `{rid}`: {row['note'][regime]}" for rid, row in spec["rows"].items()
+             if section in row["sections"] and (regime, rid) in records and regime in (row.get("note") or {})]
+    if notes:
+        out += "\n\nWhat we checked where a row disagrees or needs reading:\n\n" + "\n".join(notes)
+    return out
+
+
+def describe_probe(rec: Optional[dict]) -> str:
+    if rec is None:
+        return "the run's probe"
+    p = rec["probe"]
+    return f"{p.get('n')} sequences of T = {p.get('T')} tokens, {p.get('where')}"
+
+
+def marker(section: str, regime: str, end: bool) -> str:
+    return f"<!-- repro:{section}:{regime}:{'end' if end else 'begin'} -->"
+
+
+def splice(text: str, section: str, regime: str, body: str, heading: str) -> str:
+    b, e = marker(section, regime, False), marker(section, regime, True)
+    block = f"{b}\n{body}\n{e}"
+    if b in text and e in text:
+        i, j = text.index(b), text.index(e) + len(e)
+        return text[:i] + block + text[j:]
+    return text.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
+
+
+EXPLORATION_MD = Path("docs") / "repro.md"
+HEADLINE_MDS = (Path("docs") / "repro.md", Path("README.md"))
+
+
+def fmt_seconds(x: float) -> str:
+    return f"{int(x) // 60} min {int(x) % 60:02d} s"
+
+
+def seed_finals(records: Dict[Tuple[str, str], dict], exploration: Optional[dict]) -> Dict[int, float]:
+    """Final Sink_1 of the CPU default per seed: the default row, the seedN rows, and the exploration's seedN runs
+    (the default config with train.seed = data.seed = N)."""
+    out: Dict[int, float] = {}
+    for (regime, row), rec in records.items():
+        if regime == "cpu" and (row == "default" or (row.startswith("seed") and row[4:].isdigit())):
+            out[int(rec["seed"])] = rec["final"]["sink"][0]
+    for r in (exploration or {}).get("runs", []):
+        if r["name"].startswith("seed") and r["name"][4:].isdigit() and r["ended"] == "finished":
+            out.setdefault(int(r["settings"]["seed"]), r["sink_1_last"])
+    return out
+
+
+def headline(records: Dict[Tuple[str, str], dict], demo: Optional[dict],
+             exploration: Optional[dict] = None) -> Optional[str]:
+    """A few sentences with the CPU regime's main numbers (default, sigmoid without normalisation, k*, the demo)."""
+    d = records.get(("cpu", "default"))
+    if d is None:
+        return None
+    f = d["final"]
+    first = emerges(d)
+    out = [f"Measured (`docs/results/repro/cpu/`): the default reaches **Sink_1 = {f['sink'][0]:.1f}%** after "
+           f"{d['steps']:,} steps ({fmt_tokens(d['tokens'])} tokens, validation loss {fmt_loss(f['val_loss'])} "
+           f"nats/byte)" + ("" if first == "never" else
+                           f"; Sink_1 stays at or above {EMERGE_AT:g}% from step {first} on "
+                           f"({emergence_tokens(d)} tokens)") + "."]
+    per_layer = f.get("sink_1_per_layer")
+    if per_layer:
+        out.append("Sink_1 per layer (first to last): " + ", ".join(f"{v:.1f}%" for v in per_layer) + ".")
+    finals = seed_finals(records, exploration)
+    if len(finals) > 1:
+        formed = [s for s, v in finals.items() if v >= EMERGE_AT]
+        out.append(f"**But the same config forms a sink (final Sink_1 >= {EMERGE_AT:g}%) in {len(formed)} of the "
+                   f"{len(finals)} seeds tried (seeds {', '.join(map(str, sorted(finals)))}; formed: "
+                   f"{', '.join(map(str, sorted(formed))) or 'none'}): in this regime the sink is a property of one "
+                   "trajectory, not yet of the recipe (docs/repro.md).**")
+    s = records.get(("cpu", "sigmoid_no_norm"))
+    if s is not None:
+        out.append(f"Sigmoid attention without normalisation: Sink_1 = {s['final']['sink'][0]:.1f}% (proxy scores), "
+                   f"validation loss {fmt_loss(s['final']['val_loss'])}.")
+    k = records.get(("cpu", "k_bias"))
+    if k is not None and k["final"]["sink_extra"]:
+        slots = {int(k["seed"]): k["final"]["sink_extra"][0]}
+        for r in (exploration or {}).get("runs", []):
+            if r["name"].startswith("kbias_seed") and r["ended"] == "finished":
+                slots.setdefault(int(r["settings"]["seed"]), [v for v in r["curve"]["sink_extra_0"] if v is not None][-1])
+        taken = [sd for sd, v in slots.items() if v >= EMERGE_AT]
+        out.append(f"With a learned key slot k* (value 0): Sink_1 = {k['final']['sink'][0]:.1f}%, "
+                   f"Sink_1* = {k['final']['sink_extra'][0]:.1f}%; the slot takes a sink (Sink_1* >= {EMERGE_AT:g}%) in "
+                   f"{len(taken)} of the {len(slots)} seeds tried (final Sink_1* "
+                   + ", ".join(f"{slots[sd]:.1f}%" for sd in sorted(slots)) + ").")
+    if demo is not None:
+        env = demo.get("environment", {})
+        out.append(f"`{demo['command']}` took {fmt_seconds(demo['wall_seconds'])} of wall time (corpus included) on "
+                   f"{env.get('cpu_cores')} CPU cores ({env.get('cpu')})"
+                   + (f" shared with other jobs (1-minute load {env['load_avg_1m']:.0f} at the end)"
+                      if env.get("load_avg_1m", 0) > (env.get("cpu_cores") or 1) else "") + ".")
+    return " ".join(out)
+
+
+def exploration_table(doc: dict) -> str:
+    cols = ("run", "layers x heads x width", "context", "first token fixed", "lr", "weight decay", "tokens/step",
+            "seed", "other", "steps reached", "max Sink_1 (%)", "last Sink_1 (%)", "max Sink_1* (%)", "how it ended")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in doc["runs"]:
+        st = r["settings"]
+        other = ", ".join(x for x in (st["pos_encoding"] if st["pos_encoding"] != "rope" else "",
+                                      f"kv_bias {st['kv_bias']}" if st["kv_bias"] != "none" else "",
+                                      "linear biases" if st.get("bias") else "") if x) or "-"
+        extra = [v for v in r["curve"].get("sink_extra_0", []) if v is not None]
+        cells = [r["name"], f"{st['n_layer']} x {st['n_head']} x {st['n_embd']}", str(st["block_size"]),
+                 "yes" if st["first_token_fixed"] else "no", f"{st['lr']:g}", f"{st['weight_decay']:g}",
+                 str(st["tokens_per_step"]), str(st.get("seed", "-")), other, str(r["steps"]), fmt_pct(r["sink_1_max"]), fmt_pct(r["sink_1_last"]),
+                 fmt_pct(max(extra)) if extra else "-", r["ended"]]
+        lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
+    return "\n".join(lines) + f"\n\nHow: {doc['how']}. Machine: {doc['machine']}. Raw: `docs/results/repro/exploration.json`."
+
+
+def render(spec: dict, records: Dict[Tuple[str, str], dict], root: Path = REPO,
+           exploration: Optional[dict] = None, demo: Optional[dict] = None) -> Dict[Path, str]:
+    """markdown file (under ``root``) -> its new text, the tables spliced in."""
+    out: Dict[Path, str] = {}
+    head = headline(records, demo, exploration)
+    if head is not None:
+        for rel in HEADLINE_MDS:
+            path = root / rel
+            if path.is_file() and marker("headline", "cpu", False) in path.read_text():
+                out[path] = splice(out.get(path, path.read_text()), "headline", "cpu", head, "")
+    if exploration is not None:
+        path = root / EXPLORATION_MD
+        text = out.get(path, path.read_text() if path.is_file() else "# Reproduction regimes\n")
+        out[path] = splice(text, "exploration", "cpu", exploration_table(exploration),
+                           "## How the CPU regime was found: every exploratory run")
+    for section, sec in spec["sections"].items():
+        path = root / sec["md"]
+        text = out.get(path, path.read_text() if path.is_file() else f"# {sec['title']}\n")
+        for regime in REGIMES:
+            if not any(k[0] == regime for k in records):
+                continue
+            body = section_table(section, regime, spec, records)
+            heading = f"## Measured with this code: {regime.upper()} regime (issue #10)"
+            img = root / IMG_DIR / f"repro_{regime}_{section}.png"
+            if any((regime, r) in records for r, row in spec["rows"].items() if section in row["sections"]):
+                body += f"\n\n![{section} ({regime})]({os.path.relpath(img, path.parent)})"
+            text = splice(text, section, regime, body, heading)
+        out[path] = text
+    return out
+
+
+def plots(spec: dict, records: Dict[Tuple[str, str], dict], root: Path = REPO) -> List[Path]:
+    from lit_gpt.training_curves import curve_series, plot_compare
+
+    written = []
+    for section in spec["sections"]:
+        for regime in REGIMES:
+            runs = [(rid, curve_series(records[(regime, rid)]["curve"])) for rid, row in spec["rows"].items()
+                    if section in row["sections"] and (regime, rid) in records]
+            if runs:
+                written.append(plot_compare(runs, root / IMG_DIR / f"repro_{regime}_{section}.png",
+                                            title=f"{section}, {regime.upper()} regime"))
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="compare the tables with the records; write nothing")
+    ap.add_argument("--rows", default=str(ROWS), help="the row registry (YAML)")
+    ap.add_argument("--results", default=str(RESULTS), help="records: <results>/<regime>/<row>.json")
+    ap.add_argument("--root", default=str(REPO), help="the markdown paths of the registry are relative to this")
+    ap.add_argument("--no-plots", action="store_true")
+    a = ap.parse_args(argv)
+    root = Path(a.root)
+    spec = load_rows(Path(a.rows))
+    records = load_records(a.results)
+    expl, demo = Path(a.results) / "exploration.json", Path(a.results) / "demo_cpu.json"
+    texts = render(spec, records, root, json.loads(expl.read_text()) if expl.is_file() else None,
+                   json.loads(demo.read_text()) if demo.is_file() else None)
+    if a.check:
+        stale = [str(p.relative_to(root)) for p, t in texts.items() if not p.is_file() or p.read_text() != t]
+        if stale:
+            print(f"tables out of date in: {', '.join(stale)} (run python scripts/repro_tables.py)", file=sys.stderr)
+            return 1
+        print(f"tables up to date ({len(records)} records)")
+        return 0
+    for p, t in texts.items():
+        if not p.is_file() or p.read_text() != t:
+            atomic_write_text(p, t)
+            print(f"wrote {p.relative_to(root)}")
+    if not a.no_plots:
+        for p in plots(spec, records, root):
+            print(f"wrote {p.relative_to(root)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
