@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,23 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def environment() -> Dict:
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                             text=True).strip())
-    except Exception:   # no .git (e.g. a copied working tree on a remote GPU box): take it from the environment
-        commit, dirty = os.environ.get("GIT_COMMIT", "unknown"), False
-    env = {"command": " ".join([Path(sys.executable).name] + sys.argv), "git_commit": commit + ("+dirty" if dirty else ""),
-           "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                   gpu_count=torch.cuda.device_count())
-    return env
+from lit_gpt.results import environment  # noqa: E402  (command, commit, versions, hardware)
 
 
 def time_fn(fn: Callable[[], None], device: torch.device, warmup: int = 3, repeat: int = 10) -> float:

@@ -238,11 +238,20 @@ def test_open_source_drivers_end_to_end(saved, tmp_path):
     assert list(out.glob("*/sink.png")) and (out / "sink_1.png").is_file() and list(out.glob("*/attention_*.png"))
     # a second run skips finished models (nothing recomputed, same table)
     assert sink.main(["--models", str(saved["gpt2"]), "--probe", str(probe), "--n", "6", "--T", "12",
-                      "--out", str(out), "--device", "cpu"]) == 0
+                      "--out", str(out), "--device", "cpu", "--record", str(tmp_path / "sink_record.json")]) == 0
+    rec = json.loads((tmp_path / "sink_record.json").read_text())       # the compact raw record, every model
+    assert rec["environment"]["command"] and rec["environment"]["git_commit"]
+    row = next(r for r in table["rows"] if r["model"] == saved["llama"].name and r["input"] == "random")
+    got = rec["models"][saved["llama"].name]["random"]
+    assert got["sink"]["sink_1"] == pytest.approx(row["sink_1"]) and len(got["sink_1_per_layer"]) == 2
+    assert got["meta"]["first_tokens"][0] != 1                          # the random input starts without BOS
+    assert rec["models"][saved["llama"].name]["natural"]["meta"]["first_tokens"][0] == 1
     out2 = tmp_path / "act"
     rc = act.main(["--models", str(saved["mistral"]), "--probe", str(probe), "--n", "6",
-                   "--T", "12", "--out", str(out2), "--device", "cpu"])
+                   "--T", "12", "--out", str(out2), "--device", "cpu", "--record", str(tmp_path / "act.json")])
     assert rc == 0
+    rec = json.loads((tmp_path / "act.json").read_text())
+    assert len(rec["models"][saved["mistral"].name]["natural"]["per_layer"]["massive_ratio"]) == 3
     res = json.loads((out2 / saved["mistral"].name / "activations_natural.json").read_text())
     assert len(res["summary"]["massive_ratio"]) == 3 and len(res["summary"]["key_norm"]["first"]) == 2
     assert list(out2.glob("*/norms_natural.png")) and list(out2.glob("*/cos_norm_natural.png"))
