@@ -128,3 +128,30 @@ def test_rolling_mean_and_plot(tmp_path):
     plot_log_ppl(tmp_path / "p.png", {"dense": x, "window": x + 1}, width=2, reference="dense",
                  markers=[(2, "cache")])
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_long_ppl_bins_and_chunked_vs_token_comparison(tmp_path):
+    """The record's per-bin sums average to the reported NLL, and --compare-with finds chunked prefill equal to
+    token-by-token streaming on the real tiny model (the check docs/streaming.md reports for SmolLM2)."""
+    from lit_gpt.probe import shared_dir
+
+    model = shared_dir() / "models" / "stories260K"
+    if not (model / "stories260K.bin").is_file():
+        pytest.skip("../shared/models/stories260K is absent")
+    import eval_long_ppl
+
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time, there was a little girl named Lily. She liked to play in the park with her "
+                    "dog. One day, the dog saw a big red ball and ran after it. " * 4)
+    common = ["--model", str(model), "--text", "file", "--text-file", str(text), "--tokens", "200",
+              "--cache-size", "64", "--methods", "window,sink", "--bin-width", "64"]
+    eval_long_ppl.main(common + ["--chunk", "50", "--out", str(tmp_path / "chunked")])
+    eval_long_ppl.main(common + ["--chunk", "1", "--out", str(tmp_path / "tokens"), "--compare-with",
+                                 str(tmp_path / "chunked"), "--record", str(tmp_path / "rec.json")])
+    rec = json.loads((tmp_path / "rec.json").read_text())
+    for row in rec["results"]:
+        b = row["bins"]
+        assert b["count"] == [64, 64, 64, 7] and sum(b["sum"]) / sum(b["count"]) == pytest.approx(row["nll"], rel=1e-6)
+        assert (b["sum"][1] + b["sum"][2] + b["sum"][3]) / 135 == pytest.approx(row["nll_after_window"], rel=1e-6)
+    assert [c["label"] for c in rec["comparison"]] == [r["label"] for r in rec["results"]]
+    assert all(c["targets"] == 199 and c["max_abs_diff"] < 1e-4 for c in rec["comparison"])
