@@ -194,6 +194,24 @@ def evaluate(expr: str, names: Dict[str, Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------- templates
+def _unquoted(s: str, start: int = 0):
+    """(index, char, bracket depth) of every character of s[start:] outside string quotes."""
+    depth, quote = 0, None
+    for k in range(start, len(s)):
+        d = s[k]
+        if quote:
+            quote = None if d == quote else quote
+            continue
+        if d in "'\"":
+            quote = d
+            continue
+        if d in ")]}":
+            depth -= 1
+        yield k, d, depth + (d in ")]}")
+        if d in "([{":
+            depth += 1
+
+
 def _fields(template: str) -> List[Tuple[bool, str]]:
     """Split a template into (is_field, text) parts; a field's text is ``expr`` or ``expr:format``."""
     out, i, buf = [], 0, []
@@ -209,21 +227,8 @@ def _fields(template: str) -> List[Tuple[bool, str]]:
             buf.append(c)
             i += 1
             continue
-        depth, j, quote = 0, i + 1, None
-        while j < len(template):
-            d = template[j]
-            if quote:
-                quote = None if d == quote else quote
-            elif d in "'\"":
-                quote = d
-            elif d in "([{":
-                depth += 1
-            elif d in ")]}":
-                if depth == 0 and d == "}":
-                    break
-                depth -= 1
-            j += 1
-        if j >= len(template):
+        j = next((k for k, d, depth in _unquoted(template, i + 1) if d == "}" and depth == 0), None)
+        if j is None:
             raise DocTableError(f"unclosed '{{' in template {template!r}")
         if buf:
             out.append((False, "".join(buf)))
@@ -236,18 +241,8 @@ def _fields(template: str) -> List[Tuple[bool, str]]:
 
 
 def _split_format(field: str) -> Tuple[str, str]:
-    depth, quote, cut = 0, None, -1
-    for k, d in enumerate(field):
-        if quote:
-            quote = None if d == quote else quote
-        elif d in "'\"":
-            quote = d
-        elif d in "([{":
-            depth += 1
-        elif d in ")]}":
-            depth -= 1
-        elif d == ":" and depth == 0:
-            cut = k
+    """'expr:format' at the last ':' outside brackets and quotes (slices and dict literals stay in expr)."""
+    cut = max((k for k, d, depth in _unquoted(field) if d == ":" and depth == 0), default=-1)
     return (field, "") if cut < 0 else (field[:cut], field[cut + 1:])
 
 
