@@ -5,8 +5,8 @@
 #    present; DEMO_SOURCE=shared uses ../shared's held-out Gutenberg + Wikipedia text instead),
 # 2. trains configs/demo_cpu.yaml (byte-level 0.4M model, 900 steps, Sink_1..10 logged every 25 steps),
 # 3. prints Sink_1..10 of the final model and writes checkpoints/demo_cpu/curves.png (loss + Sink_k vs step).
-# DEMO_RECORD=docs/results/demo_cpu also writes the run's raw record there (summary.json, metrics.csv and run.json
-# with the wall times, lit_gpt.results), the files the README's demo table is rendered from.
+# DEMO_RECORD=docs/results/demo_cpu also writes the run's raw record there (summary.json, metrics.csv, the corpus
+# manifest and run.json with the wall times, lit_gpt.results), the files the README's demo table is rendered from.
 set -euo pipefail
 T_START=$(date +%s.%N)
 cd "$(dirname "$0")/.."
@@ -42,6 +42,8 @@ if rec:
     os.makedirs(rec, exist_ok=True)
     for name in ("summary.json", "metrics.csv"):
         shutil.copy(f"checkpoints/demo_cpu/{name}", os.path.join(rec, name))
+    if os.path.isfile("datasets/demo_cpu/packed/manifest.json"):
+        shutil.copy("datasets/demo_cpu/packed/manifest.json", os.path.join(rec, "corpus_manifest.json"))
     write_record(os.path.join(rec, "run.json"), {
         "what": "bash scripts/demo_cpu.sh: wall times (s) of the whole script, of building the corpus (0 when "
                 "reused) and of training; the run's summary.json and metrics.csv lie next to this file",
