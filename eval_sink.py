@@ -4,9 +4,12 @@
     python eval_sink.py checkpoints/run_a checkpoints/run_b --inputs natural random repeated --out results/sink.json
 
 Inputs: the natural-text probe (JSONL; n samples, the first T+1 tokens each: T as input, loss on predicting
-tokens 2..T+1 as in the seed), uniformly random tokens, one repeated token. The tokenizer is the checkpoint's
-run_config["tokenizer"] when recorded, else --tokenizer. Attention maps come from the model's analysis path
-and go batch by batch through lit_gpt.sink_metrics.SinkMeter (lit_gpt.analysis.evaluate_model).
+tokens 2..T+1 as in the seed), uniformly random tokens, one repeated token. The checkpoint describes its run:
+the tokenizer is --tokenizer when given, else the run's data.tokenizer, else ../shared's GPT-NeoX; the run's data
+transforms are applied as the seed's evaluation does and as training and `python -m lit_gpt.evaluate` do
+(lit_gpt.evaluate.probe_view): a fixed-token run gets its fixed token in place in every input, a random-token run
+is probed on the inputs as they are. Attention maps come from the model's analysis path and go batch by batch
+through lit_gpt.sink_metrics.SinkMeter (lit_gpt.analysis.evaluate_model).
 """
 from __future__ import annotations
 
@@ -24,27 +27,39 @@ DEFAULT_TOKENIZER = str(Path(__file__).resolve().parent.parent / "shared" / "tok
 
 def evaluate_checkpoint(path: str, args, texts) -> dict:
     from lit_gpt.checkpoint import load_model
+    from lit_gpt.data import make_transforms
+    from lit_gpt.evaluate import probe_transform_names, probe_view
+    from lit_gpt.run_config import from_dict
     from lit_gpt.tokenizer import Tokenizer
 
     device = args.device or default_device()
     model, payload = load_model(path, device=device, dtype=parse_dtype(args.dtype))
     cfg = model.config
-    tok_path = (payload.get("run_config") or {}).get("tokenizer") or args.tokenizer
-    tok = Tokenizer(tok_path)
+    rc = payload.get("run_config") or {}
+    run = from_dict(rc) if "data" in rc else None          # a training run's config (else a hand-written record)
+    tok_path = args.tokenizer or (run.data.tokenizer if run else rc.get("tokenizer")) or DEFAULT_TOKENIZER
+    try:
+        tok = Tokenizer(tok_path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tokenizer {tok_path!r} of {payload['_path']} cannot be loaded ({e}); pass --tokenizer") from e
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok_path} has vocab_size={tok.vocab_size} > the model's {cfg.vocab_size}; "
                          "pass the checkpoint's tokenizer with --tokenizer")
+    transforms = make_transforms(run.data, tok.vocab_size, cfg.vocab_size) if run else []
     prefix = [tok.bos_id] if args.bos else []
     exclude = [i for i in (tok.bos_id, tok.eos_id) if i is not None]
     record = {"checkpoint": payload["_path"], "config": cfg.name, "step": payload.get("step"),
-              "tokenizer": str(tok_path), "bos": bool(args.bos), "inputs": {}}
-    print(f"== {payload['_path']} ({cfg.name}, step {payload.get('step')}, tokenizer {tok.name})")
+              "tokenizer": str(tok_path), "bos": bool(args.bos), "probe_transforms": probe_transform_names(transforms),
+              "inputs": {}}
+    print(f"== {payload['_path']} ({cfg.name}, step {payload.get('step')}, tokenizer {tok.name}"
+          + (f", probe inputs with {', '.join(record['probe_transforms'])}" if record["probe_transforms"] else "") + ")")
     for kind in args.inputs:
         tokens = probe_inputs(kind, args.n, args.T + 1, encode=lambda t: tok.encode(t, bos=args.bos), texts=texts,
                               vocab_size=tok.vocab_size, prefix=prefix, exclude=exclude, seed=args.seed,
                               repeat_token=args.repeat_token)
-        ev = evaluate_model(model, batched(tokens, args.batch_size), T=args.T, eps=args.eps, k_max=args.k_max,
-                            activations=True, attention_maps=[(l, 0) for l in sorted({0, cfg.n_layer - 1})])
+        ev = evaluate_model(model, batched(probe_view(tokens, transforms), args.batch_size), T=args.T, eps=args.eps,
+                            k_max=args.k_max, activations=True,
+                            attention_maps=[(l, 0) for l in sorted({0, cfg.n_layer - 1})])
         ev["sink"].meta = {"input": kind, "n": args.n, "T": args.T}
         print(f"  {kind:9s} {format_sink(ev['sink'])}  loss {ev['loss']:.4f}")
         act = ev["activations"]
@@ -79,8 +94,8 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+", help="checkpoint files or run folders (final.pth / latest step)")
-    ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
-                    help="used when the checkpoint's run_config records no tokenizer")
+    ap.add_argument("--tokenizer", default=None,
+                    help="default: the checkpoint's data.tokenizer, else ../shared/tokenizers/gpt-neox-20b")
     ap.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS (off: as in pretraining)")
     ap.add_argument("--inputs", nargs="+", default=["natural"], choices=INPUT_KINDS)
     ap.add_argument("--probe", default=str(DEFAULT_PROBE))

@@ -315,7 +315,9 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, T
 
     batches: (B, >= T) long tensors. The first T tokens are the input (T defaults to the first batch's width);
         the loss is the mean cross-entropy of predicting tokens 2..T+1 from the inputs, so a batch one token
-        wider than T is scored on T targets, a batch of exactly T on T-1.
+        wider than T is scored on T targets, a batch of exactly T on T-1. A batch may also be an
+        ``(inputs, targets)`` pair (targets[:, t] is scored against the prediction at position t), for inputs
+        that differ from the shifted targets (lit_gpt.evaluate.probe_view).
     activations: also measure norms, massive activations and cos/norm statistics (needs hidden, q, k, v).
     attention_maps: (layer, head) pairs whose attention map, averaged over samples, is returned for plots.
 
@@ -330,6 +332,7 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, T
     if device is None:
         device = next(model.parameters()).device
     for batch in batches:
+        batch, targets = batch if isinstance(batch, tuple) else (batch, None)
         if batch.dim() != 2:
             raise ValueError(f"token batch must be (B, T), got shape {tuple(batch.shape)}")
         T = T or batch.shape[1]
@@ -337,7 +340,7 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, T
             raise ValueError(f"token batch has {batch.shape[1]} tokens < T={T}")
         idx = batch[:, :T].to(device)
         logits, an = model_forward(model, idx, need)
-        targets = batch[:, 1:T + 1].to(device)
+        targets = (batch[:, 1:T + 1] if targets is None else targets[:, :T]).to(device)
         n_t = targets.shape[1]
         if n_t:
             lf = logits[:, :n_t].float()
@@ -366,9 +369,12 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, T
     }
 
 
-def batched(tokens: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
+def batched(tokens, batch_size: int) -> list:
+    """Split (n, T) rows, or an (inputs, targets) pair of them, into batches of ``batch_size`` rows."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is invalid; allowed: >= 1")
+    if isinstance(tokens, tuple):
+        return list(zip(*(t.split(batch_size, dim=0) for t in tokens)))
     return list(tokens.split(batch_size, dim=0))
 
 

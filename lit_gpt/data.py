@@ -2,16 +2,26 @@
 
 * :class:`Domain` — every shard of one prefix (``train_the_pile_arxiv-*.bin``), addressed as one array of chunks;
   ``downsample_ratio`` keeps a seeded random subset of its chunks (the paper's data-amount study).
-* :class:`MixtureLoader` — the global sample stream. Global sample ``n`` comes from domain
-  ``d(n)`` drawn with the mixture weights (a generator keyed by ``(seed, n // 4096)``), and is the ``c``-th
-  draw of that domain, i.e. chunk ``perm_{d, c // N_d}[c % N_d]`` of a per-epoch seeded permutation. A
-  micro-batch takes the next ``micro_batch_size * world_size`` global samples and rank ``r`` keeps its slice.
+* :class:`MixtureLoader` — the global sample stream, in one of two modes (``data.mixture_mode``):
+
+  - ``weighted``: global sample ``n`` comes from domain ``d(n)`` drawn with the mixture weights (a generator
+    keyed by ``(seed, n // 4096)``), and is the ``c``-th draw of that domain, i.e. chunk
+    ``perm_{d, c // N_d}[c % N_d]`` of a per-epoch seeded permutation.
+  - ``pooled`` (the seed's loader): every chunk of every domain with weight > 0 goes into one pool of
+    ``N = sum N_d`` chunks and sample ``n`` is chunk ``perm_{n // N}[n % N]`` of a per-epoch seeded permutation
+    of the pool. The weights only select the domains: each domain contributes in proportion to its size, as in
+    the seed's ``create_train_dataloader`` (all files of all prefixes in one shuffled ``PackedDataset``; its
+    ``CombinedDataset`` weighting is commented out).
+
+  A micro-batch takes the next ``micro_batch_size * world_size`` global samples and rank ``r`` keeps its slice.
   The whole state is ``{"n": samples consumed, "counts": draws per domain}``, identical on every rank, so a
   checkpoint restores the exact stream (even with another number of GPUs, as long as the global batch is kept).
-* Transforms (paper §6, data distribution), applied to every chunk before the input/target split, to
-  training, validation and probe data alike:
-  :class:`RandomTokens` puts uniformly random ids at positions [start, end) (keyed by the sample, so
-  resumable and reproducible); :class:`FixedToken` puts one token id at position p.
+* Transforms (paper §5, data distribution), applied to every training and validation chunk before the
+  input/target split: :class:`RandomTokens` puts uniformly random ids at positions [start, end) (keyed by the
+  sample, so resumable and reproducible); :class:`FixedToken` puts one token id at position p. The sink probe
+  follows the seed's evaluation (``pretrain/eval_sink_pretrain.py``): a transform with ``on_probe`` (the fixed
+  token) is put in place in the probe inputs, the others (random tokens) are not: random-token runs are probed
+  on natural text (:func:`lit_gpt.evaluate.probe_view`). :func:`make_transforms` builds them from a run config.
 * :class:`ValidationSet` — a fixed, evenly spaced subset of chunks of each validation domain.
 """
 from __future__ import annotations
@@ -27,7 +37,8 @@ import torch
 from lit_gpt.packed import SHARD_SUFFIX, PackedShard, read_header
 
 _BLOCK = 4096          # domain choices are drawn in blocks of this many global samples
-_TAG_CHOICE, _TAG_POOL, _TAG_PERM, _TAG_RANDOM = 0xC401CE, 0x9001, 0x9E53, 0x5A11D
+_TAG_CHOICE, _TAG_POOL, _TAG_PERM, _TAG_RANDOM, _TAG_POOLED = 0xC401CE, 0x9001, 0x9E53, 0x5A11D, 0x5EED
+MIXTURE_MODES = ("weighted", "pooled")
 
 
 class DataError(ValueError):
@@ -140,6 +151,8 @@ def check_domains(domains: Sequence[Domain], model_vocab_size: int, block_size: 
 class RandomTokens:
     """Replace positions [start, end) of every chunk by uniform random ids in [0, vocab_size)."""
 
+    on_probe = False    # the seed probes random-token runs on natural text (eval_sink_pretrain.py --mode base)
+
     def __init__(self, start: int, end: int, vocab_size: int, seed: int) -> None:
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
             raise DataError(f"random_tokens start={start!r}, end={end!r} is invalid; allowed: 0 <= start < end")
@@ -160,6 +173,8 @@ class RandomTokens:
 
 class FixedToken:
     """Put ``token_id`` at position ``position`` of every chunk."""
+
+    on_probe = True     # the seed probes fixed-token runs with the token in place (eval_sink_pretrain.py --mode fix)
 
     def __init__(self, position: int, token_id: int) -> None:
         if not (isinstance(position, int) and position >= 0):
@@ -183,20 +198,51 @@ def apply_transforms(batch: np.ndarray, keys: Sequence[int], transforms: Sequenc
     return batch
 
 
+def make_transforms(data, data_vocab_size: int, model_vocab_size: int) -> list:
+    """The transforms of a run's ``data`` section (:class:`lit_gpt.run_config.DataConfig`): random tokens drawn
+    from ``data.random_tokens.vocab_size`` or the data's vocabulary, then the fixed token."""
+    out: list = []
+    if data.random_tokens:
+        vocab = data.random_tokens.get("vocab_size") or data_vocab_size
+        if vocab > model_vocab_size:
+            raise DataError(f"data.random_tokens.vocab_size={vocab} is invalid; allowed: <= the model's "
+                            f"vocab_size={model_vocab_size}")
+        out.append(RandomTokens(data.random_tokens["start"], data.random_tokens["end"], vocab, data.seed))
+    if data.fixed_token:
+        tid = data.fixed_token.get("token_id", 1)
+        if tid >= model_vocab_size:
+            raise DataError(f"data.fixed_token.token_id={tid} is invalid; allowed: < vocab_size={model_vocab_size}")
+        out.append(FixedToken(data.fixed_token["position"], tid))
+    return out
+
+
 # ---------------------------------------------------------------------------- training stream
 class MixtureLoader:
-    """Weighted mixture of domains as an endless, resumable stream of (micro_batch, seq_len) LongTensors."""
+    """A mixture of domains as an endless, resumable stream of (micro_batch, seq_len) LongTensors.
+
+    ``mode="weighted"`` draws each sample's domain with ``weights``; ``mode="pooled"`` (the seed's loader)
+    shuffles the chunks of all domains together, so the weights only say which domains take part."""
 
     def __init__(self, domains: Dict[str, Domain], weights: Dict[str, float], micro_batch_size: int,
-                 seed: int, rank: int = 0, world_size: int = 1, transforms: Sequence = ()) -> None:
+                 seed: int, rank: int = 0, world_size: int = 1, transforms: Sequence = (),
+                 mode: str = "weighted") -> None:
         if set(weights) != set(domains):
             raise DataError(f"weights {sorted(weights)} and domains {sorted(domains)} differ")
+        if mode not in MIXTURE_MODES:
+            raise DataError(f"mixture_mode={mode!r} is invalid; allowed: {', '.join(MIXTURE_MODES)}")
         w = np.array([float(weights[k]) for k in domains], dtype=np.float64)
         if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
             raise DataError(f"mixture weights {dict(weights)} are invalid; allowed: non-negative, sum > 0")
         self.names = list(domains)
         self.domains = [domains[k] for k in self.names]
+        self.mode = mode
+        if mode == "pooled":
+            if (w == 0).any():
+                raise DataError(f"mixture_mode='pooled' takes every chunk of every domain given; weights "
+                                f"{dict(weights)} include 0 (leave those domains out)")
+            w = np.array([len(d) for d in self.domains], dtype=np.float64)   # proportions = domain sizes
         self.p = w / w.sum()
+        self._pool_starts = np.cumsum([0] + [len(d) for d in self.domains])
         self.micro_batch_size, self.seed = int(micro_batch_size), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.transforms = list(transforms)
@@ -222,12 +268,28 @@ class MixtureLoader:
             self._perm[d] = cached
         return int(cached[1][c % N])
 
+    def pooled_chunk(self, n: int) -> Tuple[int, int]:
+        """(domain, chunk) of global sample ``n`` in pooled mode: one permutation of all chunks per epoch."""
+        N = int(self._pool_starts[-1])
+        epoch = n // N
+        cached = self._perm.get(-1)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, np.random.default_rng([self.seed, _TAG_POOLED, epoch]).permutation(N))
+            self._perm[-1] = cached
+        j = int(cached[1][n % N])
+        d = int(np.searchsorted(self._pool_starts, j, side="right") - 1)
+        return d, j - int(self._pool_starts[d])
+
     def next_global(self, count: int) -> List[Tuple[int, int, int]]:
         """Advance the global stream by ``count`` samples: (global index, domain, chunk index) of each."""
         out = []
         for _ in range(count):
-            d = self.domain_of(self.n)
-            out.append((self.n, d, self.chunk_index(d, int(self.counts[d]))))
+            if self.mode == "pooled":
+                d, c = self.pooled_chunk(self.n)
+            else:
+                d = self.domain_of(self.n)
+                c = self.chunk_index(d, int(self.counts[d]))
+            out.append((self.n, d, c))
             self.counts[d] += 1
             self.n += 1
         return out
@@ -247,12 +309,15 @@ class MixtureLoader:
     def state_dict(self) -> dict:
         return {"n": int(self.n), "counts": {k: int(c) for k, c in zip(self.names, self.counts)},
                 "seed": self.seed, "weights": {k: float(p) for k, p in zip(self.names, self.p)},
-                "sizes": {k: len(d) for k, d in zip(self.names, self.domains)}}
+                "sizes": {k: len(d) for k, d in zip(self.names, self.domains)}, "mode": self.mode}
 
     def load_state_dict(self, state: dict) -> None:
         if sorted(state["counts"]) != sorted(self.names):
             raise DataError(f"checkpoint data state has domains {sorted(state['counts'])}, this run "
                             f"{sorted(self.names)}; resume with the same mixture")
+        if state.get("mode", "weighted") != self.mode:
+            raise DataError(f"checkpoint data stream is mixture_mode={state.get('mode', 'weighted')!r}, this run "
+                            f"{self.mode!r}; resume with the same data.mixture_mode")
         if state.get("seed", self.seed) != self.seed:
             raise DataError(f"checkpoint data seed {state.get('seed')} differs from data.seed={self.seed}")
         sizes = state.get("sizes", {})
@@ -287,7 +352,8 @@ class ValidationSet:
             yield torch.from_numpy(apply_transforms(batch, keys, self.transforms))
 
     def rows(self, n: int, seq_len: int) -> torch.Tensor:
-        """``n`` rows of ``seq_len`` tokens spread over the domains (the probe set when no text probe exists)."""
+        """``n`` untransformed rows of ``seq_len`` tokens spread over the domains (the probe set when no text
+        probe exists; :func:`lit_gpt.evaluate.probe_view` applies the run's probe transforms)."""
         names = list(self.domains)
         picks: List[np.ndarray] = []
         per = [n // len(names) + (1 if i < n % len(names) else 0) for i in range(len(names))]
@@ -297,9 +363,6 @@ class ValidationSet:
                 continue
             if len(d) < k:
                 raise DataError(f"validation domain {name!r} has {len(d)} chunks; the probe needs {k}")
-            d_index = names.index(name)
             idx = np.unique(np.linspace(0, len(d) - 1, k).round().astype(np.int64))
-            batch = np.stack([d.chunk(int(i))[:seq_len] for i in idx]).astype(np.int64)
-            keys = [(1 << 41) + (d_index << 32) + int(i) for i in idx]
-            picks.append(apply_transforms(batch, keys, self.transforms))
+            picks.append(np.stack([d.chunk(int(i))[:seq_len] for i in idx]).astype(np.int64))
         return torch.from_numpy(np.concatenate(picks))

@@ -4,7 +4,7 @@ A run YAML has five sections (every key optional; defaults below)::
 
     base: ../tinyllama_60m.yaml        # optional: a file this one overrides (path relative to this file)
     model:   {name: tinyllama_60M, attn_mask: window, window_size: 256}   # Config name + Config fields
-    data:    {train_dir: ..., mixture: ..., downsample_ratio: 1.0, random_tokens: ..., fixed_token: ...}
+    data:    {train_dir: ..., mixture: ..., mixture_mode: weighted, downsample_ratio: 1.0, random_tokens: ...}
     train:   {global_batch_size: 512, micro_batch_size: 16, max_steps: 20000, lr: 4.0e-4, ...}
     probe:   {source: auto, n: 100, T: 64, eps: 0.3}
     logging: {tensorboard: auto, wandb: auto}
@@ -45,7 +45,12 @@ class DataConfig:
     tokenizer: Optional[str] = None                  # tokenizer folder; checked against the shards' fingerprint
     mixture: Optional[str] = None                    # YAML file with train:/valid: maps (merged under inline ones)
     train: Dict[str, float] = field(default_factory=dict)   # domain prefix -> weight
-    valid: Dict[str, float] = field(default_factory=dict)   # domain prefix -> weight of its loss in val_loss
+    valid: Dict[str, float] = field(default_factory=dict)   # domain prefix -> weight of its loss in val_loss_mean
+    headline: str = "auto"                           # the validation domain reported as val_loss (the paper's
+                                                     # Pile-CC); auto: see resolve_headline; "mean": val_loss_mean
+    mixture_mode: str = "weighted"                   # weighted: draw each sample's domain with data.train weights;
+                                                     # pooled: the seed's loader, all chunks in one shuffled pool
+                                                     # (weights only select domains; sizes set the proportions)
     downsample_ratio: float = 1.0                    # keep this fraction of every training domain's chunks
     seed: int = 3406                                 # data order (the seed's data_seed)
     random_tokens: Optional[Dict[str, int]] = None   # {start, end[, vocab_size]}: random ids at [start, end)
@@ -268,6 +273,7 @@ def from_dict(d: Dict[str, Any], source: Optional[str] = None) -> RunConfig:
                     logging=_build(LoggingConfig, d.get("logging"), "logging"),
                     source=source or d.get("source"))
     _resolve_mixture(cfg)
+    cfg.data.headline = resolve_headline(cfg.data)
     validate(cfg)
     return cfg
 
@@ -283,17 +289,38 @@ def load_run_config(path: Optional[Union[str, Path]] = None, overrides: Sequence
 
 
 def _resolve_mixture(cfg: RunConfig) -> None:
-    """Fill data.train / data.valid from data.mixture (inline maps win)."""
-    if not cfg.data.mixture:
+    """Fill data.train / data.valid (and data.headline) from data.mixture (inline maps win). A config that already
+    holds both maps (e.g. the run config saved in a checkpoint) does not need the mixture file any more."""
+    d = cfg.data
+    if not d.mixture or (d.train and d.valid):
         return
-    m = _read_yaml(Path(cfg.data.mixture))
+    m = _read_yaml(Path(d.mixture))
     for k in m:
-        if k not in ("train", "valid"):
-            raise _unknown(k, ("train", "valid"), f"mixture file {cfg.data.mixture}")
-    if not cfg.data.train:
-        cfg.data.train = dict(m.get("train") or {})
-    if not cfg.data.valid:
-        cfg.data.valid = dict(m.get("valid") or {})
+        if k not in MIXTURE_KEYS:
+            raise _unknown(k, MIXTURE_KEYS, f"mixture file {d.mixture}")
+    if not d.train:
+        d.train = dict(m.get("train") or {})
+    if not d.valid:
+        d.valid = dict(m.get("valid") or {})
+        if d.headline == "auto" and m.get("headline"):
+            d.headline = m["headline"]
+
+
+MIXTURE_KEYS = ("train", "valid", "headline")
+
+
+def resolve_headline(d: DataConfig) -> str:
+    """The validation domain whose loss is the headline ``val_loss``: the paper reports the Pile-CC validation loss
+    (3.73 for its default run). ``auto`` picks, in order: the domain the mixture file names (``headline:``), the
+    validation domain whose prefix ends in ``pile_cc``, the only validation domain, else ``mean`` (the weighted mean
+    over the validation domains, always logged as ``val_loss_mean``)."""
+    if d.headline != "auto":
+        return d.headline
+    used = [k for k, w in d.valid.items() if w > 0]
+    pile_cc = [k for k in used if k.endswith("pile_cc")]
+    if len(pile_cc) == 1:
+        return pile_cc[0]
+    return used[0] if len(used) == 1 else "mean"
 
 
 # ---------------------------------------------------------------------------- validation
@@ -325,6 +352,8 @@ def validate(cfg: RunConfig) -> None:
                              "data.mixture")
     if sum(d.train.values()) <= 0:
         raise RunConfigError(f"data.train weights sum to 0: {d.train}")
+    _choice("data.mixture_mode", d.mixture_mode, ("weighted", "pooled"))
+    _choice("data.headline", d.headline, ["mean"] + [k for k, w in d.valid.items() if w > 0])
     if not (isinstance(d.downsample_ratio, (int, float)) and 0 < d.downsample_ratio <= 1):
         raise RunConfigError(f"data.downsample_ratio={d.downsample_ratio!r} is invalid; allowed: 0 < value <= 1")
     _positive_int("data.seed", d.seed, allow_zero=True)

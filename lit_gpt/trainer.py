@@ -38,8 +38,7 @@ from lit_gpt.checkpoint import (list_checkpoints, load_checkpoint, model_state_d
                                  write_checkpoint)
 from lit_gpt.config import Config
 from lit_gpt.data import (
-    DataError, DataInfo, Domain, FixedToken, MixtureLoader, RandomTokens, ValidationSet, check_domains,
-    open_domains,
+    DataError, DataInfo, Domain, MixtureLoader, ValidationSet, check_domains, make_transforms, open_domains,
 )
 from lit_gpt.evaluate import probe_tokens, sink_on_probe, sink_summary
 from lit_gpt.packed import ShardError
@@ -98,18 +97,7 @@ def open_run_data(cfg: RunConfig, mc: Config, need_train: bool = True) -> RunDat
             raise DataError(f"data.tokenizer={d.tokenizer!r}: {e}") from e
     info = check_domains(domains, mc.vocab_size, mc.block_size,
                          tokenizer.fingerprint if tokenizer else None, d.tokenizer or "")
-    transforms: list = []
-    if d.random_tokens:
-        vocab = d.random_tokens.get("vocab_size") or info.vocab_size
-        if vocab > mc.vocab_size:
-            raise DataError(f"data.random_tokens.vocab_size={vocab} is invalid; allowed: <= the model's "
-                            f"vocab_size={mc.vocab_size}")
-        transforms.append(RandomTokens(d.random_tokens["start"], d.random_tokens["end"], vocab, d.seed))
-    if d.fixed_token:
-        tid = d.fixed_token.get("token_id", 1)
-        if tid >= mc.vocab_size:
-            raise DataError(f"data.fixed_token.token_id={tid} is invalid; allowed: < vocab_size={mc.vocab_size}")
-        transforms.append(FixedToken(d.fixed_token["position"], tid))
+    transforms = make_transforms(d, info.vocab_size, mc.vocab_size)
     for i, dom in enumerate(train.values()):
         dom.downsample(d.downsample_ratio, d.seed, i)
     rd = RunData(train, valid, info, tokenizer, transforms)
@@ -121,14 +109,14 @@ def open_run_data(cfg: RunConfig, mc: Config, need_train: bool = True) -> RunDat
 def make_probe(cfg: RunConfig, rd: RunData, source: Optional[str] = None) -> Tuple[torch.Tensor, str]:
     p = cfg.probe
     try:
-        return probe_tokens(source or p.source, p.n, p.T, rd.tokenizer, rd.valid_set, rd.transforms)
+        return probe_tokens(source or p.source, p.n, p.T, rd.tokenizer, rd.valid_set)
     except (ValueError, FileNotFoundError) as e:
         raise DataError(f"probe.source={source or p.source!r}: {e}") from e
 
 
 # ---------------------------------------------------------------------------- checkpoints
 MUST_MATCH_TRAIN = ("global_batch_size", "seed")
-MUST_MATCH_DATA = ("train", "downsample_ratio", "seed", "random_tokens", "fixed_token")
+MUST_MATCH_DATA = ("train", "mixture_mode", "downsample_ratio", "seed", "random_tokens", "fixed_token")
 MAY_DIFFER_MODEL = ("attn_impl", "extra")
 
 
@@ -360,8 +348,10 @@ def _load_full_state(fabric, model, optimizer, raw, msd: dict, osd: dict) -> Non
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def validation_loss(fabric, model, vs: ValidationSet, weights: Dict[str, float], micro_batch_size: int,
-                    skip: int) -> Dict[str, float]:
-    """Mean next-token loss per validation domain (all ranks share the work) and their weighted mean."""
+                    skip: int, headline: str = "mean") -> Dict[str, float]:
+    """Mean next-token loss per validation domain (all ranks share the work), their weighted mean
+    (``val_loss_mean``) and the headline ``val_loss``: the ``headline`` domain's loss (the paper's Pile-CC), or
+    the weighted mean when ``headline == "mean"``."""
     model.eval()
     out: Dict[str, float] = {}
     world, rank = fabric.world_size, fabric.global_rank
@@ -382,7 +372,8 @@ def validation_loss(fabric, model, vs: ValidationSet, weights: Dict[str, float],
         out[f"val_loss/{name}"] = float(total[0] / total[1]) if total[1] > 0 else float("nan")
     w = {k: weights.get(k, 0.0) for k in vs.domains}
     wsum = sum(w.values()) or 1.0
-    out["val_loss"] = sum(out[f"val_loss/{k}"] * w[k] for k in vs.domains) / wsum
+    out["val_loss_mean"] = sum(out[f"val_loss/{k}"] * w[k] for k in vs.domains) / wsum
+    out["val_loss"] = out["val_loss_mean"] if headline == "mean" else out[f"val_loss/{headline}"]
     model.train()
     return out
 
@@ -414,18 +405,19 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
     fabric.seed_everything(t.seed, verbose=False)
     with fabric.init_module(empty_init=False):
         raw = GPT(mc)
+    loader = MixtureLoader(plan.data.train, {k: w for k, w in cfg.data.train.items() if w > 0},
+                           t.micro_batch_size, cfg.data.seed, fabric.global_rank, world, plan.data.transforms,
+                           mode=cfg.data.mixture_mode)
     fabric.print(f"model {mc.name}: {raw.num_parameters() / 1e6:.2f}M parameters; world {world} x micro "
                  f"{t.micro_batch_size} x accum {accum} = global batch {t.global_batch_size} x {mc.block_size} "
-                 f"tokens; precision {resolve_hardware(cfg)[2]}; data: "
-                 f"{', '.join(f'{k}={w}' for k, w in cfg.data.train.items())}; probe: {plan.probe_where}")
+                 f"tokens; precision {resolve_hardware(cfg)[2]}; data ({cfg.data.mixture_mode}, share of samples): "
+                 f"{', '.join(f'{k} {p:.1%}' for k, p in zip(loader.names, loader.p))}; probe: {plan.probe_where}")
     model = torch.compile(raw) if t.compile else raw
     model = fabric.setup(model)
     fused = fabric.device.type == "cuda" and not _is_fsdp(fabric)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps,
                                   weight_decay=t.weight_decay, **({"fused": True} if fused else {}))
     optimizer = fabric.setup_optimizers(optimizer)
-    loader = MixtureLoader(plan.data.train, {k: w for k, w in cfg.data.train.items() if w > 0},
-                           t.micro_batch_size, cfg.data.seed, fabric.global_rank, world, plan.data.transforms)
     probe_model = model if _is_fsdp(fabric) else raw
 
     step, tokens_seen, train_seconds = 0, 0, 0.0
@@ -455,7 +447,8 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         done = out_dir / "summary.json"
         return json.loads(done.read_text()) if done.is_file() else {"step": step, "final": {}, "out_dir": str(out_dir)}
 
-    val_cols = ([f"val_loss/{k}" for k in plan.data.valid] + ["val_loss"]) if plan.data.valid else []
+    val_cols = ([f"val_loss/{k}" for k in plan.data.valid] + ["val_loss", "val_loss_mean"]) if plan.data.valid else []
+    headline = cfg.data.headline if plan.data.valid else None
     sink_cols = [f"sink_{k}" for k in range(1, cfg.probe.k_max + 1)] + \
         [f"sink_extra_{i}" for i in range(mc.n_extra_slots)]
     columns = ["step", "tokens", "lr", "train_loss", "grad_norm", "tokens_per_s", "train_seconds"] + val_cols + \
@@ -480,10 +473,10 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         m: Dict[str, Any] = {}
         if do_val and plan.data.valid_set is not None:
             m.update(validation_loss(fabric, model, plan.data.valid_set, cfg.data.valid, t.micro_batch_size,
-                                     plan.skip))
+                                     plan.skip, headline))
         if do_sink:
             result, ploss = sink_on_probe(probe_model, plan.probe, eps=cfg.probe.eps, k_max=cfg.probe.k_max,
-                                          batch_size=cfg.probe.batch_size)
+                                          batch_size=cfg.probe.batch_size, transforms=plan.data.transforms)
             m.update(sink_summary(result, ploss))
             m["_result"] = result
             sink_curve.append((step, result.sink[1]))
@@ -509,7 +502,8 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
             fabric.print(f"step {step}: {format_sink(result)}"
                          + (f" probe_loss {m['probe_loss']:.4f}" if "probe_loss" in m else ""))
         if "val_loss" in m:
-            fabric.print(f"step {step}: val_loss {m['val_loss']:.4f}")
+            fabric.print(f"step {step}: val_loss {m['val_loss']:.4f} ({headline}), val_loss_mean "
+                         f"{m['val_loss_mean']:.4f}")
 
     if resumed_from is None:
         report(evaluate(bool(t.eval_interval), True))         # step 0: the curves start at initialisation
@@ -594,6 +588,7 @@ def fit(cfg: RunConfig, plan: Optional[Plan] = None, on_step_end: Optional[Calla
         "tokens_per_s_median": statistics.median(speeds[1:] or speeds) if speeds else None,
         "train_seconds": train_seconds,
         "final": {k: v for k, v in last.items() if not k.startswith("_")},
+        "val_loss_domain": headline,
         "sink_1_curve": sink_curve, "probe": plan.probe_where,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if fabric.device.type == "cuda" else None,
     }

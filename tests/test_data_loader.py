@@ -57,11 +57,54 @@ def test_each_epoch_visits_every_chunk_once(domains):
     assert ids[:30].tolist() != ids[30:60].tolist()     # reshuffled per epoch
 
 
-def test_ranks_split_the_same_global_stream(domains):
+def seed_pooled_epoch(domains) -> list:
+    """The seed's create_train_dataloader: the files of every prefix in one list, shuffled together, read whole;
+    the YAML weights are never used. One epoch is therefore every chunk of every domain exactly once."""
+    return sorted(int(d.chunk(i)[0]) for d in domains.values() for i in range(len(d)))
+
+
+def test_pooled_mode_is_the_seeds_loader_weights_ignored(domains):
+    N = sum(len(d) for d in domains.values())                          # 100 chunks: a 50, b 30, c 20
+    a = draw(MixtureLoader(domains, {"a": 0.6, "b": 0.3, "c": 0.1}, micro_batch_size=10, seed=1, mode="pooled"), 30)
+    b = draw(MixtureLoader(domains, {"a": 1.0, "b": 1.0, "c": 1.0}, micro_batch_size=10, seed=1, mode="pooled"), 30)
+    assert (a == b).all()                                              # the weights do not change the stream
+    ids = a[:, 0]
+    for e in range(3):                                                 # each epoch: the whole pool once
+        assert sorted(ids[N * e:N * (e + 1)].tolist()) == seed_pooled_epoch(domains)
+    assert ids[:N].tolist() != ids[N:2 * N].tolist()                   # reshuffled per epoch
+    first = ids[:N]
+    assert [int(((first >= base) & (first < base + 1000)).sum()) for base in (1000, 2000, 3000)] == [50, 30, 20]
+    assert not all(first[i] < first[i + 1] for i in range(N - 1))      # domains interleaved, not in file order
+    loader = MixtureLoader(domains, {"a": 1, "b": 1, "c": 1}, micro_batch_size=10, seed=1, mode="pooled")
+    assert [round(p, 6) for p in loader.p] == [0.5, 0.3, 0.2]          # effective shares = sizes
+    with pytest.raises(DataError, match="mixture_mode='pooled'.*include 0"):
+        MixtureLoader(domains, {"a": 1, "b": 0, "c": 1}, micro_batch_size=10, seed=1, mode="pooled")
+    with pytest.raises(DataError, match="mixture_mode='mixed' is invalid; allowed: weighted, pooled"):
+        MixtureLoader(domains, {"a": 1, "b": 1, "c": 1}, micro_batch_size=10, seed=1, mode="mixed")
+
+
+def test_pooled_mode_downsample_and_resume(domains):
+    for i, d in enumerate(domains.values()):
+        d.downsample(0.5, seed=2, domain_index=i)
+    kept = seed_pooled_epoch(domains)                                  # 25 + 15 + 10 chunks
+    ref = MixtureLoader(domains, {"a": 1, "b": 1, "c": 1}, micro_batch_size=5, seed=2, mode="pooled")
+    assert sorted(draw(ref, 10)[:, 0].tolist()) == kept
+    state = ref.state_dict()
+    expected = draw(ref, 7)
+    fresh = MixtureLoader(domains, {"a": 1, "b": 1, "c": 1}, micro_batch_size=5, seed=2, mode="pooled")
+    fresh.load_state_dict(state)
+    assert (draw(fresh, 7) == expected).all()
+    weighted = MixtureLoader(domains, {"a": 1, "b": 1, "c": 1}, micro_batch_size=5, seed=2)
+    with pytest.raises(DataError, match="mixture_mode='pooled', this run 'weighted'"):
+        weighted.load_state_dict(state)
+
+
+@pytest.mark.parametrize("mode", ["weighted", "pooled"])
+def test_ranks_split_the_same_global_stream(domains, mode):
     w = {"a": 0.5, "b": 0.3, "c": 0.2}
-    single = draw(MixtureLoader(domains, w, micro_batch_size=8, seed=3), 5)
-    r0 = MixtureLoader(domains, w, micro_batch_size=4, seed=3, rank=0, world_size=2)
-    r1 = MixtureLoader(domains, w, micro_batch_size=4, seed=3, rank=1, world_size=2)
+    single = draw(MixtureLoader(domains, w, micro_batch_size=8, seed=3, mode=mode), 5)
+    r0 = MixtureLoader(domains, w, micro_batch_size=4, seed=3, rank=0, world_size=2, mode=mode)
+    r1 = MixtureLoader(domains, w, micro_batch_size=4, seed=3, rank=1, world_size=2, mode=mode)
     both = np.concatenate([np.concatenate([r0.next_batch().numpy(), r1.next_batch().numpy()]) for _ in range(5)])
     assert (both == single).all()
     assert r0.state_dict() == r1.state_dict()

@@ -19,7 +19,7 @@ from pretrain_helpers import REPO, make_packed, tiny_run, write_yaml  # noqa: E4
 import pretrain  # noqa: E402
 from lit_gpt import GPT, Config  # noqa: E402
 from lit_gpt.checkpoint import load_checkpoint  # noqa: E402
-from lit_gpt.evaluate import sink_on_probe  # noqa: E402
+from lit_gpt.evaluate import probe_view, sink_on_probe  # noqa: E402
 from lit_gpt.packed import write_shard  # noqa: E402
 from lit_gpt.run_config import from_dict, load_run_config  # noqa: E402
 from lit_gpt.trainer import fit, lr_at, preflight  # noqa: E402
@@ -116,6 +116,58 @@ def test_checkpoint_is_self_describing_and_torn_files_fall_back(packed, tmp_path
     assert s2["resumed_from"].endswith("step-0000003.pth") and s2["step"] == 6
 
 
+def test_headline_val_loss_is_the_named_domain_and_pooled_mode_trains(packed, tmp_path):
+    """val_loss is the headline domain's loss (the paper's Pile-CC), checked against a float64 loop over the same
+    validation chunks; val_loss_mean is the weighted mean; a pooled-mode run refuses to resume as weighted."""
+    from lit_gpt.checkpoint import load_model
+
+    d = tiny_run(packed, tmp_path / "run", max_steps=2, eval_interval=2, sink_interval=0, save_interval=0)
+    d["data"].update(headline="valid_beta", mixture_mode="pooled", valid={"valid_alpha": 1.0, "valid_beta": 3.0})
+    cfg = from_dict(d)
+    summary = fit(cfg)
+    assert summary["val_loss_domain"] == "valid_beta"
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        row = [r for r in csv.DictReader(f) if r["val_loss"]][-1]
+    assert int(row["step"]) == 2
+    model, _ = load_model(tmp_path / "run" / "final.pth")
+    vs = preflight(cfg).data.valid_set
+    ref = {}
+    with torch.no_grad():
+        for name in ("valid_alpha", "valid_beta"):
+            nll, count = 0.0, 0
+            for i in vs.indices[name]:
+                chunk = torch.from_numpy(vs.domains[name].chunk(int(i)).astype(np.int64))
+                lp = torch.log_softmax(model(chunk[None, :-1])[0].double(), dim=-1)
+                for t in range(len(chunk) - 1):
+                    nll -= float(lp[t, chunk[t + 1]])
+                    count += 1
+            ref[name] = nll / count
+    assert float(row["val_loss"]) == pytest.approx(ref["valid_beta"], rel=1e-5)
+    assert float(row["val_loss/valid_beta"]) == pytest.approx(ref["valid_beta"], rel=1e-5)
+    assert float(row["val_loss_mean"]) == pytest.approx((ref["valid_alpha"] + 3 * ref["valid_beta"]) / 4, rel=1e-5)
+    from lit_gpt.trainer import PreflightError, check_resume_compatible
+
+    d["data"]["mixture_mode"] = "weighted"
+    with pytest.raises(PreflightError, match="mixture_mode: 'pooled' -> 'weighted'"):
+        check_resume_compatible(load_checkpoint(tmp_path / "run" / "final.pth"), from_dict(d), cfg.model_config())
+
+
+def test_headline_resolution():
+    from lit_gpt.run_config import RunConfigError, resolve_headline
+
+    pile = load_run_config(REPO / "configs" / "tinyllama_60m.yaml")
+    assert pile.data.headline == "valid_the_pile_pile_cc" and len(pile.data.valid) == 17
+    assert load_run_config(REPO / "configs" / "tinyllama_60m_shared_corpus.yaml").data.headline == "valid_wikipedia"
+    assert load_run_config(REPO / "configs" / "demo_cpu.yaml").data.headline == "valid_demo"   # the only domain
+    base = {"model": {"name": "tiny"}, "data": {"train": {"x": 1.0}, "valid": {"valid_a": 1.0, "valid_b": 1.0}}}
+    assert from_dict(base).data.headline == "mean"
+    with_cc = dict(base, data=dict(base["data"], valid={"valid_a": 1.0, "valid_the_pile_pile_cc": 1.0}))
+    assert from_dict(with_cc).data.headline == "valid_the_pile_pile_cc"
+    assert resolve_headline(from_dict(with_cc).data) == "valid_the_pile_pile_cc"
+    with pytest.raises(RunConfigError, match="data.headline='valid_c' is invalid; allowed: mean, valid_a, valid_b"):
+        from_dict(dict(base, data=dict(base["data"], headline="valid_c")))
+
+
 def test_lr_schedule_matches_the_formula():
     base = {"model": {"name": "tiny"}, "data": {"train": {"x": 1.0}}}
     cfg = from_dict(dict(base, train={"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "max_steps": 110}))
@@ -197,7 +249,9 @@ def test_preflight_builds_the_probe_and_loss_skip(packed, tmp_path):
     d["data"]["fixed_token"] = {"position": 2, "token_id": 1}
     plan = preflight(from_dict(d))
     assert plan.skip == 4                              # the seed's --ignore_loss $((PREFIX-1))
-    assert plan.probe.shape == (8, 17) and (plan.probe[:, 2] == 1).all()
+    assert plan.probe.shape == (8, 17) and not (plan.probe[:, 2] == 1).all()     # natural rows ...
+    inputs, targets = probe_view(plan.probe, plan.data.transforms)                 # ... fed with the token in place
+    assert (inputs[:, 2] == 1).all() and (targets == plan.probe[:, 1:]).all()
 
 
 # ---------------------------------------------------------------------------- sink on probe

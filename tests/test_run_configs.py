@@ -61,7 +61,7 @@ def test_there_is_a_config_for_every_seed_experiment():
     ("batch/tinyllama_60m_batch128.yaml", lambda c, m: c.train.global_batch_size == 128),
     ("lr/tinyllama_60m_lr1e-5.yaml", lambda c, m: c.train.lr == c.train.min_lr == 1e-5),
     ("fix/tinyllama_60m_fix_position1.yaml", lambda c, m: c.data.fixed_token == {"position": 1, "token_id": 1}),
-    ("random/tinyllama_60m_random0_1.yaml", lambda c, m: c.data.random_tokens == {"start": 0, "end": 1}),
+    ("random/tinyllama_60m_random0_1.yaml", lambda c, m: c.data.random_tokens == {"start": 0, "end": 1, "vocab_size": 50432}),
     ("data_amount/tinyllama_60m_downsample0.1.yaml", lambda c, m: c.data.downsample_ratio == 0.1),
     ("tinyllama_1b_sigmoid.yaml", lambda c, m: (m.n_layer, m.attn_op, c.train.micro_batch_size, c.train.max_steps)
      == (22, "sigmoid", 2, 40000)),
@@ -69,6 +69,38 @@ def test_there_is_a_config_for_every_seed_experiment():
 def test_configs_mean_what_their_names_say(rel, check):
     cfg = load_run_config(REPO / "configs" / rel)
     assert check(cfg, cfg.model_config())
+
+
+# The seed's configs/lr/tinyllama_60m_lr*.yaml (sail-sg/Attention-Sink): learning_rate, min_lr, max_step,
+# warmup_steps, save_step_interval, global_batch_size, micro_batch_size (weight decay: the script's 0.1).
+SEED_LR = {"1e-3": (1e-3, 1e-3, 20000, 100, 5000, 512, 16),
+           "1e-4": (1e-4, 1e-4, 40000, 100, 5000, 512, 16),
+           "1e-5": (1e-5, 1e-5, 80000, 100, 5000, 512, 16)}
+
+
+@pytest.mark.parametrize("lr", sorted(SEED_LR))
+def test_lr_configs_carry_the_seeds_fields(lr):
+    from lit_gpt.trainer import lr_at
+
+    cfg = load_run_config(REPO / "configs" / "lr" / f"tinyllama_60m_lr{lr}.yaml")
+    t = cfg.train
+    assert (t.lr, t.min_lr, t.max_steps, t.warmup_steps, t.save_interval, t.global_batch_size,
+            t.micro_batch_size) == SEED_LR[lr]
+    assert t.weight_decay == 0.1
+    # the seed's get_lr with min_lr == learning_rate: linear warmup, then constant to the last step
+    assert lr_at(t.warmup_steps, cfg) == lr_at(t.max_steps - 1, cfg) == t.lr
+
+
+# Configs that do not read the seed's data the seed's way: the offline corpus keeps its 0.5 / 0.5 weights and the
+# CPU demo (one domain) uses the default. Everything else derives from tinyllama_60m.yaml and pools like the seed.
+WEIGHTED_MIXTURE = {"tinyllama_60m_shared_corpus.yaml", "demo_cpu.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])
+def test_paper_configs_read_the_data_as_the_seed(path):
+    rel = str(path.relative_to(REPO / "configs"))
+    cfg = load_run_config(path)
+    assert cfg.data.mixture_mode == ("weighted" if rel in WEIGHTED_MIXTURE else "pooled")
 
 
 def test_composition_and_overrides(tmp_path):
@@ -100,6 +132,8 @@ def test_composition_and_overrides(tmp_path):
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["data.random_tokens={start: 3, end: 2}"], "start < end"),
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["probe.T=4096"], "probe.T=4096"),
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["--train.lr"], "no value"),
+    ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["data.mixture_mode=natural"],
+     "data.mixture_mode='natural' is invalid; allowed: weighted, pooled"),
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["train.lr"], "section.key=value"),
 ])
 def test_bad_configs_fail_with_the_key_named(tmp_path, content, overrides, match):
