@@ -180,7 +180,8 @@ def grab(text: str, pattern: str) -> Any:
 
 
 HELPERS: Dict[str, Any] = {
-    "abs": abs, "all": all, "any": any, "enumerate": enumerate, "float": float, "int": int, "len": len,
+    "abs": abs, "all": all, "any": any, "dict": dict, "enumerate": enumerate, "float": float, "format": format,
+    "int": int, "len": len, "next": next, "set": set, "tuple": tuple,
     "list": list, "max": max, "min": min, "range": range, "round": round, "sorted": sorted, "str": str, "sum": sum,
     "zip": zip, "mean": statistics.fmean, "median": statistics.median, "math": math, "argmax": argmax,
     "argmin": argmin, "binmean": binmean, "duration": duration, "mib": mib, "where": where, "grab": grab,
