@@ -31,8 +31,8 @@ import torch
 from lit_gpt.results import write_record
 from lit_gpt.streaming import recompute_nll, stream_nll
 from lit_gpt.streaming_io import (
-    METHODS, add_model_args, book_stream, lm_from_args, make_method, markdown_table, plot_log_ppl, sampled_stream,
-    shared_dir, write_json,
+    METHODS, add_model_args, add_topk_args, book_stream, lm_from_args, make_method, markdown_table, plot_log_ppl,
+    sampled_stream, shared_dir, topk_kwargs, write_json,
 )
 from lit_gpt.utils import atomic_torch_save
 
@@ -105,8 +105,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lminf-global", type=int, default=None, help="LM-Infinite n_global (default --start-size)")
     ap.add_argument("--lminf-local", type=int, default=None, help="LM-Infinite n_local (default --cache-size minus n_global)")
     ap.add_argument("--lminf-ceiling", type=int, default=None, help="LM-Infinite L_pretrain (default n_local)")
-    ap.add_argument("--topk", type=int, default=0, help="LM-Infinite top-k middle tokens (0 = off)")
-    ap.add_argument("--topk-from-layer", type=int, default=4)
+    add_topk_args(ap)
     ap.add_argument("--sink-ablation", default=None, help="e.g. 0,1,2,4,8: sinks in a cache of --cache-size")
     ap.add_argument("--cache-sweep", default=None, help="e.g. 128,256,512: window vs sinks at each cache size")
     ap.add_argument("--plot-width", type=int, default=128, help="tokens in the rolling mean of the plot")
@@ -120,8 +119,26 @@ def main(argv=None) -> None:
     add_model_args(ap)
     args = ap.parse_args(argv)
     out = Path(args.out)
+    kw = dict(start_size=args.start_size, lminf_global=args.lminf_global, lminf_local=args.lminf_local,
+              lminf_ceiling=args.lminf_ceiling, stride=args.stride, **topk_kwargs(args))
+    if args.sink_ablation:
+        methods = [make_method("window" if s == 0 else "sink", **dict(kw, cache_size=args.cache_size, start_size=s))
+                   for s in parse_ints(args.sink_ablation)]
+        for m, s in zip(methods, parse_ints(args.sink_ablation)):
+            m.label = f"{s} + {args.cache_size - s}"
+    elif args.cache_sweep:
+        methods = []
+        for c in parse_ints(args.cache_sweep):
+            methods += [make_method("window", **dict(kw, cache_size=c)), make_method("sink", **dict(kw, cache_size=c))]
+    else:
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in names if m not in METHODS]
+        if bad:
+            ap.error(f"--methods {bad} invalid; allowed: {', '.join(METHODS)}")
+        methods = [make_method(m, **dict(kw, cache_size=args.cache_size)) for m in names]
+
     t_load = time.perf_counter()
-    lm = lm_from_args(args)
+    lm = lm_from_args(args, methods=[m.name for m in methods])      # refuses what the model cannot stream first
     print(f"loaded {lm.name} in {time.perf_counter() - t_load:.0f}s (train window {lm.train_window})", file=sys.stderr)
 
     info = dict(model=args.model, text=args.text, tokens=args.tokens, cache_size=args.cache_size,
@@ -141,25 +158,6 @@ def main(argv=None) -> None:
         ids = lm.tokenizer.encode(Path(args.text_file).read_text(), bos=args.bos)[: args.tokens]
     tokens = torch.tensor([ids])
     print(f"stream: {tokens.shape[1]} tokens; start: {lm.tokenizer.decode(ids[:24])!r}", file=sys.stderr)
-
-    kw = dict(start_size=args.start_size, lminf_global=args.lminf_global, lminf_local=args.lminf_local,
-              lminf_ceiling=args.lminf_ceiling, topk=args.topk, topk_from_layer=args.topk_from_layer,
-              stride=args.stride)
-    if args.sink_ablation:
-        methods = [make_method("window" if s == 0 else "sink", **dict(kw, cache_size=args.cache_size, start_size=s))
-                   for s in parse_ints(args.sink_ablation)]
-        for m, s in zip(methods, parse_ints(args.sink_ablation)):
-            m.label = f"{s} + {args.cache_size - s}"
-    elif args.cache_sweep:
-        methods = []
-        for c in parse_ints(args.cache_sweep):
-            methods += [make_method("window", **dict(kw, cache_size=c)), make_method("sink", **dict(kw, cache_size=c))]
-    else:
-        names = [m.strip() for m in args.methods.split(",") if m.strip()]
-        bad = [m for m in names if m not in METHODS]
-        if bad:
-            ap.error(f"--methods {bad} invalid; allowed: {', '.join(METHODS)}")
-        methods = [make_method(m, **dict(kw, cache_size=args.cache_size)) for m in names]
 
     results, curves = [], {}
     for m in methods:

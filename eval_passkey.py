@@ -30,8 +30,8 @@ from pathlib import Path
 from lit_gpt.streaming import dense_spec, stream_generate
 from lit_gpt.results import write_record
 from lit_gpt.streaming_io import (
-    PASSKEY_NEW_TOKENS, add_model_args, draw_passkeys, lm_from_args, make_method, markdown_table, parse_passkey,
-    passkey_fillers, passkey_prompt, write_json,
+    PASSKEY_NEW_TOKENS, add_model_args, add_topk_args, draw_passkeys, lm_from_args, make_method, markdown_table,
+    parse_passkey, passkey_fillers, passkey_prompt, topk_kwargs, write_json,
 )
 
 PASSKEY_METHODS = ("dense", "window", "sink", "lminfinite")
@@ -69,8 +69,7 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default="dense,sink,lminfinite")
     ap.add_argument("--cache-size", type=int, default=None, help="default: the training window")
     ap.add_argument("--start-size", type=int, default=4, help="sinks / LM-Infinite n_global")
-    ap.add_argument("--topk", type=int, default=0)
-    ap.add_argument("--topk-from-layer", type=int, default=4)
+    add_topk_args(ap)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=PASSKEY_NEW_TOKENS, help="greedy tokens generated (LM-Infinite: 7)")
     ap.add_argument("--batch", type=int, default=8, help="prompts per forward")
@@ -80,7 +79,11 @@ def main(argv=None) -> None:
     ap.add_argument("--record", default=None, help="compact raw record (JSON) for the docs, e.g. docs/results/...")
     add_model_args(ap)
     args = ap.parse_args(argv)
-    lm = lm_from_args(args)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in names if m not in PASSKEY_METHODS]
+    if bad:
+        ap.error(f"--methods {bad} invalid; allowed: {', '.join(PASSKEY_METHODS)}")
+    lm = lm_from_args(args, methods=names)
     window = args.train_window or lm.train_window
     if not window:
         ap.error("the model does not say its training window: give --train-window")
@@ -88,12 +91,7 @@ def main(argv=None) -> None:
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else \
         [int(float(m) * window) for m in args.multiples.split(",")]
     depths = None if args.depths == "random" else [float(x) for x in args.depths.split(",")]
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in names if m not in PASSKEY_METHODS]
-    if bad:
-        ap.error(f"--methods {bad} invalid; allowed: {', '.join(PASSKEY_METHODS)}")
-    methods = [make_method(m, cache_size=cache, start_size=args.start_size, topk=args.topk,
-                           topk_from_layer=args.topk_from_layer) for m in names]
+    methods = [make_method(m, cache_size=cache, start_size=args.start_size, **topk_kwargs(args)) for m in names]
     cases = []
     for n in lengths:
         n_fill = passkey_fillers(lm.tokenizer, n, bos=args.bos)

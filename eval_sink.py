@@ -1,6 +1,6 @@
 """Sink_1..10, probe-set loss and per-layer norms of our checkpoints (config and weights from the checkpoint).
 
-    python eval_sink.py checkpoints/tinyllama_60M/final.pth
+    python eval_sink.py checkpoints/tinyllama_60M/final
     python eval_sink.py checkpoints/run_a checkpoints/run_b --inputs natural random repeated --out results/sink.json
 
 Inputs: the natural-text probe (JSONL; n samples, the first T+1 tokens each: T as input, loss on predicting
@@ -26,7 +26,7 @@ DEFAULT_TOKENIZER = str(Path(__file__).resolve().parent.parent / "shared" / "tok
 
 
 def evaluate_checkpoint(path: str, args, texts) -> dict:
-    from lit_gpt.checkpoint import load_model
+    from lit_gpt.checkpoint import checkpoint_tokenizer, load_model
     from lit_gpt.data import make_transforms
     from lit_gpt.evaluate import probe_transform_names, probe_view
     from lit_gpt.run_config import from_dict
@@ -37,7 +37,7 @@ def evaluate_checkpoint(path: str, args, texts) -> dict:
     cfg = model.config
     rc = payload.get("run_config") or {}
     run = from_dict(rc) if "data" in rc else None          # a training run's config (else a hand-written record)
-    tok_path = args.tokenizer or (run.data.tokenizer if run else rc.get("tokenizer")) or DEFAULT_TOKENIZER
+    tok_path = args.tokenizer or checkpoint_tokenizer(payload) or DEFAULT_TOKENIZER
     try:
         tok = Tokenizer(tok_path)
     except (OSError, ValueError) as e:
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     from lit_gpt.probe import DEFAULT_PROBE, load_probe_texts
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="+", help="checkpoint files or run folders (final.pth / latest step)")
+    ap.add_argument("checkpoints", nargs="+", help="checkpoint folders or run folders (final/, else the latest step)")
     ap.add_argument("--tokenizer", default=None,
                     help="default: the checkpoint's data.tokenizer, else ../shared/tokenizers/gpt-neox-20b")
     ap.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS (off: as in pretraining)")
@@ -112,7 +112,13 @@ def main(argv=None) -> int:
     ap.add_argument("--plots", default=None, help="folder for PNG plots (one sub-folder per checkpoint)")
     args = ap.parse_args(argv)
     texts = load_probe_texts(args.probe) if "natural" in args.inputs else None
-    records = [evaluate_checkpoint(p, args, texts) for p in args.checkpoints]
+    from lit_gpt.checkpoint import CheckpointError
+
+    try:
+        records = [evaluate_checkpoint(p, args, texts) for p in args.checkpoints]
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.out:
         atomic_write_text(args.out, json.dumps({"args": vars(args), "checkpoints": records}))
         print(f"wrote {args.out}")

@@ -2,7 +2,7 @@
 causal mask, no extra key/value slots; GQA and tied embeddings are fine), so that eval_sink_open_source.py,
 eval_activations_open_source.py and any transformers tool can load it.
 
-    python export_hf.py checkpoints/tinyllama_60M/final.pth exported/tinyllama_60M --tokenizer ../shared/tokenizers/gpt-neox-20b
+    python export_hf.py checkpoints/tinyllama_60M/final exported/tinyllama_60M --tokenizer ../shared/tokenizers/gpt-neox-20b
     python eval_sink_open_source.py --models exported/tinyllama_60M --device cpu
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from lit_gpt.utils import DTYPES
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="checkpoint file or run folder")
+    ap.add_argument("checkpoint", help="checkpoint folder or run folder")
     ap.add_argument("out", help="output folder (must be empty or absent unless --overwrite)")
     ap.add_argument("--tokenizer", default=None,
                     help="tokenizer.json (or folder) to ship with the model (default: the checkpoint's run_config)")
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     try:
         out = export_llama(args.checkpoint, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
                            overwrite=args.overwrite)
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -3,6 +3,7 @@
     python pretrain.py --config configs/tinyllama_60m.yaml
     python pretrain.py --config configs/window/tinyllama_60m_window256.yaml train.devices=8 train.micro_batch_size=8
     python pretrain.py --config configs/demo_cpu.yaml --print_config
+    python pretrain.py --config configs/tinyllama_60m.yaml --profile 60 train.out_dir=/tmp/prof   # where time goes
 
 Overrides are ``section.key=value`` (or ``--section.key value``), values parsed as YAML. Several GPUs:
 ``train.devices=N`` (DDP by default, ``train.strategy=fsdp`` to shard); several nodes: launch this script on
@@ -30,7 +31,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="run YAML (configs/...)")
     ap.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--profile", nargs="?", type=int, const=40, default=None, metavar="STEPS",
+                    help="benchmark mode: train STEPS steps (default 40; no checkpoints), time the second half by "
+                         "phase (data, forward+backward, optimizer, logging, evaluation) and the bare optimizer step "
+                         "on a fixed batch; prints the table and writes <out_dir>/profile.json")
     args, overrides = ap.parse_known_args(argv)
+    if args.profile is not None:
+        overrides = overrides + ["train.profile=true", f"train.max_steps={args.profile}"]
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)     # progress lines reach `| tee` logs as they happen
     try:

@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quiet", action="store_true", help="no text on stdout (benchmarks)")
     add_model_args(ap)
     args = ap.parse_args(argv)
-    lm = lm_from_args(args)
+    lm = lm_from_args(args, methods=[args.method])
     tok = lm.tokenizer
     from lit_gpt.llama2c import Llama2cTokenizer
     bos = args.bos or isinstance(tok, Llama2cTokenizer)

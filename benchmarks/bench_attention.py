@@ -2,6 +2,7 @@
 
     python benchmarks/bench_attention.py                      # GPU sizes (B=8, H=8, d=96, T=1024..4096)
     python benchmarks/bench_attention.py --quick              # tiny CPU smoke run
+    python benchmarks/bench_attention.py --curve              # cost over T: full causal vs window / Λ (sink + window)
 Prints a table and writes JSON (command, git commit, hardware) to --out.
 """
 from __future__ import annotations
@@ -12,7 +13,8 @@ import math
 import torch
 
 from common import environment, print_table, time_fn, write_json  # noqa: F401
-from lit_gpt.attention import causal_mask, dense_mask, eager_attention, sdpa_attention, window_mask
+from lit_gpt.attention import (causal_mask, dense_mask, eager_attention, sdpa_attention, set_sdpa_backend,
+                               sink_window_mask, window_mask)
 from lit_gpt.positional import alibi_bias, alibi_slopes
 
 
@@ -22,7 +24,13 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/attention.json")
     ap.add_argument("--lengths", type=int, nargs="*", default=None)
     ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--curve", action="store_true", help="attention cost over T at a fixed number of tokens")
+    ap.add_argument("--tokens", type=int, default=32768, help="--curve: batch = tokens / T")
+    ap.add_argument("--sinks", type=int, default=4, help="--curve: sink tokens of the Λ mask")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="--curve: stop starting new lengths after this")
     a = ap.parse_args()
+    if a.curve:
+        return curve(a)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     B, H, d = (8, 8, 96) if not a.quick else (1, 2, 16)
@@ -65,6 +73,62 @@ def main() -> None:
                 rows.append({"T": T, "impl": name, "ms": f"error: {type(e).__name__}: {str(e)[:80]}"})
     print_table(rows, ["T", "impl", "ms", "peak_MiB", "TFLOP/s(useful)"])
     write_json(a.out, rows, {"shape": {"B": B, "H": H, "d": d, "dtype": str(dtype)}})
+
+
+def curve(a) -> None:
+    """Forward + backward of one attention layer (H=8, d=96, bf16) at batch tokens/T for each T: full causal
+    (SDPA's flash kernel, and cuDNN's), the sliding window and the Λ mask (sinks + window) through our FlexAttention
+    path (block-sparse), and the window as a dense mask through SDPA (what the cost would be without sparsity)."""
+    import time
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    H, d = (8, 96) if not a.quick else (2, 16)
+    lengths = a.lengths or ([16384, 2048, 4096, 8192, 1024] if not a.quick else [128, 64])
+    tokens = a.tokens if not a.quick else 256
+    rows, t_start = [], time.perf_counter()
+    meta = {"shape": {"tokens": tokens, "H": H, "d": d, "dtype": str(dtype), "window": a.window, "sinks": a.sinks},
+            "pass": "forward + backward of one layer"}
+    for T in lengths:
+        if time.perf_counter() - t_start > a.budget_s:
+            rows.append({"T": T, "impl": "skipped (time budget)"})
+            continue
+        B = max(1, tokens // T)
+        w = min(a.window, T // 4)
+        q, k, v = (torch.randn(B, H, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        scale = 1 / math.sqrt(d)
+        cases = {"causal sdpa (default kernel)": ("default", lambda: sdpa_attention(q, k, v, mask=None, is_causal=True))}
+        if device.type == "cuda":
+            from lit_gpt.flex import flex_attention_forward
+            cases["causal sdpa (cudnn)"] = ("cudnn", cases["causal sdpa (default kernel)"][1])
+            wfn, lfn = window_mask(w), sink_window_mask(a.sinks, w)      # one function each: one block mask each
+            cases[f"window {w} flex"] = ("default", lambda: flex_attention_forward(q, k, v, wfn, scale=scale))
+            cases[f"sink {a.sinks} + window {w} flex"] = (
+                "default", lambda: flex_attention_forward(q, k, v, lfn, scale=scale))
+        pos = torch.arange(T, device=device).unsqueeze(0)
+        wmask = dense_mask(window_mask(w), pos, pos)
+        cases[f"window {w} sdpa dense mask"] = ("default", lambda: sdpa_attention(q, k, v, mask=wmask))
+        base = None
+        for name, (backend, fn) in cases.items():
+            set_sdpa_backend(backend)
+
+            def step():
+                out = fn()
+                out.backward(torch.ones_like(out))
+                q.grad = k.grad = v.grad = None
+            try:
+                sec = time_fn(step, device, warmup=3, repeat=10 if not a.quick else 2)
+                if name.startswith("causal sdpa (default"):
+                    base = sec
+                rows.append({"T": T, "B": B, "impl": name, "ms": round(sec * 1e3, 3),
+                             "x_causal": round(sec / base, 3) if base else None})
+            except Exception as e:
+                rows.append({"T": T, "B": B, "impl": name, "ms": f"error: {type(e).__name__}: {str(e)[:100]}"})
+            print(rows[-1], flush=True)
+        set_sdpa_backend("default")
+        write_json(a.out, rows, meta)            # after every length: a command stopped at its limit keeps it
+    print_table(rows, ["T", "B", "impl", "ms", "x_causal"])
+    write_json(a.out, rows, meta)
 
 
 if __name__ == "__main__":

@@ -1,96 +1,287 @@
-"""Training-step throughput of the one model across variants: tokens/s and peak memory of forward+backward+AdamW.
+"""Training-step throughput (forward, backward, gradient clipping, fused AdamW; bf16 autocast) of our GPT, measured in
+one process next to a plain compiled reference model (benchmarks/reference_llama.py) and litgpt's model and loss of
+the same shape, with MFU against the GPU's bf16 matmul rate measured in the same command.
 
-    python benchmarks/bench_train_step.py                     # GPU: tinyllama_60M, micro batch 8 x 2048, bf16
-    python benchmarks/bench_train_step.py --compile           # also with torch.compile
-    python benchmarks/bench_train_step.py --quick             # tiny CPU smoke run
-Prints a table and writes JSON (command, git commit, hardware) to --out.
+    python benchmarks/bench_train_step.py --compare                       # GPU: tinyllama_60M, 16 x 2048: ours, reference, litgpt
+    python benchmarks/bench_train_step.py --model tinyllama_1_1b --micro-batch 8 --impls ours
+    python benchmarks/bench_train_step.py --variants "window 256 flex" "alibi flex"   # our variants
+    python benchmarks/bench_train_step.py --quick --compare               # tiny CPU smoke run
+
+Ours: ``model(x, targets=y)`` (lit_gpt/fused_ce.py: no fp32 logits), ``--compile blocks`` (each block compiled,
+as ``train.compile``), ``--sdpa`` kernel (``best``: the faster of cuDNN and flash on this attention shape,
+measured here). The reference: ``torch.compile(model)`` with F.cross_entropy on fp32-upcast logits. litgpt (PyPI):
+its GPT compiled as its pretrain.py does, with its chunked_cross_entropy. Prints a table, writes JSON (command,
+commit, GPU, library versions).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
+import time
 
 import torch
-import torch.nn.functional as F
 
-from common import print_table, time_fn, write_json
+from common import (kernel_breakdown, measure_bf16_peak, print_table, time_fn, write_json)
 from lit_gpt import GPT, Config
+from lit_gpt.attention import set_sdpa_backend
+from lit_gpt.throughput import compile_blocks
+from reference_llama import RefLlama, flops_per_token, loss_fn
 
 VARIANTS = {
-    "default (rope, swiglu, softmax sdpa)": {},
+    "default": {},
     "eager softmax": dict(attn_impl="eager"),
-    "window 256 sdpa": dict(attn_mask="window", window_size=256),
+    "window 256 sdpa": dict(attn_mask="window", window_size=256, attn_impl="sdpa"),
     "window 256 flex": dict(attn_mask="window", window_size=256, attn_impl="flex"),
-    "alibi sdpa": dict(pos_encoding="alibi"),
+    "alibi sdpa": dict(pos_encoding="alibi", attn_impl="sdpa"),
     "alibi flex": dict(pos_encoding="alibi", attn_impl="flex"),
     "relative bias sdpa": dict(pos_encoding="relative"),
-    "relative bias flex": dict(pos_encoding="relative", attn_impl="flex"),
-    "kv bias (k* slot) sdpa": dict(kv_bias="kv"),
     "kv bias (k* slot) flex": dict(kv_bias="kv", attn_impl="flex"),
-    "sink logit sdpa": dict(sink_logit=True),
     "sink logit flex": dict(sink_logit=True, attn_impl="flex"),
     "sigmoid Z=1 (eager)": dict(attn_op="sigmoid", attn_normalize=False),
     "elu kernel (eager)": dict(attn_op="elu_kernel"),
 }
 
 
+def matmul_params(cfg: Config) -> int:
+    """Parameters that take part in matrix products: every linear and the LM head (the embedding is a lookup)."""
+    m = GPT(cfg.replace(n_layer=1)) if cfg.n_layer > 1 else GPT(cfg)
+    per_block = sum(p.numel() for p in m.blocks[0].parameters() if p.dim() == 2)
+    return cfg.n_layer * per_block + m.lm_head.weight.numel()
+
+
+def build(impl: str, cfg: Config, device, compile_mode: str, loss_impl: str):
+    """(module, forward-loss function) of one implementation."""
+    if impl == "ours":
+        with device:                         # initialise on the device (a 1B model takes seconds on the CPU)
+            model = GPT(cfg)
+        fwd = model
+        if compile_mode == "blocks":
+            compile_blocks(model)
+        elif compile_mode == "whole":
+            fwd = torch.compile(model)
+        return model, lambda x, y: fwd(x, targets=y, loss_impl=loss_impl)
+    if impl == "reference":
+        with device:
+            model = RefLlama.like(cfg)
+        fwd = torch.compile(model) if compile_mode != "none" else model
+        return model, lambda x, y: loss_fn(fwd(x), y)
+    if impl == "litgpt":
+        from litgpt.config import Config as LitConfig
+        from litgpt.model import GPT as LitGPT
+        from litgpt.utils import chunked_cross_entropy
+
+        lc = LitConfig(name="bench", block_size=cfg.block_size, vocab_size=cfg.vocab_size,
+                       padded_vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                       n_query_groups=cfg.n_query_groups, rotary_percentage=1.0, parallel_residual=False, bias=False,
+                       norm_class_name="RMSNorm", norm_eps=cfg.norm_eps, mlp_class_name="LLaMAMLP",
+                       intermediate_size=cfg.intermediate_size, rope_base=int(cfg.rope_base))
+        with device:
+            model = LitGPT(lc)
+        fwd = torch.compile(model) if compile_mode != "none" else model     # litgpt/pretrain.py: torch.compile(model)
+        return model, lambda x, y: chunked_cross_entropy(fwd(x), y)
+    raise ValueError(f"impl={impl!r} is invalid; allowed: ours, reference, litgpt")
+
+
+def attention_backend_times(cfg: Config, B: int, T: int, device) -> dict:
+    """fwd+bwd ms of one causal SDPA call of the model's attention shape under each kernel."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    H, d = cfg.n_head, cfg.head_size
+    q, k, v = (torch.randn(B, H, T, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out, ys = {}, {}
+    for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel([be]), torch.no_grad():
+                ys[name] = F.scaled_dot_product_attention(q, k, v, is_causal=True).float()
+        except Exception:
+            pass
+
+        def step():
+            with sdpa_kernel([be]):
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y.backward(torch.ones_like(y))
+        try:
+            out[name] = round(1e3 * time_fn(step, device, warmup=3, repeat=10), 3)
+        except Exception as e:       # not available for this shape / build
+            out[name] = f"error: {type(e).__name__}: {str(e)[:80]}"
+    if len(ys) == 2:
+        out["cudnn_vs_flash_rel_diff"] = float((ys["cudnn"] - ys["flash"]).norm() / ys["flash"].norm())
+    return out
+
+
+def loss_times(cfg: Config, rows: int, device) -> dict:
+    """fwd+bwd ms of the LM head + loss alone: our fused pass vs the plain expression compiled by inductor."""
+    from lit_gpt.fused_ce import linear_cross_entropy
+
+    h = torch.randn(rows, cfg.n_embd, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = (0.02 * torch.randn(cfg.vocab_size, cfg.n_embd, device=device)).requires_grad_(True)
+    t = torch.randint(0, cfg.vocab_size, (rows,), device=device)
+    plain = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t, impl="plain"))
+    out = {}
+    for name, fn in (("fused (ours)", lambda: linear_cross_entropy(h, w, t, impl="fused")),
+                     ("plain, compiled", lambda: plain(h, w, t)), ("plain, eager", lambda: linear_cross_entropy(
+                         h, w, t, impl="plain"))):
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = fn()
+            loss.backward()
+            h.grad = w.grad = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        out[name] = {"ms": round(1e3 * time_fn(step, device, warmup=3, repeat=10), 3),
+                     "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+    # accuracy of the fused bf16 path against the float32 expression (no autocast)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        lf = linear_cross_entropy(h, w, t, impl="fused")
+    lf.backward()
+    gh, gw = h.grad.float(), w.grad.float()
+    h.grad = w.grad = None
+    lr = torch.nn.functional.cross_entropy(h.float() @ w.t(), t)
+    lr.backward()
+    out["fused_bf16_vs_fp32"] = {"loss_abs_diff": abs(float(lf) - float(lr)),
+                                 "grad_h_rel": float((gh - h.grad).norm() / h.grad.norm()),
+                                 "grad_w_rel": float((gw - w.grad).norm() / w.grad.norm())}
+    h.grad = w.grad = None
+    return out
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tinyllama_60M")
-    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
-    ap.add_argument("--only-compiled", action="store_true", help="time torch.compile(model) only")
-    ap.add_argument("--variants", nargs="*", default=None, help="subset of variant names")
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--compare", action="store_true", help="ours vs the reference model vs litgpt")
+    ap.add_argument("--impls", default=None, help="comma list of ours, reference, litgpt")
+    ap.add_argument("--compile", default="blocks", choices=["none", "blocks", "whole"], help="for ours")
+    ap.add_argument("--eager-too", action="store_true", help="also time ours without compilation")
+    ap.add_argument("--loss", default="fused", choices=["fused", "plain"], help="ours: loss_impl")
+    ap.add_argument("--sdpa", default="best", choices=["best", "auto", "cudnn", "flash", "default"])
+    ap.add_argument("--variants", nargs="*", default=None, help="our variants (names in VARIANTS)")
+    ap.add_argument("--breakdown", action="store_true", help="kernel time by category for ours (torch.profiler)")
+    ap.add_argument("--breakdown-all", action="store_true", help="... and for the reference and litgpt")
+    ap.add_argument("--micro", action="store_true", help="also time the attention kernels and the loss alone")
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--budget-s", type=float, default=1e9, help="start no new run after this many seconds")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if a.quick:
-        a.model, a.micro_batch, a.seq = "tiny", 2, 64
+        a.model, a.micro_batch, a.seq, a.repeat = "tiny", 2, 64, 2
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
-    rows = []
-    names = a.variants or list(VARIANTS)
-    for name in names:
-        overrides = dict(VARIANTS[name])
-        if "window_size" in overrides:
-            overrides["window_size"] = min(overrides["window_size"], a.seq // 4)
-        for compiled in ([True] if a.only_compiled else [False, True] if a.compile else [False]):
-            torch.manual_seed(0)
-            cfg = Config.from_name(a.model, block_size=max(a.seq, 64), **overrides)
-            model = GPT(cfg).to(device)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                    fused=device.type == "cuda")
-            fwd = torch.compile(model) if compiled else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    cfg0 = Config.from_name(a.model, block_size=a.seq)
+    impls = (a.impls.split(",") if a.impls else ["reference", "litgpt", "ours"] if a.compare else ["ours"])
+    extra = {"model": a.model, "micro_batch": a.micro_batch, "seq": a.seq, "accum": a.accum,
+             "precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
+    peak = None
+    if device.type == "cuda":
+        peak = measure_bf16_peak(device)
+        extra["bf16_matmul_peak_tflops"] = round(peak / 1e12, 1)
+        print(f"measured bf16 matmul peak: {peak / 1e12:.0f} TFLOP/s", flush=True)
+    sdpa = a.sdpa
+    if device.type == "cuda" and (a.sdpa == "best" or a.micro):
+        extra["attention_fwd_bwd_ms"] = attention_backend_times(cfg0, a.micro_batch, a.seq, device)
+        print("attention fwd+bwd ms:", extra["attention_fwd_bwd_ms"], flush=True)
+        times = {k: v for k, v in extra["attention_fwd_bwd_ms"].items() if k in ("flash", "cudnn") and isinstance(v, float)}
+        if a.sdpa == "best":
+            sdpa = min(times, key=times.get) if times else "default"
+    elif a.sdpa == "best":
+        sdpa = "default"
+    extra["sdpa_ours"] = sdpa
+    if a.micro:
+        extra["loss_fwd_bwd"] = loss_times(cfg0, a.micro_batch * a.seq, device)
+        print("lm head + loss fwd+bwd:", extra["loss_fwd_bwd"], flush=True)
+    fpt = flops_per_token(cfg0.n_layer, cfg0.n_embd, matmul_params(cfg0), a.seq)
+    extra["flops_per_token"] = fpt
+
+    runs = []      # (impl, variant name, overrides, compile mode)
+    for impl in impls:
+        if impl != "ours":
+            runs.append((impl, "default", {}, "whole"))
+            continue
+        for name in (a.variants or ["default"]):
+            modes = ([a.compile] + (["none"] if a.eager_too and a.compile != "none" else []))
+            runs += [(impl, name, VARIANTS[name], m) for m in modes]
+    rows, t_start = [], time.perf_counter()
+    for impl, name, overrides, mode in runs:
+        if time.perf_counter() - t_start > a.budget_s:
+            rows.append({"impl": impl, "variant": name, "compile": mode, "ms/step": "skipped (time budget)"})
+            continue
+        set_sdpa_backend(sdpa if impl == "ours" else "default")
+        ov = dict(overrides)
+        if "window_size" in ov:
+            ov["window_size"] = min(ov["window_size"], a.seq // 4)
+        torch.manual_seed(0)
+        row = {"impl": impl, "variant": name, "compile": mode, "loss": a.loss if impl == "ours" else
+               ("chunked_cross_entropy" if impl == "litgpt" else "fp32 F.cross_entropy"),
+               "sdpa": sdpa if impl == "ours" else "default"}
+        t0 = time.perf_counter()
+        try:
+            cfg = Config.from_name(a.model, block_size=a.seq, **ov)
+            model, fwd_loss = build(impl, cfg, device, mode, a.loss)
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
             x = torch.randint(0, cfg.vocab_size, (a.micro_batch, a.seq + 1), device=device)
+            inp, tgt = x[:, :-1], x[:, 1:]
 
             def step():
-                with autocast:
-                    logits = fwd(x[:, :-1])
-                    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-                loss.backward()
+                for _ in range(a.accum):
+                    with autocast:
+                        loss = fwd_loss(inp, tgt)
+                    (loss / a.accum).backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=device.type == "cuda")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
+            step()                                  # compilation
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            row["first_step_s"] = round(time.perf_counter() - t0, 1)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            try:
-                sec = time_fn(step, device, warmup=3 if not compiled else 5, repeat=10 if not a.quick else 2)
-                mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-                rows.append({"variant": name, "compile": compiled, "ms/step": round(sec * 1e3, 1),
-                             "tokens/s": int(a.micro_batch * a.seq / sec), "peak_GiB": round(mem, 2)})
-            except Exception as e:
-                rows.append({"variant": name, "compile": compiled, "ms/step": f"error: {type(e).__name__}: {str(e)[:100]}"})
-            print(rows[-1], flush=True)
-            del model, opt, fwd
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    print_table(rows, ["variant", "compile", "ms/step", "tokens/s", "peak_GiB"])
-    write_json(a.out, rows, {"model": a.model, "micro_batch": a.micro_batch, "seq": a.seq,
-                             "precision": "bf16 autocast" if device.type == "cuda" else "fp32"})
+            sec = time_fn(step, device, warmup=2, repeat=a.repeat)
+            tps = a.accum * a.micro_batch * a.seq / sec
+            row.update({"ms/step": round(sec * 1e3, 1), "tokens/s": int(tps),
+                        "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+                        "MFU_%": round(100 * tps * fpt / peak, 1) if peak and name == "default" else None,
+                        "loss": row["loss"]})
+            if a.breakdown and impl == "ours" and name == "default" and mode == a.compile and device.type == "cuda":
+                extra.setdefault("kernel_breakdown", {})[f"{impl} {mode}"] = kernel_breakdown(step)
+            if impl in ("reference", "litgpt") and a.breakdown_all and device.type == "cuda":
+                extra.setdefault("kernel_breakdown", {})[impl] = kernel_breakdown(step)
+        except Exception as e:          # report, don't hide (e.g. litgpt missing, a kernel failing for a shape)
+            row["ms/step"] = f"error: {type(e).__name__}: {str(e)[:160]}"
+            if impl == "ours" and sdpa not in ("default", "flash"):
+                runs.append((impl, name, overrides, mode))       # once more with torch's default kernel order
+                print(f"ours with sdpa={sdpa} failed; from here on sdpa=default", flush=True)
+                sdpa = extra["sdpa_ours"] = "default"
+        rows.append(row)
+        print(row, flush=True)
+        write_json(a.out, rows, extra)           # after every run: a command stopped at its limit keeps what it measured
+        model = opt = fwd_loss = step = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = {r["impl"]: r["tokens/s"] for r in rows if isinstance(r.get("tokens/s"), int) and r["variant"] == "default"
+            and r["impl"] != "ours"}
+    for r in rows:
+        for ref in ("reference", "litgpt"):
+            if ref in base and isinstance(r.get("tokens/s"), int):
+                r[f"x_{ref}"] = round(r["tokens/s"] / base[ref], 3)
+    print_table(rows, ["impl", "variant", "compile", "sdpa", "ms/step", "tokens/s", "MFU_%", "peak_GiB",
+                       "x_reference", "x_litgpt", "first_step_s"])
+    for k, v in extra.get("kernel_breakdown", {}).items():
+        print(f"kernel time by category, {k}:")
+        for r in v:
+            if "ms_per_step" in r:
+                print(f"  {r['category']:<50} {r['ms_per_step']:>8.2f} ms/step {r['share_%']:>6.1f} %")
+    set_sdpa_backend("default")
+    write_json(a.out, rows, extra)
 
 
 if __name__ == "__main__":

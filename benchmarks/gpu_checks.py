@@ -1,7 +1,12 @@
-"""Correctness on the GPU (fused kernels differ from CPU): every softmax variant's fused path (SDPA / Flex)
-against the eager path in float32 on CUDA, forward and gradients, plus a bf16 autocast smoke step.
+"""Correctness on the GPU (fused kernels differ from CPU): every variant's fused path (SDPA / Flex for softmax,
+the Triton kernel of lit_gpt/kernels/sim_attention.py for sigmoid / elu) against the eager path in float32 on
+CUDA, forward and gradients, plus a bf16 autocast smoke step. A sim_* case also fails if the kernel did not run.
+The ``path`` column is the attention path every layer actually ran (``GPT.attention_paths()``); a ``flex_*``
+case whose layers did not all run FlexAttention fails (a Flex error raises with attn_impl='flex', so it shows
+as an error row).
 
-    python benchmarks/gpu_checks.py        # exits 1 on any mismatch; prints a table, writes JSON
+    python benchmarks/gpu_checks.py                 # exits 1 on any mismatch; prints a table, writes JSON
+    python benchmarks/gpu_checks.py --cases sim_    # only the cases whose name contains "sim_" (a,b: either)
 """
 from __future__ import annotations
 
@@ -27,6 +32,14 @@ CASES = {
     "flex_sink_logit": dict(sink_logit=True, attn_impl="flex"),
     "flex_slots_gqa_alpha": dict(sink_logit=True, kv_bias="k", n_query_groups=2, softmax_alpha=0.5, attn_impl="flex"),
     "flex_prefix_sink_token": dict(attn_mask="window", window_size=32, sink_token=True, attn_impl="flex"),
+    # the fused sigmoid / elu kernel (attn_impl auto on CUDA)
+    "sim_sigmoid_z1": dict(attn_op="sigmoid", attn_normalize=False),
+    "sim_sigmoid_norm": dict(attn_op="sigmoid"),
+    "sim_d96_sigmoid_norm": dict(attn_op="sigmoid", n_embd=192, n_head=2),     # head size padded to 128 in-kernel
+    "sim_elu_norm_alibi_window": dict(attn_op="elu", pos_encoding="alibi", attn_mask="window", window_size=64),
+    "sim_sigmoid_kv_prefix": dict(attn_op="sigmoid", kv_bias="kv", attn_mask="prefix", prefix_size=40),
+    "sim_elu_z1_sink_token_gqa": dict(attn_op="elu", attn_normalize=False, sink_token=True, n_query_groups=2,
+                                      kv_bias="k", kv_bias_value="one_hot"),
 }
 
 
@@ -40,14 +53,16 @@ def run_case(overrides, device, T=256):
         model.config.attn_impl = impl
         model.zero_grad(set_to_none=True)
         logits = model(idx[:, :-1])
+        paths = "+".join(sorted(set(model.attention_paths())))
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
         loss.backward()
-        return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), grads, paths
 
     torch.backends.cuda.matmul.allow_tf32 = False
     fused_impl = cfg.attn_impl
-    lf, gf = loss_grads(fused_impl)
-    le, ge = loss_grads("eager")
+    lf, gf, path = loss_grads(fused_impl)
+    le, ge, _ = loss_grads("eager")
     rel_logit = float((lf - le).norm() / le.norm())
     rel_grad = max(float((gf[n] - ge[n]).norm() / ge[n].norm().clamp_min(1e-30)) for n in ge)
     model.config.attn_impl = fused_impl
@@ -55,28 +70,52 @@ def run_case(overrides, device, T=256):
         logits = model(idx[:, :-1])
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
     loss.backward()
-    return rel_logit, rel_grad, float(loss)
+    bf16_path = "+".join(sorted(set(model.attention_paths())))
+    return rel_logit, rel_grad, float(loss), path if bf16_path == path else f"{path} / bf16 {bf16_path}"
+
+
+def case_ok(name, overrides, rel_logit, rel_grad, bf16_loss, path, kernel_calls=(0, 0)) -> bool:
+    """Fused == eager within float32 tolerance, a finite bf16 loss; for an attn_impl='flex' case every layer ran
+    FlexAttention (in float32 and bf16); for a sim_* case the fused sigmoid / elu kernel ran twice per case
+    (float32, bf16), once per layer each time, forward and backward."""
+    ran_flex = path == "flex"
+    ran_sim = min(kernel_calls) >= 2 * 4
+    return (rel_logit < 1e-4 and rel_grad < 1e-3 and bf16_loss == bf16_loss
+            and (ran_flex or overrides.get("attn_impl") != "flex") and (ran_sim or not name.startswith("sim_")))
+
+
+def fused_calls():
+    """(forward, backward) calls of the fused sigmoid / elu kernel so far in this process."""
+    try:
+        from lit_gpt.kernels.sim_attention import STATS
+    except ImportError:
+        return 0, 0
+    return STATS["forward"], STATS["backward"]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gpu_checks.json")
+    ap.add_argument("--cases", default="", help="run only the cases whose name contains one of these (comma-separated)")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows, bad = [], 0
     for name, ov in CASES.items():
-        if device.type != "cuda" and "flex" in name:
+        if (device.type != "cuda" and ("flex" in name or name.startswith("sim_"))) or not any(
+                c in name for c in a.cases.split(",")):
             continue
         try:
-            rl, rg, bl = run_case(ov, device)
-            ok = rl < 1e-4 and rg < 1e-3 and bl == bl
-            rows.append({"case": name, "rel_err_logits": f"{rl:.2e}", "rel_err_grads": f"{rg:.2e}",
-                         "bf16_loss": round(bl, 4), "ok": ok})
+            calls = fused_calls()
+            rl, rg, bl, path = run_case(ov, device)
+            ran = [after - before for before, after in zip(calls, fused_calls())]
+            ok = case_ok(name, ov, rl, rg, bl, path, ran)
+            rows.append({"case": name, "path": path, "rel_err_logits": f"{rl:.2e}", "rel_err_grads": f"{rg:.2e}",
+                         "bf16_loss": round(bl, 4), "kernel_calls": f"{ran[0]}/{ran[1]}", "ok": ok})
         except Exception as e:
             ok = False
             rows.append({"case": name, "rel_err_logits": f"error {type(e).__name__}: {str(e)[:120]}", "ok": False})
         bad += not ok
-    print_table(rows, ["case", "rel_err_logits", "rel_err_grads", "bf16_loss", "ok"])
+    print_table(rows, ["case", "path", "rel_err_logits", "rel_err_grads", "bf16_loss", "kernel_calls", "ok"])
     write_json(a.out, rows)
     sys.exit(1 if bad else 0)
 

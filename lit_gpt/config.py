@@ -22,7 +22,9 @@ CHOICES: Dict[str, tuple] = {
     "norm_class": ("rmsnorm", "layernorm"),
     "norm_position": ("pre", "post"),
     "mlp": ("relu", "gelu", "swish", "reglu", "geglu", "swiglu"),
-    "pos_encoding": ("rope", "nope", "sinusoidal", "learned", "alibi", "relative"),
+    # relative: the paper's / seed's T5 buckets, the fixed index g(i-j) added to the logits (no parameters);
+    # relative_learned: T5's learned scalar per (bucket, head)
+    "pos_encoding": ("rope", "nope", "sinusoidal", "learned", "alibi", "relative", "relative_learned"),
     "head_output": ("concat", "sum"),
     "attn_mask": ("causal", "window", "prefix"),
     # attention operation v_i = Z_i^-1 sum_j sim(q_i, k_j) v_j (paper Tables 6 and 15)
@@ -40,8 +42,14 @@ CHOICES: Dict[str, tuple] = {
     #   v:  a learned value bias v* added to every value (no extra slot; equals output + v* under softmax)
     "kv_bias": ("none", "k", "v", "kv"),
     "kv_bias_value": ("zero", "one_hot", "uniform"),
-    "attn_impl": ("auto", "sdpa", "flex", "eager"),
+    # auto: SDPA / FlexAttention for softmax, the fused Triton kernel for sigmoid / elu on CUDA, eager otherwise;
+    # triton: that kernel explicitly (sigmoid / elu only; on CPU it runs in Triton's interpreter, for tests)
+    "attn_impl": ("auto", "sdpa", "flex", "eager", "triton"),
 }
+
+
+RELATIVE_POSITIONS = ("relative", "relative_learned")                # T5 bucketed relative biases
+SCORE_BIAS_POSITIONS = ("alibi",) + RELATIVE_POSITIONS                # additive score biases
 
 
 class ConfigError(ValueError):
@@ -98,7 +106,7 @@ class Config:
     sink_token: bool = False               # learnable sink token prepended to every sequence (StreamingLLM §3.3)
     sink_logit: bool = False               # learned per-head logit in the softmax denominator (gpt-oss form)
     # ---- implementation ----
-    attn_impl: str = "auto"                # auto: SDPA / FlexAttention (CUDA) for softmax, eager for the rest
+    attn_impl: str = "auto"                # auto: SDPA / Flex (CUDA) for softmax, Triton (CUDA) for sigmoid / elu
     extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes carried into checkpoints
 
     def __post_init__(self) -> None:
@@ -167,7 +175,10 @@ class Config:
         if self.attn_impl in ("sdpa", "flex") and self.attn_op != "softmax":
             raise _bad("attn_impl", self.attn_impl, f"auto or eager with attn_op={self.attn_op!r} "
                                                    "(fused kernels only compute softmax attention)")
-        if self.pos_encoding in ("alibi", "relative") and self.attn_op not in ("softmax", "sigmoid", "elu"):
+        if self.attn_impl == "triton" and (self.attn_op not in ("sigmoid", "elu") or self.pos_encoding in RELATIVE_POSITIONS):
+            raise _bad("attn_impl", self.attn_impl, f"auto, sdpa, flex or eager with attn_op={self.attn_op!r}, "
+                       f"pos_encoding={self.pos_encoding!r} (the Triton kernel computes sigmoid / elu without T5 bias)")
+        if self.pos_encoding in SCORE_BIAS_POSITIONS and self.attn_op not in ("softmax", "sigmoid", "elu"):
             raise _bad("pos_encoding", self.pos_encoding, f"rope, nope, sinusoidal or learned with attn_op={self.attn_op!r} "
                        "(an additive score bias needs a score-based operation: softmax, sigmoid, elu)")
         # extra slots

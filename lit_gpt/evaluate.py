@@ -127,20 +127,24 @@ def sink_summary(result: SinkResult, loss: Optional[float]) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from lit_gpt.checkpoint import load_model
+    from lit_gpt.checkpoint import CheckpointError, load_model
     from lit_gpt.run_config import from_dict
     from lit_gpt.trainer import make_probe, open_run_data
     from lit_gpt.utils import atomic_write_text
 
     ap = argparse.ArgumentParser(description="Sink_1..k and probe loss of a pretraining checkpoint")
-    ap.add_argument("--checkpoint", required=True, help="a .pth file or a run folder (final.pth / newest step)")
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (final/, else the newest step)")
     ap.add_argument("--probe", default=None, help="auto | shards | probe JSONL (default: the run's probe.source)")
     ap.add_argument("--eps", type=float, default=None)
     ap.add_argument("--k_max", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="write the full SinkResult as JSON here")
     a = ap.parse_args(argv)
-    model, payload = load_model(a.checkpoint, device=a.device, attn_impl="eager")
+    try:
+        model, payload = load_model(a.checkpoint, device=a.device, attn_impl="eager")
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if "run_config" not in payload:
         print(f"error: {payload['_path']} has no run_config; evaluate it with eval_sink.py and a probe file",
               file=sys.stderr)

@@ -4,10 +4,14 @@ Sliding windows and prefix masks are expressed with the same mask functions as e
 (:mod:`lit_gpt.attention`) and turned into a block mask once per (mask, length, device), so a window of w
 tokens costs about T*w instead of T^2 work. k*/v* slots and sink logits are merged exactly through the
 log-normaliser that FlexAttention returns (:func:`merge_slots`), so no variant needs a dense T x T float mask.
-FlexAttention has no CPU backward: training with it needs a GPU; it is compiled on first use on CUDA. When it
-fails for a layout (a compile error or a Triton resource limit), :func:`flex_failed` warns once and the model
-uses SDPA for that layout. ``attn_impl='auto'`` picks it on CUDA where it measured faster (see
-``lit_gpt.model.use_flex``).
+FlexAttention has no CPU backward: training with it needs a GPU; it is compiled on first use on CUDA.
+``attn_impl='auto'`` picks it on CUDA where it measured faster (see ``lit_gpt.model.use_flex``).
+
+Failures are visible (:func:`flex_failed`): with ``attn_impl='flex'`` every failure raises
+:class:`FlexAttentionError`; with ``attn_impl='auto'`` only a Triton resource limit (shared memory, registers: no
+kernel configuration fits this layout) falls back to SDPA, with a warning, for that layout; any other error
+raises. Each attention layer records the path it ran (``CausalSelfAttention.last_impl``,
+``GPT.attention_paths()``), so a check can fail when Flex did not run.
 """
 from __future__ import annotations
 
@@ -33,11 +37,20 @@ def _flex_fn(device: torch.device) -> Callable:
     return _COMPILED["cuda"]
 
 
-_FAILED: Dict[str, str] = {}
+_FAILED: Dict[str, str] = {}        # layout -> the resource-limit error that sent it to SDPA (attn_impl='auto')
+
+# what a Triton / Inductor resource limit looks like, however torch.compile wraps it (InductorError,
+# BackendCompilerFailed keep the original as inner_exception / __cause__)
+_RESOURCE_ERRORS = ("OutOfResources", "NoTritonConfigsError", "NoValidChoicesError")
+_RESOURCE_TEXT = ("out of resource", "no valid triton configs")
+
+
+class FlexAttentionError(RuntimeError):
+    """The FlexAttention path failed where no fallback applies."""
 
 
 def flex_available(config) -> bool:
-    """FlexAttention is importable and has not failed for this config's attention layout in this process."""
+    """FlexAttention is importable and has not hit a resource limit for this config's layout in this process."""
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:
@@ -49,14 +62,38 @@ def _layout_key(config) -> str:
     return f"{config.pos_encoding}|{config.attn_mask}|{config.kv_bias}|{config.sink_logit}|{config.head_size}"
 
 
+def is_resource_limit(error: BaseException) -> bool:
+    """True when ``error`` (or an exception it wraps) is a Triton resource limit: no kernel configuration of this
+    layout fits the GPU's shared memory / registers."""
+    stack, seen = [error], 0
+    while stack and seen < 16:
+        e = stack.pop()
+        seen += 1
+        if type(e).__name__ in _RESOURCE_ERRORS or any(t in str(e).lower() for t in _RESOURCE_TEXT):
+            return True
+        stack += [x for x in (getattr(e, "inner_exception", None), e.__cause__, e.__context__)
+                  if isinstance(x, BaseException)]
+    return False
+
+
 def flex_failed(config, error: Exception) -> None:
-    """Remember a failure (compile / resource limit) and warn once; the caller falls back to SDPA."""
+    """Handle a failure of the Flex path: under ``attn_impl='auto'`` a resource limit is remembered for the layout
+    (bounded: one entry per layout) and warned about, and the caller uses SDPA; everything else raises."""
     import warnings
 
     key = _layout_key(config)
-    if key not in _FAILED:
-        _FAILED[key] = f"{type(error).__name__}: {str(error)[:200]}"
-        warnings.warn(f"FlexAttention failed for {key} ({_FAILED[key]}); using SDPA for this layout instead")
+    what = f"{type(error).__name__}: {str(error)[:300]}"
+    if config.attn_impl == "auto" and is_resource_limit(error):
+        if key not in _FAILED:
+            _FAILED[key] = what
+            warnings.warn(f"FlexAttention hit a Triton resource limit for layout {key} ({what}); attn_impl='auto' "
+                          "uses SDPA for this layout from now on (same function, dense mask)", RuntimeWarning,
+                          stacklevel=3)
+        return
+    hint = ("a resource limit: attn_impl='auto' would use SDPA for this layout, attn_impl='sdpa' always does"
+            if is_resource_limit(error) else "attn_impl='sdpa' or 'eager' runs without FlexAttention")
+    raise FlexAttentionError(f"FlexAttention failed for layout {key} with attn_impl={config.attn_impl!r} ({what}); "
+                             f"{hint}") from error
 
 
 def block_mask_for(mask_fn: Callable, T: int, device: torch.device):
@@ -81,22 +118,23 @@ def merge_slots(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, scale: fl
         y = e^(lse - M) out + sum_m e^(s_m - M) u_m,   M = logsumexp(lse, s_1, ..., s_S).
     """
     B, H, T, d = q.shape
-    logits, values = [lse.float().unsqueeze(-1)], []
+    f = torch.float64 if q.dtype == torch.float64 else torch.float32     # merge in fp32 (fp64 stays fp64)
+    logits, values = [lse.to(f).unsqueeze(-1)], []
     if slot_logit is not None:
-        logits.append(slot_logit.float().view(1, H, 1, 1).expand(B, H, T, 1))
+        logits.append(slot_logit.to(f).view(1, H, 1, 1).expand(B, H, T, 1))
         values.append(None)
     if slot_k is not None:
-        logits.append((q.float() @ slot_k.float().transpose(-1, -2)) * scale)           # (B, H, T, S)
+        logits.append((q.to(f) @ slot_k.to(f).transpose(-1, -2)) * scale)              # (B, H, T, S)
         values.append(slot_v)
     all_logits = torch.cat(logits, dim=-1)
     w = torch.softmax(all_logits, dim=-1)                                                # (B, H, T, 1 + S)
-    y = w[..., :1] * out.float()
+    y = w[..., :1] * out.to(f)
     col = 1
     if slot_logit is not None:
         col += 1                       # zero value: only renormalises
     if slot_k is not None:
         S = slot_k.shape[-2]
-        y = y + w[..., col:col + S] @ slot_v.float().expand(B, H, S, d)
+        y = y + w[..., col:col + S] @ slot_v.to(f).expand(B, H, S, d)
     return y.to(out.dtype)
 
 
@@ -119,10 +157,11 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         def score_mod(score, b, h, q_idx, kv_idx):
             return score - slopes[h] * (q_idx - kv_idx).abs()
     elif rel_bias is not None:
-        table, buckets = rel_bias.embedding.weight, rel_bias.buckets(T, q.device)
+        table = rel_bias.offset_table(T, q.device)                       # (H|1, 2T - 1) bias by q - k
+        per_head = table.shape[0] > 1
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score + table[buckets[q_idx, kv_idx], h]
+            return score + table[h if per_head else 0, q_idx - kv_idx + (T - 1)]
     need_lse = slot_k is not None or slot_logit is not None
     res = _flex_fn(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
                              enable_gqa=k.shape[1] != q.shape[1], return_lse=need_lse)

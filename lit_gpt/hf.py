@@ -147,8 +147,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def hf_forward(model: nn.Module, idx: torch.Tensor, need: Iterable[str] = ("attn", "hidden", "q", "k", "v")):
-    """``(logits, Analysis)`` for a Hugging Face causal LM, in the conventions of our GPT's analysis."""
+def hf_forward(model: nn.Module, idx: torch.Tensor, need: Iterable[str] = ("attn", "hidden", "q", "k", "v"),
+               position_ids: Optional[torch.Tensor] = None):
+    """``(logits, Analysis)`` for a Hugging Face causal LM, in the conventions of our GPT's analysis
+    (``position_ids`` (B|1, T): the model's default 0..T-1 when None)."""
     from lit_gpt.model import ANALYSIS_KEYS, Analysis
 
     need = set(need)
@@ -180,7 +182,8 @@ def hf_forward(model: nn.Module, idx: torch.Tensor, need: Iterable[str] = ("attn
     rec = _Recorder(qkv)
     token = _ACTIVE.set(rec if qkv else None)
     try:
-        out = model(input_ids=idx, output_attentions="attn" in need, use_cache=False, return_dict=True)
+        pos = {} if position_ids is None else {"position_ids": position_ids}
+        out = model(input_ids=idx, output_attentions="attn" in need, use_cache=False, return_dict=True, **pos)
     finally:
         _ACTIVE.reset(token)
         for h in handles:
@@ -227,25 +230,45 @@ def resolve_source(spec: Union[str, Path], gguf_file: Optional[str] = None) -> T
     return s, gguf_file, False
 
 
-def load_hf(spec: Union[str, Path], *, dtype: Union[str, torch.dtype] = "float32",
-            device: Union[str, torch.device, None] = None, gguf_file: Optional[str] = None,
-            device_map: Optional[str] = None, trust_remote_code: bool = False, revision: Optional[str] = None,
-            with_tokenizer: bool = True):
-    """Load a causal LM (and its tokenizer) for analysis, attention through :data:`CAPTURE_IMPL` (the family's
-    eager attention plus recording). GGUF weights are dequantised by transformers, then cast to ``dtype``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lit_gpt.utils import default_device, parse_dtype
-
+def _source_kwargs(spec: Union[str, Path], gguf_file: Optional[str], trust_remote_code: bool,
+                   revision: Optional[str]) -> Tuple[str, Dict[str, Any]]:
+    """(name_or_folder, the from_pretrained keywords every loader of that source shares)."""
     name, gguf_file, local = resolve_source(spec, gguf_file)
-    torch_dtype = parse_dtype(dtype)
     common: Dict[str, Any] = {"local_files_only": local, "trust_remote_code": trust_remote_code}
     if gguf_file:
         common["gguf_file"] = gguf_file
     if revision and not local:
         common["revision"] = revision
+    return name, common
+
+
+def load_hf_config(spec: Union[str, Path], *, gguf_file: Optional[str] = None, trust_remote_code: bool = False,
+                   revision: Optional[str] = None):
+    """The model's config alone (``AutoConfig``; for a GGUF file, its metadata): what can be checked before
+    the weights load."""
+    from transformers import AutoConfig
+
+    name, common = _source_kwargs(spec, gguf_file, trust_remote_code, revision)
+    return AutoConfig.from_pretrained(name, **common)
+
+
+def load_hf(spec: Union[str, Path], *, dtype: Union[str, torch.dtype] = "float32",
+            device: Union[str, torch.device, None] = None, gguf_file: Optional[str] = None,
+            device_map: Optional[str] = None, trust_remote_code: bool = False, revision: Optional[str] = None,
+            with_tokenizer: bool = True, config=None):
+    """Load a causal LM (and its tokenizer) for analysis, attention through :data:`CAPTURE_IMPL` (the family's
+    eager attention plus recording). GGUF weights are dequantised by transformers, then cast to ``dtype``.
+    ``config``: the already-loaded config of that source (:func:`load_hf_config`), not read again."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lit_gpt.utils import default_device, parse_dtype
+
+    name, common = _source_kwargs(spec, gguf_file, trust_remote_code, revision)
+    torch_dtype = parse_dtype(dtype)
     register_capture()
     kwargs = dict(common, dtype=torch_dtype, attn_implementation=CAPTURE_IMPL)
+    if config is not None:
+        kwargs["config"] = config
     if device_map:
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
@@ -360,7 +383,7 @@ def export_llama(checkpoint_or_model, out_folder: Union[str, Path], tokenizer: U
     tokenizer.json) from a checkpoint path or a GPT. The folder appears complete or not at all."""
     from transformers import LlamaForCausalLM
 
-    from lit_gpt.checkpoint import load_model
+    from lit_gpt.checkpoint import checkpoint_tokenizer, load_model
     from lit_gpt.model import GPT
     from lit_gpt.utils import parse_dtype
 
@@ -369,7 +392,7 @@ def export_llama(checkpoint_or_model, out_folder: Union[str, Path], tokenizer: U
     else:
         model, payload = load_model(checkpoint_or_model)
         if tokenizer is None:
-            tokenizer = payload.get("run_config", {}).get("tokenizer")
+            tokenizer = checkpoint_tokenizer(payload)
     reason = llama_incompatibility(model.config)
     if reason:
         raise ValueError(reason)

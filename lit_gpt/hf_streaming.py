@@ -1,33 +1,59 @@
 """Streaming with attention sinks / LM-Infinite for Hugging Face causal LMs (transformers 5.x), on the same
 cache and attention as our GPT (:class:`lit_gpt.streaming.SinkWindowKV`); no modeling file is edited.
 
-Two routes, chosen by ``config.model_type``:
+Which models stream (:func:`streaming_support`, from the config alone, so a refusal comes before the weights
+load, in one line naming what is missing):
 
-* models that dispatch through the attention-interface registry (Llama, Mistral, Qwen2/3, GPT-NeoX): the
-  attention function ``"sink_stream"`` is registered with ``transformers.AttentionInterface`` and selected via
-  ``config._attn_implementation``. The model projects and rotates q/k at the positions we pass
-  (``position_ids``), calls ``past_key_values.update`` on our :class:`SinkCache` (a ``transformers.Cache``
-  whose update only announces the layer) and then our function, which does the streaming attention.
-* Falcon and BLOOM compute attention inline (their ALiBi never reaches the registry): the attention module's
-  ``forward`` is replaced on the instance by one that reuses the module's own projections and head split, then
-  the same streaming attention with ALiBi as a bias on (query, key) positions (BLOOM: -slope * distance;
+* decoder-only causal LMs whose modeling code dispatches attention through transformers' ``AttentionInterface``
+  (transformers' own test, ``_can_set_attn_implementation``): Llama, Mistral, Qwen2/3, Gemma 1/3, Phi/Phi-3,
+  OLMo/OLMo-2, SmolLM3, GPT-NeoX, StableLM, Cohere, GLM, Granite, GPT-2, OPT, gpt-oss, ... The attention function
+  ``"sink_stream"`` is registered and selected via ``config._attn_implementation``; the model projects, normalises
+  (Gemma-3 / Qwen3 / OLMo-2 q/k norms) and rotates q/k at the positions we pass, calls ``update`` on our
+  :class:`SinkCache` (a ``transformers.Cache`` whose update only announces the layer) and then our function, which
+  does the streaming attention. Per-layer facts come from what the model passes: its ``sliding_window`` (Gemma-3's
+  local layers, Mistral, gpt-oss), applied to the distances of the position policy
+  (:meth:`StreamingSpec.key_distance`), and gpt-oss's learned sink logits (``s_aux``), an extra softmax column;
+* Falcon and BLOOM, which compute attention inline (their ALiBi never reaches the registry): the attention
+  module's ``forward`` is replaced on the instance by one that reuses the module's own projections and head split,
+  then the same streaming attention with ALiBi as a bias on (query, key) positions (BLOOM: -slope * distance;
   Falcon: the same divided by sqrt(head_dim), slopes rounded to bf16 as Falcon does).
 
-RoPE models (Llama, NeoX with partial rotary, Falcon): re-indexing / the distance ceiling re-rotate by position
-offsets with the model's own ``inv_freq`` (rotate-half layout on the first 2*len(inv_freq) dims); rope types
-whose frequencies change with the length (dynamic) are refused.
+Positions: RoPE (``config.rope_parameters``, static rope types only), ALiBi (Falcon / BLOOM) or a learned table
+(no RoPE, ``max_position_embeddings``: only the ``original`` policy, never past the table). Refused: encoder-
+decoders, multimodal configs, inline attention outside Falcon/BLOOM (MPT, XGLM, ...), bidirectional attention,
+attention logit soft-capping (Gemma-2), layer types other than full / sliding attention (Llama-4's chunked,
+linear-attention hybrids), rope types whose frequencies depend on the length, table-based rotary (GPT-J).
 
-Use :class:`HFRunner` (the same interface as ``streaming.GPTRunner``) or, by hand::
+RoPE per layer is measured once after loading (:func:`layer_position_ops`): one-token sequences of the same
+token at positions 0, 1, 2, ... give every layer the same hidden state at every position (a token attending to
+itself sees q.k independent of the rotation), so a layer's key at position p is its key at 0 rotated by p.
+Each layer is matched against the model's own ``inv_freq`` buffers in both RoPE layouts (rotate-half,
+interleaved) or no rotation: Gemma-3's local / global bases, SmolLM3's NoPE layers, Cohere's interleaved pairs,
+partial rotary and YaRN's scaled cos/sin come out without a list of families. Re-indexing / the distance ceiling
+then re-rotate by position offsets with those frequencies.
 
-    enable_streaming(model)
-    cache = SinkCache(model, StreamingSpec(4, 252))
-    cache.set_positions(pos)                      # optional: (B, T) positions, -1 = padding
-    out = model(input_ids=ids, position_ids=pos.clamp(min=0), past_key_values=cache, use_cache=True)
+The cache keyword follows the installed transformers (:func:`cache_kwarg`): ``cache`` where ``forward`` takes it
+(``past_key_values`` is deprecated there and removed in 6.0), ``past_key_values`` before.
+
+Use :class:`HFRunner` (the interface of ``streaming.GPTRunner``; on a model that cannot stream it still runs
+dense attention through the model's own cache), the drop-in loader (the ``attention_sinks`` package's API)::
+
+    from lit_gpt.hf_streaming import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(name, attention_sink_size=4, attention_sink_window_size=1020)
+    out = model.generate(ids, max_new_tokens=5000)          # a fresh SinkCache unless one is passed
+
+or, by hand::
+
+    cache = SinkCache(model, StreamingSpec(4, 252))      # enables streaming on the model
+    cache.set_positions(pos)                             # optional: (B, T) positions, -1 = padding
+    out = model(input_ids=ids, position_ids=pos.clamp(min=0), **{cache_kwarg(model): cache})
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -36,10 +62,11 @@ from lit_gpt.positional import alibi_bias
 from lit_gpt.streaming import PositionOps, SinkWindowKV, StreamingSpec, dense_spec
 
 ATTN_NAME = "sink_stream"
-INTERFACE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
-MODULE_TYPES = ("falcon", "bloom")
-SUPPORTED_TYPES = INTERFACE_TYPES + MODULE_TYPES
+MODULE_TYPES = ("falcon", "bloom")                  # inline attention, streamed through instance forwards
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ROTARY_FIELDS = ("rotary_dim", "rotary_pct", "rotary_emb_base", "rope_theta", "rope_scaling")
+PROBE_POSITIONS = (0, 1, 2, 3, 5, 8, 13, 40, 100, 333, 1000)
 
 _ACTIVE: List[Any] = [None, -1]          # (cache, layer) announced by SinkCache.update, read by the attention fn
 
@@ -49,34 +76,119 @@ def _cache_base():
     return Cache, CacheLayerMixin
 
 
-def model_type(model) -> str:
-    t = getattr(model.config, "model_type", None)
-    if t not in SUPPORTED_TYPES:
-        raise ValueError(f"config.model_type={t!r} is not supported by hf_streaming; allowed: {', '.join(SUPPORTED_TYPES)}")
-    return t
+# ---------------------------------------------------------------------------- what can stream (config only)
+@dataclass(frozen=True)
+class StreamingSupport:
+    """What :func:`streaming_support` read from a config."""
+
+    model_type: str
+    route: str                       # "interface" (AttentionInterface) or "module" (Falcon / BLOOM forwards)
+    positions: str                   # "rope" (per layer: RoPE or none, see layer_position_ops), "alibi", "learned"
+    max_positions: Optional[int]     # max_position_embeddings (a learned table's size)
 
 
+def _refusal(model_type: Any, what: str) -> ValueError:
+    return ValueError(f"model_type={model_type!r} is not supported by hf_streaming: {what}")
+
+
+def _causal_lm_class(config):
+    from transformers import AutoModelForCausalLM as _Auto
+
+    try:
+        return _Auto._model_mapping[type(config)]
+    except KeyError:
+        extra = " (remote code is not inspected)" if getattr(config, "auto_map", None) else ""
+        raise _refusal(getattr(config, "model_type", None),
+                       f"AutoModelForCausalLM has no class for {type(config).__name__}{extra}") from None
+
+
+def _rope_types(rope_parameters: Dict[str, Any]) -> List[str]:
+    """Rope types of a rope_parameters dict: one set, or one per layer type (Gemma-3: sliding / full)."""
+    per_type = all(isinstance(v, dict) or v is None for v in rope_parameters.values())
+    groups = [v for v in rope_parameters.values() if v] if per_type else [rope_parameters]
+    return sorted({g.get("rope_type", "default") for g in groups})
+
+
+def streaming_support(config) -> StreamingSupport:
+    """Whether (and how) a model of this config streams; a one-line ValueError naming what is missing if not.
+    Reads the config only (``AutoConfig``), so it runs before any weight is loaded."""
+    from lit_gpt.hf import text_config
+
+    top = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise _refusal(top, "an encoder-decoder (config.is_encoder_decoder=True); streaming needs a decoder-only "
+                            "causal LM")
+    if getattr(config, "vision_config", None) is not None:
+        raise _refusal(top, "a multimodal config (config.vision_config); stream its text-only *ForCausalLM model")
+    cls = _causal_lm_class(config)
+    cfg = text_config(config)
+    t = getattr(cfg, "model_type", top)
+    if t in MODULE_TYPES:
+        route = "module"
+    elif cls._can_set_attn_implementation():
+        route = "interface"
+    else:
+        raise _refusal(t, f"{cls.__name__} computes attention inline (it does not dispatch through transformers' "
+                          f"AttentionInterface; inline families streamed here: {', '.join(MODULE_TYPES)})")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise _refusal(t, "config.use_bidirectional_attention=True (bidirectional attention cannot be streamed)")
+    cap = getattr(cfg, "attn_logit_softcapping", None)
+    if cap:
+        raise _refusal(t, f"attention logit soft-capping (config.attn_logit_softcapping={cap}) is not implemented "
+                          "by the streaming attention")
+    bad = sorted(set(getattr(cfg, "layer_types", None) or []) - set(LAYER_TYPES))
+    if bad:
+        raise _refusal(t, f"config.layer_types has {bad} layers; streaming supports {', '.join(LAYER_TYPES)}")
+    rp = getattr(cfg, "rope_parameters", None)
+    if t == "bloom" or (t == "falcon" and getattr(cfg, "alibi", False)):
+        positions = "alibi"
+    elif rp:
+        dyn = [r for r in _rope_types(rp) if r not in STATIC_ROPE_TYPES]
+        if dyn:
+            raise ValueError(f"rope_type={dyn[0]!r} is not supported for streaming; allowed: "
+                             f"{', '.join(STATIC_ROPE_TYPES)} (its frequencies must not depend on the sequence length)")
+        positions = "rope"
+    else:
+        hint = next((f for f in ROTARY_FIELDS if getattr(cfg, f, None) is not None), None)
+        if hint is not None:
+            raise _refusal(t, f"RoPE set by config.{hint} without config.rope_parameters (GPT-J-style fixed sin/cos "
+                              "table, or a pre-5.x config) is not supported")
+        if not getattr(cfg, "max_position_embeddings", None):
+            raise _refusal(t, "its positions are none of RoPE (config.rope_parameters), ALiBi or a learned table "
+                              "(config.max_position_embeddings)")
+        positions = "learned"
+    return StreamingSupport(t, route, positions, getattr(cfg, "max_position_embeddings", None))
+
+
+def check_spec(support: StreamingSupport, spec: StreamingSpec) -> None:
+    """One-line errors for position policies a model's positions cannot follow (learned tables: original only)."""
+    if support.positions == "learned" and spec.policy != "original" and (spec.start_size or spec.policy != "reindex"):
+        raise ValueError(f"StreamingSpec.policy={spec.policy!r} is invalid for {support.model_type} (learned absolute "
+                         "positions); allowed: 'original', or a window without sinks (positions are added to the "
+                         "token embedding, so cached keys can be neither re-indexed nor given a distance ceiling)")
+
+
+# ---------------------------------------------------------------------------- positions per layer (after load)
 def attention_modules(model) -> list:
     """The attention module of every decoder layer, in layer order."""
     from lit_gpt.hf import decoder_layers
 
-    model_type(model)
     out = []
     for layer in decoder_layers(model):
-        mod = next((getattr(layer, n) for n in ("self_attn", "attention", "self_attention") if hasattr(layer, n)), None)
+        mod = next((getattr(layer, n) for n in ("self_attn", "attention", "self_attention", "attn")
+                    if hasattr(layer, n)), None)
         if mod is None:
-            raise ValueError(f"{type(layer).__name__} has no self_attn / attention / self_attention module")
+            raise ValueError(f"{type(layer).__name__} has no self_attn / attention / self_attention / attn module")
         out.append(mod)
     return out
 
 
-def hf_position_ops(model) -> PositionOps:
-    """RoPE (inv_freq of the model's rotary embedding) or ALiBi (the model's own slopes) as PositionOps."""
-    t = model_type(model)
+def _module_position_ops(model, support: StreamingSupport) -> PositionOps:
+    """Falcon / BLOOM: ALiBi with the model's own slopes, or RoPE with its rotary embedding's inv_freq."""
     cfg = model.config
-    if t == "bloom" or (t == "falcon" and getattr(cfg, "alibi", False)):
-        n_head = cfg.num_attention_heads if t == "falcon" else cfg.n_head
-        if t == "bloom":
+    if support.positions == "alibi":
+        n_head = cfg.num_attention_heads if support.model_type == "falcon" else cfg.n_head
+        if support.model_type == "bloom":
             from transformers.models.bloom.modeling_bloom import build_alibi_tensor
             factor = 1.0
         else:
@@ -87,16 +199,89 @@ def hf_position_ops(model) -> PositionOps:
         slopes = slopes * factor
         return PositionOps("bias", bias_fn=lambda qp, kp: alibi_bias(qp, kp, slopes))
     rotary = [m for name, m in model.named_modules() if name.endswith("rotary_emb") and hasattr(m, "inv_freq")]
-    if not rotary:
-        return PositionOps("none")
-    rope_type = getattr(rotary[0], "rope_type", "default")
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise ValueError(f"rope_type={rope_type!r} is not supported for streaming; allowed: {', '.join(STATIC_ROPE_TYPES)} "
-                         "(its frequencies must not depend on the sequence length)")
-    return PositionOps("rope", inv_freq=rotary[0].inv_freq.detach().double())
+    return PositionOps("rope", inv_freq=rotary[0].inv_freq.detach().double()) if rotary else PositionOps("none")
+
+
+def _inv_freq_buffers(model) -> Dict[str, torch.Tensor]:
+    """The model's RoPE frequency buffers (``inv_freq``, Gemma-3's ``{layer_type}_inv_freq``), duplicates dropped."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, buf in model.named_buffers():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf.endswith("inv_freq") and "original" not in leaf:
+            f = buf.detach().double()
+            if not any(f.shape == g.shape and torch.equal(f, g) for g in out.values()):
+                out[name] = f
+    return out
+
+
+@torch.no_grad()
+def _probe_rope(model, n_layers: int, max_positions: Optional[int]) -> List[PositionOps]:
+    """Per layer: RoPE with one of the model's inv_freq buffers (either layout) or none, measured on one token
+    repeated at :data:`PROBE_POSITIONS` (see the module docstring)."""
+    from lit_gpt.hf import hf_forward, text_config
+
+    cands = _inv_freq_buffers(model)
+    pos = [p for p in PROBE_POSITIONS if max_positions is None or p < max_positions]
+    device = next(model.parameters()).device
+    P = torch.tensor(pos, device=device).unsqueeze(0)
+    vocab = int(text_config(model).vocab_size)
+    toks = torch.tensor([vocab // 2, vocab // 3 + 1], device=device)
+    idx = toks.repeat_interleave(len(pos)).unsqueeze(1)           # (2 * len(pos), 1): one-token sequences
+    prev = model.config._attn_implementation
+    try:
+        _, an = hf_forward(model, idx, need=("k",), position_ids=P.repeat(1, 2).view(-1, 1))
+    finally:
+        if model.config._attn_implementation != prev:
+            model.set_attn_implementation(prev)
+    if len(an.k) != n_layers:
+        raise ValueError(f"{type(model).__name__}: {len(an.k)} attention calls for {n_layers} decoder layers")
+    ops: List[PositionOps] = []
+    for i, k in enumerate(an.k):
+        tol = 1e-3 if k.dtype in (torch.float32, torch.float64) else 5e-2
+        k = k.double().view(2, len(pos), k.shape[1], k.shape[-1]).transpose(1, 2)        # (2, G, T, d)
+        k0 = k[:, :, :1].expand_as(k)
+        size = k.abs().max().clamp(min=1e-30)
+        best, err = PositionOps("none"), float((k - k0).abs().max() / size)
+        for f in cands.values():
+            for layout in ("half", "interleaved"):
+                op = PositionOps("rope", inv_freq=f.to(k.device), layout=layout)
+                e = float((op.rotate(k0, P.to(k.device)) - k).abs().max() / size)
+                if e < err:
+                    best, err = op, e
+        if err > tol:
+            raise ValueError(f"{type(model).__name__} layer {i}: its keys are neither unrotated nor RoPE (rotate-half "
+                             f"or interleaved) with one of its inv_freq buffers {sorted(cands)} (relative error "
+                             f"{err:.1e}); streaming cannot re-rotate them")
+        ops.append(best)
+    return ops
+
+
+def layer_position_ops(model, support: Optional[StreamingSupport] = None) -> List[PositionOps]:
+    """How each layer encodes positions, as :class:`PositionOps` (one per decoder layer)."""
+    support = support or streaming_support(model.config)
+    n = len(attention_modules(model))
+    if support.route == "module":
+        return [_module_position_ops(model, support)] * n
+    if support.positions == "learned":
+        if _inv_freq_buffers(model):
+            raise _refusal(support.model_type, "the config has no rope_parameters but the model holds inv_freq "
+                                               "buffers (cannot tell its positions)")
+        return [PositionOps("absolute")] * n
+    return _probe_rope(model, n, support.max_positions)
 
 
 # ---------------------------------------------------------------------------- the transformers Cache
+def cache_kwarg(model) -> str:
+    """The keyword under which this transformers version's ``forward`` / ``generate`` take a Cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output) -> Any:
+    """The cache a forward returned (``output.cache`` on current transformers, ``past_key_values`` before)."""
+    c = getattr(output, "cache", None)
+    return c if c is not None else getattr(output, "past_key_values", None)
+
+
 def _make_layer_class():
     _, CacheLayerMixin = _cache_base()
 
@@ -151,15 +336,25 @@ def _make_cache_class():
         """
 
         def __init__(self, model, spec: StreamingSpec) -> None:
-            n = len(attention_modules(model))
-            self.spec, self.ops = spec, hf_position_ops(model)
-            super().__init__(layers=[SinkLayer(spec, i, self) for i in range(n)])
+            enable_streaming(model)
+            self.support: StreamingSupport = model._sink_stream_support
+            check_spec(self.support, spec)
+            self.spec, self.ops = spec, model._sink_stream_ops
+            super().__init__(layers=[SinkLayer(spec, i, self) for i in range(len(self.ops))])
             self.seen: Optional[torch.Tensor] = None
             self.pending_pos: Optional[torch.Tensor] = None
             self.current_pos: Optional[torch.Tensor] = None
 
         def set_positions(self, pos: torch.Tensor) -> None:
+            self.check_positions(int(pos.max()))
             self.pending_pos = pos
+
+        def check_positions(self, top: int) -> None:
+            """A learned position table ends at max_position_embeddings: a clear error instead of an IndexError."""
+            if self.support.positions == "learned" and top >= self.support.max_positions:
+                raise ValueError(f"position {top} is past {self.support.model_type}'s learned position table "
+                                 f"(max_position_embeddings={self.support.max_positions}); learned absolute "
+                                 "positions cannot stream past it")
 
         def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
             _ACTIVE[0], _ACTIVE[1] = self, layer_idx
@@ -196,12 +391,16 @@ def _make_cache_class():
                 self.seen = torch.maximum(self.seen.to(device), top)
             return self.current_pos
 
-        def layer_attend(self, layer_idx: int, q, k, v, scale: float, need_weights: bool = False):
+        def layer_attend(self, layer_idx: int, q, k, v, scale: float, window: Optional[int] = None,
+                         sink_logit: Optional[torch.Tensor] = None, need_weights: bool = False):
             """Streaming attention of one layer: q (B, H, T, d), k/v (B, G, T, d) rotated at this call's
-            positions -> (B, H, T, d)."""
+            positions -> (B, H, T, d). ``window``: the layer's own sliding window (keys, the query included);
+            ``sink_logit`` (H,): learned per-head logits of an extra softmax column with a zero value (gpt-oss)."""
             B, _, T, _ = q.shape
             pos = self._positions(layer_idx, B, T, q.device)
-            return self.layers[layer_idx].kv.attend(q, k, v, pos, self.ops, scale=scale, need_weights=need_weights)
+            return self.layers[layer_idx].kv.attend(q, k, v, pos, self.ops[layer_idx], scale=scale,
+                                                    mask_fn=self.spec.window_mask(window) if window else None,
+                                                    slot_logit=sink_logit, need_weights=need_weights)
 
     return SinkCache
 
@@ -209,11 +408,15 @@ def _make_cache_class():
 _CLASSES: Dict[str, Any] = {}
 
 
-def SinkCache(model, spec: StreamingSpec):  # noqa: N802 - a class factory (transformers is imported lazily)
-    """A ``transformers.Cache`` subclass instance for ``model`` (see the module docstring)."""
+def _sink_cache_class():
     if "cache" not in _CLASSES:
         _CLASSES["cache"] = _make_cache_class()
-    return _CLASSES["cache"](model, spec)
+    return _CLASSES["cache"]
+
+
+def SinkCache(model, spec: StreamingSpec):  # noqa: N802 - a class factory (transformers is imported lazily)
+    """A ``transformers.Cache`` subclass instance for ``model`` (see the module docstring)."""
+    return _sink_cache_class()(model, spec)
 
 
 # ---------------------------------------------------------------------------- attention entry points
@@ -221,17 +424,22 @@ def sink_stream_attention(module, query, key, value, attention_mask=None, scalin
     """The registered attention function: (B, H, T, d) in, (B, T, H, d) out, as every HF attention function."""
     cache, layer = _ACTIVE
     if cache is None or layer != getattr(module, "layer_idx", layer):
-        raise RuntimeError(f"attn_implementation={ATTN_NAME!r} needs past_key_values=SinkCache(model, spec) in the "
-                           "call (or use HFRunner); call disable_streaming(model) for ordinary attention")
+        raise RuntimeError(f"attn_implementation={ATTN_NAME!r} needs a SinkCache(model, spec) in the call (keyword "
+                           "'cache' or 'past_key_values', or use HFRunner); disable_streaming(model) restores "
+                           "ordinary attention")
     _ACTIVE[0], _ACTIVE[1] = None, -1
+    if kwargs.get("softcap"):
+        raise ValueError(f"attention logit soft-capping (softcap={kwargs['softcap']}) is not implemented by the "
+                         "streaming attention")
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    y, w = cache.layer_attend(layer, query, key, value, scale)
+    y, w = cache.layer_attend(layer, query, key, value, scale, window=kwargs.get("sliding_window"),
+                              sink_logit=kwargs.get("s_aux"))
     return y.transpose(1, 2).contiguous(), w
 
 
 def _require_cache(layer_past):
     if layer_past is None or not hasattr(layer_past, "layer_attend"):
-        raise RuntimeError("streaming is enabled on this model: pass past_key_values=SinkCache(model, spec) "
+        raise RuntimeError("streaming is enabled on this model: pass a SinkCache(model, spec) "
                            "(or call disable_streaming(model))")
     return layer_past
 
@@ -268,70 +476,195 @@ def _bloom_forward(self, hidden_states, residual, alibi=None, attention_mask=Non
     return dropout_add(out, residual, self.hidden_dropout, self.training), None
 
 
-def enable_streaming(model) -> None:
-    """Route the model's attention through the streaming cache (idempotent; see :func:`disable_streaming`)."""
+def enable_streaming(model) -> StreamingSupport:
+    """Route the model's attention through the streaming cache (idempotent; see :func:`disable_streaming`).
+    Raises the one-line refusal of :func:`streaming_support` (or of the RoPE probe) for a model that cannot."""
     from transformers import AttentionInterface
 
-    t = model_type(model)
-    hf_position_ops(model)                                  # refuse unsupported rope types early
     if getattr(model, "_sink_stream_prev", None) is not None:
-        return
+        return model._sink_stream_support
+    support = streaming_support(model.config)
+    ops = layer_position_ops(model, support)
     AttentionInterface.register(ATTN_NAME, sink_stream_attention)
+    model._sink_stream_support, model._sink_stream_ops = support, ops
     model._sink_stream_prev = model.config._attn_implementation
     model.config._attn_implementation = ATTN_NAME           # also: no HF mask is materialised
-    if t in MODULE_TYPES:
-        fwd = _falcon_forward if t == "falcon" else _bloom_forward
+    if support.route == "module":
+        fwd = _falcon_forward if support.model_type == "falcon" else _bloom_forward
         for i, attn in enumerate(attention_modules(model)):
             if getattr(attn, "layer_idx", None) is None:
                 attn.layer_idx = i
             attn.forward = fwd.__get__(attn)
+    return support
 
 
 def disable_streaming(model) -> None:
+    """Undo :func:`enable_streaming` and :func:`stream_by_default`: the model's own attention again."""
     prev = getattr(model, "_sink_stream_prev", None)
     if prev is None:
         return
     model.config._attn_implementation = prev
-    if model_type(model) in MODULE_TYPES:
+    if model._sink_stream_support.route == "module":
         for attn in attention_modules(model):
             attn.__dict__.pop("forward", None)
+    _drop_default_wrappers(model)
     model._sink_stream_prev = None
 
 
+def _drop_default_wrappers(model) -> None:
+    for name in ("forward", "generate"):
+        if getattr(model.__dict__.get(name), "_sink_stream_default", False):
+            del model.__dict__[name]
+
+
+# ---------------------------------------------------------------------------- drop-in loading
+def stream_by_default(model, spec: StreamingSpec):
+    """Make ``model.generate`` and ``model(...)`` stream through a fresh :class:`SinkCache` of ``spec`` unless the
+    call brings its own cache (an empty cache of another kind, e.g. the DynamicCache generate makes, is replaced).
+    A forward's output carries the cache (``cache_of(out)``) for the next call. Returns the model."""
+    _drop_default_wrappers(model)                     # called again: the new spec replaces the old one
+    enable_streaming(model)
+    check_spec(model._sink_stream_support, spec)
+    key = cache_kwarg(model)
+    sink_cls = _sink_cache_class()
+
+    def with_cache(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        name = key if key in kwargs else ("past_key_values" if "past_key_values" in kwargs else key)
+        c = kwargs.get(name)
+        if isinstance(c, sink_cls):
+            return kwargs
+        if c is not None and c.get_seq_length() > 0:
+            raise ValueError(f"{name}={type(c).__name__} holds {c.get_seq_length()} tokens; this model streams "
+                             "through a SinkCache (pass the cache of its previous output, or none)")
+        kwargs.pop(name, None)
+        kwargs[key] = sink_cls(model, spec)
+        return kwargs
+
+    def forward_cache(args, kwargs) -> Dict[str, Any]:
+        kwargs = with_cache(kwargs)
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is not None:
+            c = kwargs.get(key, kwargs.get("past_key_values"))
+            c.check_positions(c.get_seq_length() + ids.shape[-1] - 1)
+        return kwargs
+
+    for name, prepare in (("forward", forward_cache), ("generate", lambda args, kwargs: with_cache(kwargs))):
+        orig = getattr(model, name)
+
+        def wrapper(*args, _orig=orig, _prepare=prepare, **kwargs):
+            return _orig(*args, **_prepare(args, kwargs))
+
+        wrapper = functools.wraps(orig)(wrapper)
+        wrapper._sink_stream_default = True
+        setattr(model, name, wrapper)
+    model.sink_spec = spec
+    return model
+
+
+def from_pretrained(name_or_path, *model_args, attention_sink_size: int = 4, attention_sink_window_size: int = 1020,
+                    attention_sink_policy: str = "reindex", **kwargs):
+    """``transformers.AutoModelForCausalLM.from_pretrained`` plus the ``attention_sinks`` package's keywords:
+    ``attention_sink_size`` sinks + ``attention_sink_window_size`` recent tokens (the query included), positions
+    re-indexed in the cache (``attention_sink_policy``: reindex | original | lminfinite, whose distance ceiling is
+    the window). The config is checked before the weights load; the model then streams by default
+    (:func:`stream_by_default`). Every other argument goes to transformers unchanged (``gguf_file=``, ``dtype=``,
+    ``device_map=``, ...)."""
+    from transformers import AutoConfig
+    from transformers import AutoModelForCausalLM as _Auto
+
+    spec = StreamingSpec(attention_sink_size, attention_sink_window_size, attention_sink_policy)
+    config = kwargs.pop("config", None)
+    if config is None:
+        shared = ("gguf_file", "revision", "trust_remote_code", "local_files_only", "cache_dir", "token", "subfolder")
+        config = AutoConfig.from_pretrained(name_or_path, **{k: kwargs[k] for k in shared if k in kwargs})
+    check_spec(streaming_support(config), spec)
+    model = _Auto.from_pretrained(name_or_path, *model_args, config=config, **kwargs)
+    return stream_by_default(model, spec)
+
+
+class AutoModelForCausalLM:
+    """Drop-in for ``transformers.AutoModelForCausalLM`` with attention sinks (the ``attention_sinks`` package's
+    API): ``AutoModelForCausalLM.from_pretrained(name, attention_sink_size=4, attention_sink_window_size=1020)``."""
+
+    from_pretrained = staticmethod(from_pretrained)
+
+
+# ---------------------------------------------------------------------------- runner
 class HFRunner:
-    """``streaming.GPTRunner``'s interface for a Hugging Face causal LM (enables streaming on construction)."""
+    """``streaming.GPTRunner``'s interface for a Hugging Face causal LM (enables streaming on construction).
+
+    A model that cannot stream (:func:`streaming_support` refuses it) still runs dense attention through its own
+    attention and cache (any causal LM: ``--methods dense``, recompute); a streaming spec then raises the refusal.
+    """
 
     def __init__(self, model) -> None:
+        from lit_gpt.hf import text_config
+
         self.model = model
-        enable_streaming(model)
+        try:
+            enable_streaming(model)
+            self.refusal: Optional[str] = None
+        except ValueError as e:
+            self.refusal = str(e)
         self.cache = None
-        cfg = model.config
+        self._native: Optional[Dict[str, Any]] = None
+        cfg = text_config(model)
         self.block_size = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "seq_length", None)
         self._kw = set(inspect.signature(model.forward).parameters)
-        self._alibi_mask = model_type(model) == "falcon" and getattr(cfg, "alibi", False)
+        self._cache_kw = cache_kwarg(model)
+        self._alibi_mask = self.refusal is None and model._sink_stream_support.model_type == "falcon" \
+            and getattr(cfg, "alibi", False)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def start(self, batch_size: int, spec: Optional[StreamingSpec]) -> None:
-        self.cache = SinkCache(self.model, spec) if spec is not None else None
+        self.cache, self._native = None, None
+        if spec is None:
+            return
+        if self.refusal is None:
+            self.cache = SinkCache(self.model, spec)
+        elif spec.start_size == 0 and spec.policy == "original":
+            self._native = {"cache": None, "mask": None, "limit": spec.recent_size}
+        else:
+            raise ValueError(f"{self.refusal}; only dense attention runs on it (--methods dense)")
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        if self.cache is None:
+        if self.cache is None and self._native is None:
             raise RuntimeError("HFRunner.step needs start(batch, spec) first")
         B, T = ids.shape
         pos = pos.to(ids.device).long().expand(B, T)
-        self.cache.set_positions(pos)
-        kw: Dict[str, Any] = dict(input_ids=ids, past_key_values=self.cache, use_cache=True)
+        kw: Dict[str, Any] = dict(input_ids=ids, use_cache=True)
         if "position_ids" in self._kw:
             kw["position_ids"] = pos.clamp(min=0)
+        if self._native is not None:
+            return self._native_step(kw, pos)
+        self.cache.set_positions(pos)
+        kw[self._cache_kw] = self.cache
         if self._alibi_mask:     # keeps Falcon from building an ALiBi table over the whole stream (unused here)
             kw["attention_mask"] = torch.ones(B, T, dtype=torch.long, device=ids.device)
         return self.model(**kw).logits
 
+    def _native_step(self, kw: Dict[str, Any], pos: torch.Tensor) -> torch.Tensor:
+        """Dense attention with the model's own cache: padding (-1) columns masked by a growing attention_mask."""
+        st = self._native
+        if int(pos.max()) >= st["limit"]:
+            raise ValueError(f"{self.refusal}; only dense attention runs on it (a window of {st['limit']} would "
+                             "have to evict)")
+        valid = (pos >= 0).long()
+        st["mask"] = valid if st["mask"] is None else torch.cat([st["mask"], valid], dim=1)
+        kw["attention_mask"] = st["mask"]
+        if st["cache"] is not None:
+            kw[self._cache_kw] = st["cache"]
+        out = self.model(**kw)
+        st["cache"] = cache_of(out)
+        return out.logits
+
     def fresh(self, ids: torch.Tensor) -> torch.Tensor:
         """Dense causal forward from position 0 (a never-wrapping ring: the same maths as the model's own)."""
+        if self.refusal is not None:
+            return self.model(input_ids=ids, use_cache=False).logits
         prev = self.cache
         self.start(ids.shape[0], dense_spec(ids.shape[1]))
         try:
@@ -340,7 +673,11 @@ class HFRunner:
             self.cache = prev
 
     def stop(self) -> None:
-        self.cache = None
+        self.cache, self._native = None, None
 
     def cache_bytes(self) -> int:
+        if self._native is not None:
+            layers = getattr(self._native["cache"], "layers", None) or []
+            ts = [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+            return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
         return 0 if self.cache is None else self.cache.nbytes()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lit_gpt.attention import (
     MaskFn, causal_mask, dense_mask, eager_attention, mask_from_config, sdpa_attention,
 )
-from lit_gpt.config import Config
+from lit_gpt.config import RELATIVE_POSITIONS, Config
 from lit_gpt.positional import (
     RelativePositionBias, alibi_bias, alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_embedding,
 )
@@ -37,8 +37,9 @@ class Analysis:
     """Per-layer intermediates of one forward.
 
     attn:   per layer (B, H, T, n_extra + Tk) float32 attention maps; columns are
-            [sink logit][k* slot][sink token] (those present) followed by the Tk keys. For non-softmax
-            operations the paper's proxy |sim| / sum |sim|.
+            [sink logit][k* slot][sink token] (those present) followed by the Tk keys. For softmax the
+            probabilities before the softmax_alpha scaling (rows sum to 1, so the sink threshold does not move
+            with alpha); for non-softmax operations the paper's proxy |sim| / sum |sim|.
     hidden: n_layer + 1 tensors (B, T, n_embd): the input of every block, then the output of the last block
             before the final norm.
     q, k, v: per layer (B, H|G, T, head_size) after positional encoding (keys and values of this call only).
@@ -64,12 +65,17 @@ class ForwardContext:
     analysis: Optional[Analysis] = None
     drop_first: bool = False                 # a sink token was prepended in this call
     no_cache: bool = True                    # full forward: positions are 0..T-1, keys are this call's tokens
-    rel_bias: Optional[nn.Module] = None     # the model's T5 relative-bias table (for the flex score_mod)
+    rel_bias: Optional[nn.Module] = None     # the model's T5 relative bias (for the flex score_mod)
     memo: Dict[Any, Any] = field(default_factory=dict)   # masks / biases shared by all layers of one forward
 
-    def cached(self, key, make: Callable[[], Any], pin: tuple = ()):
-        """Compute once per forward: every layer sees the same positions, hence the same mask and bias.
-        ``pin`` keeps the tensors whose ids form the key alive, so an id cannot be reused within the forward."""
+    def cached(self, name: str, make: Callable[[], Any], pin: tuple = ()):
+        """Compute once per forward: every layer sees the same positions, hence the same mask and bias. The key is
+        ``name`` with the ids of the ``pin`` tensors (kept alive, so an id cannot be reused within the forward).
+        Inside torch.compile nothing is memoised (the compiler shares the work itself, and an id would make it
+        recompile for every forward when a block is compiled on its own)."""
+        if torch.compiler.is_compiling():
+            return make()
+        key = (name, id(self.mask_fn)) + tuple(id(t) for t in pin)
         if key not in self.memo:
             self.memo[key] = (make(), pin)
         return self.memo[key][0]
@@ -197,15 +203,15 @@ def use_flex(cfg: Config, q: torch.Tensor, full_causal: bool) -> bool:
     """FlexAttention for a full-sequence softmax forward: always with attn_impl='flex' (on CUDA, or on CPU
     without grad: it has no CPU backward); with attn_impl='auto' on CUDA where it measured faster than SDPA on an
     H100 (windows, prefix masks, ALiBi, k*/v* slots, sink logits; see benchmarks/results/train_step.json).
-    Plain causal attention stays on SDPA's flash kernel, T5 relative bias on SDPA (its learned-table score_mod
-    exceeds Triton's shared memory at d=96)."""
+    Plain causal attention stays on SDPA's flash kernel, T5 relative biases on SDPA (the learned-table score_mod
+    exceeded Triton's shared memory at d=96; the fixed-bucket score_mod has not been timed on a GPU yet)."""
     from lit_gpt.flex import flex_available
     if cfg.attn_impl == "flex":
         return (q.is_cuda or not torch.is_grad_enabled()) and flex_available(cfg)
     if cfg.attn_impl != "auto" or not q.is_cuda or not flex_available(cfg):
         return False
     needs_dense = (not full_causal or cfg.pos_encoding == "alibi" or cfg.kv_bias in ("k", "kv") or cfg.sink_logit)
-    return needs_dense and cfg.pos_encoding != "relative"
+    return needs_dense and cfg.pos_encoding not in RELATIVE_POSITIONS
 
 
 class CausalSelfAttention(nn.Module):
@@ -239,6 +245,7 @@ class CausalSelfAttention(nn.Module):
         if config.attn_op == "mlp_kernel":
             self.kernel = KernelMLP(d, config.bias)
         self.kv_cache: Optional[nn.Module] = None
+        self.last_impl: Optional[str] = None        # the attention path of the last forward (see attend)
 
     # -- pieces reusable by streaming code
     def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -279,9 +286,21 @@ class CausalSelfAttention(nn.Module):
         """Attention core over already position-encoded q (B,H,Tq,d), k/v (B,G,Tk,d) with their positions.
 
         Path: eager when maps are requested or the operation is not softmax; FlexAttention when
-        ``attn_impl='flex'`` on a full forward (CUDA, or CPU without grad); otherwise SDPA."""
+        :func:`use_flex` says so (a full forward); otherwise SDPA. Sigmoid / elu on a full forward: the fused Triton
+        kernel on CUDA where it supports the layout (lit_gpt.kernels.sim_attention). The path taken is recorded in
+        ``last_impl``. A Flex failure raises, except a Triton resource limit under ``attn_impl='auto'``, which warns
+        and uses SDPA for that layout from then on (:func:`lit_gpt.flex.flex_failed`)."""
         cfg = self.config
         slots = self.slots()
+        if (not need_weights and ctx.no_cache and cfg.attn_op in ("sigmoid", "elu")
+                and (q.is_cuda or cfg.attn_impl == "triton")):
+            from lit_gpt.kernels import sim_attention as sim
+            if sim.supports(cfg, q, ctx.mask_fn):
+                self._record("triton")
+                return sim.sim_attention(
+                    q, k, v, ctx.mask_fn, op=cfg.attn_op, normalize=cfg.attn_normalize, scale=self.scale,
+                    alibi_slopes=alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None,
+                    slot_k=slots["slot_k"], slot_v=slots["slot_v"]), None
         eager = need_weights or cfg.attn_op != "softmax" or cfg.attn_impl == "eager"
         if not eager and ctx.no_cache and use_flex(cfg, q, full_causal):
             from lit_gpt.flex import flex_attention_forward, flex_failed
@@ -289,22 +308,31 @@ class CausalSelfAttention(nn.Module):
                 y = flex_attention_forward(
                     q, k, v, ctx.mask_fn, scale=self.scale, alpha=cfg.softmax_alpha,
                     alibi_slopes=alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None,
-                    rel_bias=ctx.rel_bias if cfg.pos_encoding == "relative" else None, **slots)
+                    rel_bias=ctx.rel_bias, **slots)
+                self._record("flex")
                 return y, None
-            except Exception as e:   # e.g. a Triton resource limit at this shape: SDPA computes the same function
-                flex_failed(cfg, e)
-        key, pin = (id(q_pos), id(k_pos), id(ctx.mask_fn)), (q_pos, k_pos)
-        bias = ctx.cached(("bias",) + key, lambda: ctx.bias_fn(q_pos, k_pos), pin) if ctx.bias_fn is not None else None
+            except Exception as e:
+                flex_failed(cfg, e)      # re-raises unless it is a resource limit that 'auto' may route to SDPA
+        pin = (q_pos, k_pos)
+        bias = ctx.cached("bias", lambda: ctx.bias_fn(q_pos, k_pos), pin) if ctx.bias_fn is not None else None
         make_mask = lambda: dense_mask(ctx.mask_fn, q_pos, k_pos)
         if eager:
-            mask = ctx.cached(("mask",) + key, make_mask, pin)
+            self._record("eager")
+            mask = ctx.cached("mask", make_mask, pin)
             return eager_attention(q, k, v, mask=mask, op=cfg.attn_op, normalize=cfg.attn_normalize,
                                    alpha=cfg.softmax_alpha, scale=self.scale, bias=bias,
                                    kernel=self.feature_map(), need_weights=need_weights, **slots)
-        mask = None if full_causal else ctx.cached(("mask",) + key, make_mask, pin)
+        self._record("sdpa")
+        mask = None if full_causal else ctx.cached("mask", make_mask, pin)
         y = sdpa_attention(q, k, v, mask=mask, is_causal=full_causal, alpha=cfg.softmax_alpha,
                            scale=self.scale, bias=bias, **slots)
         return y, None
+
+    def _record(self, impl: str) -> None:
+        """Remember which attention path this layer ran last (flex, sdpa, eager, triton, streaming); skipped while
+        torch.compile traces, where a Python side effect would only cost graph breaks."""
+        if not torch.compiler.is_compiling():
+            self.last_impl = impl
 
     def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
         B, H, T, d = y.shape
@@ -326,6 +354,7 @@ class CausalSelfAttention(nn.Module):
         cache = None if ctx.no_cache else self.kv_cache       # a full forward leaves the caches untouched
         if cache is not None and getattr(cache, "attend", None) is not None:
             # a streaming cache may compute attention itself (e.g. LM-Infinite's two position systems)
+            self._record("streaming")
             y, w = cache.attend(self, q, k, v, ctx, need_weights="attn" in ctx.need)
         else:
             if cache is not None:
@@ -367,11 +396,14 @@ class GPT(nn.Module):
             self.wpe = nn.Embedding(config.block_size + int(config.sink_token), config.n_embd)
         if config.sink_token:
             self.sink_token = nn.Parameter(torch.empty(config.n_embd))
-        if config.pos_encoding == "relative":
+        if config.pos_encoding in RELATIVE_POSITIONS:
             self.rel_bias = RelativePositionBias(config.n_head, config.relative_buckets, config.relative_max_distance,
-                                                 bidirectional=config.attn_mask == "prefix")
+                                                 bidirectional=config.attn_mask == "prefix",
+                                                 learned=config.pos_encoding == "relative_learned")
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = make_norm(config)
+        # the final norm of pre-norm models; post-norm blocks end in a norm already and the seed's post-norm model
+        # (model_postln.py) has no final norm: an Identity, no parameters, no ln_f.* weights in checkpoints
+        self.ln_f = make_norm(config) if config.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -385,8 +417,11 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ init (the seed's scheme)
     def reset_parameters(self) -> None:
-        """normal(0, sqrt(2 / (5 fan_in))) for linears and embeddings (fan_in = n_embd for embeddings), the MLP
-        output projections normal(0, 1 / sqrt(fan_in) / n_layer), k*/v* normal(0, 0.02), sink logits 0."""
+        """The seed's ``_init_weights``: normal(0, sqrt(2 / (5 fan_in))) for linears and embeddings (fan_in = n_embd
+        for embeddings); for SwiGLU only (the seed's LLaMAMLP, whose xformers SwiGLU output layer ``w3`` it matches
+        by name) the FFN output projection normal(0, 1 / sqrt(fan_in) / n_layer); the relu / gelu / swish / reglu /
+        geglu FFNs keep the fan-in init everywhere (the seed's ReluMLP, ..., RegluMLP match neither name). Not in the
+        seed: k*/v* normal(0, 0.02), sink logits 0."""
         cfg = self.config
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -398,8 +433,9 @@ class GPT(nn.Module):
             elif isinstance(m, (RMSNorm, nn.LayerNorm)):
                 m.reset_parameters()
         for block in self.blocks:
-            w = block.mlp.proj.weight
-            nn.init.normal_(w, 0.0, 1.0 / math.sqrt(w.shape[1]) / cfg.n_layer)
+            if cfg.mlp == "swiglu":
+                w = block.mlp.proj.weight
+                nn.init.normal_(w, 0.0, 1.0 / math.sqrt(w.shape[1]) / cfg.n_layer)
             attn = block.attn
             for name in ("k_star", "v_bias"):
                 if isinstance(getattr(attn, name, None), nn.Parameter):
@@ -446,7 +482,7 @@ class GPT(nn.Module):
         if cfg.pos_encoding == "alibi":
             slopes = alibi_slopes(cfg.n_head)
             return lambda qp, kp: alibi_bias(qp, kp, slopes)
-        if cfg.pos_encoding == "relative":
+        if cfg.pos_encoding in RELATIVE_POSITIONS:
             return self.rel_bias
         return None
 
@@ -460,8 +496,11 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, *,
-                return_analysis: Union[bool, Iterable[str]] = False, mask_fn: Optional[MaskFn] = None):
-        """Logits (B, T, vocab) or ``(logits, Analysis)`` when ``return_analysis`` is set.
+                return_analysis: Union[bool, Iterable[str]] = False, mask_fn: Optional[MaskFn] = None,
+                targets: Optional[torch.Tensor] = None, loss_impl: str = "auto"):
+        """Logits (B, T, vocab) or ``(logits, Analysis)`` when ``return_analysis`` is set; with ``targets`` (B, T)
+        the mean next-token loss over targets != -100 instead of logits (:mod:`lit_gpt.fused_ce`: ``loss_impl``
+        fused | plain | auto; fused forms no fp32 copy of the logits).
 
         input_pos: None for a full forward from position 0 (caches untouched), or (T,) / (B, T) positions of
             ``idx`` used with the caches set by :meth:`set_kv_cache` / :meth:`set_caches`; a negative position
@@ -484,10 +523,12 @@ class GPT(nn.Module):
             pos = pos.unsqueeze(0) if pos.dim() == 1 else pos
             if pos.shape[-1] != T or pos.shape[0] not in (1, B):
                 raise ValueError(f"input_pos shape {tuple(input_pos.shape)} does not match idx shape {(B, T)}")
-            first = pos[:, 0] == 0
-            starts_at_zero = bool(first.all())
-            if cfg.sink_token and bool(first.any()) and not starts_at_zero:
-                raise ValueError("with sink_token=True all rows must start at position 0 together")
+            starts_at_zero = False              # only a sink token needs it (a host sync: keep decoding sync-free)
+            if cfg.sink_token:
+                first = pos[:, 0] == 0
+                starts_at_zero = bool(first.all())
+                if bool(first.any()) and not starts_at_zero:
+                    raise ValueError("with sink_token=True all rows must start at position 0 together")
         if cfg.pos_encoding == "learned" and int(pos.max()) >= cfg.block_size:
             raise ValueError(f"position {int(pos.max())} >= block_size={cfg.block_size}: learned absolute "
                              "positions cannot extrapolate")
@@ -518,8 +559,19 @@ class GPT(nn.Module):
             x = block(x, ctx)
         if analysis is not None and "hidden" in need:
             analysis.hidden.append(x[:, sl].detach())
-        logits = self.lm_head(self.ln_f(x[:, sl] if prepend else x))
+        h = self.ln_f(x[:, sl] if prepend else x)
+        if targets is not None:
+            if analysis is not None:
+                raise ValueError("targets and return_analysis cannot be combined (the loss path forms no logits)")
+            from lit_gpt.fused_ce import linear_cross_entropy
+            return linear_cross_entropy(h, self.lm_head.weight, targets, impl=loss_impl)
+        logits = self.lm_head(h)
         return (logits, analysis) if analysis is not None else logits
+
+    def attention_paths(self) -> List[Optional[str]]:
+        """The attention path each layer ran in the last forward ('flex', 'sdpa', 'eager', 'triton', 'streaming';
+        None before any forward), e.g. to check that a fused kernel really ran."""
+        return [block.attn.last_impl for block in self.blocks]
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         seen, n = set(), 0

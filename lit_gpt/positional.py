@@ -8,7 +8,9 @@ positions.
   of the head dims: :func:`rope_cos_sin` + :func:`apply_rope`.
 * sinusoidal absolute (Vaswani et al.) and learned absolute: added to the token embedding.
 * ALiBi: additive bias ``-slope_h * |q_pos - k_pos|``.
-* T5 relative bias: learned scalar per (bucket, head), 32 log-spaced buckets up to distance 128.
+* T5 relative bias, 32 log-spaced buckets up to distance 128: ``relative`` adds the fixed bucket index
+  g(i - j) itself to the logits, with no parameters (the paper's Appendix B eq. 6 and the seed's
+  ``model_relpos.py``); ``relative_learned`` looks a learned scalar per (bucket, head) up (T5's own form).
 """
 from __future__ import annotations
 
@@ -97,25 +99,39 @@ def relative_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int, bidi
 
 
 class RelativePositionBias(nn.Module):
-    """T5-style learned relative bias, one table for the whole model (as in T5)."""
+    """T5 relative position bias over ``relative_bucket`` of the query-key distance, one for the whole model.
 
-    def __init__(self, n_head: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = False):
+    ``learned=False`` (``pos_encoding='relative'``, the paper and the seed): the bias is the bucket index
+    g(max(i - j, 0)) in [0, num_buckets), the same for every head, no parameters; as in the seed's
+    ``model_relpos.py`` the distance is one-sided (a key after the query, possible only under a prefix mask,
+    counts as distance 0) and the index is added unscaled after the 1/sqrt(d) scaling of q.k.
+    ``learned=True`` (``pos_encoding='relative_learned'``, T5): a learned scalar per (bucket, head); under a prefix
+    mask the buckets are T5's bidirectional ones.
+    """
+
+    def __init__(self, n_head: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = False,
+                 learned: bool = False):
         super().__init__()
-        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
-        self.embedding = nn.Embedding(num_buckets, n_head)
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.learned = learned
+        self.bidirectional = bidirectional and learned
+        self.embedding = nn.Embedding(num_buckets, n_head) if learned else None
 
-    def buckets(self, T: int, device) -> torch.Tensor:
-        """(T, T) bucket ids of a full sequence 0..T-1 (queries x keys), cached per length and device."""
-        key = (T, str(device))
-        cache = self.__dict__.setdefault("_bucket_cache", {})
-        if key not in cache:
-            pos = torch.arange(T, device=device)
-            cache[key] = relative_bucket(pos.view(1, T) - pos.view(T, 1), self.num_buckets, self.max_distance,
-                                         self.bidirectional)
-        return cache[key]
+    def _bias_of_buckets(self, buckets: torch.Tensor) -> torch.Tensor:
+        """(..., n) bucket ids -> (..., n, H) learned values or (..., n, 1) the ids themselves (float32)."""
+        if self.learned:
+            return self.embedding(buckets)
+        return buckets.to(torch.float32).unsqueeze(-1)
 
     def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """q_pos (B|1, Tq), k_pos (B|1, Tk) -> (B|1, H, Tq, Tk)."""
+        """q_pos (B|1, Tq), k_pos (B|1, Tk) -> (B|1, H, Tq, Tk) (learned) or (B|1, 1, Tq, Tk) (fixed)."""
         rel = k_pos.unsqueeze(-2).long() - q_pos.unsqueeze(-1).long()
         buckets = relative_bucket(rel, self.num_buckets, self.max_distance, self.bidirectional)
-        return self.embedding(buckets).permute(0, 3, 1, 2)
+        return self._bias_of_buckets(buckets).permute(0, 3, 1, 2)
+
+    def offset_table(self, T: int, device) -> torch.Tensor:
+        """Bias by offset for a full sequence: (H|1, 2T - 1), column ``q - k + T - 1`` holds the bias of the
+        query at q and the key at k (the FlexAttention score_mod indexes it)."""
+        offsets = torch.arange(T - 1, -T, -1, device=device)            # k - q for column c = q - k + T - 1
+        buckets = relative_bucket(offsets, self.num_buckets, self.max_distance, self.bidirectional)
+        return self._bias_of_buckets(buckets).transpose(0, 1)

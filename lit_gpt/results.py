@@ -35,15 +35,31 @@ def _cpu_model() -> str:
 
 
 def git_commit() -> str:
-    """Short commit of the working tree (+dirty when tracked files differ); GIT_COMMIT or 'unknown' without git."""
+    """Short commit of the working tree (+dirty when tracked files differ). GIT_COMMIT, when set, comes first: a
+    tree copied to a GPU box may sit inside another repository's work tree, or have no .git at all."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                          stderr=subprocess.DEVNULL).strip()
         dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                              text=True, stderr=subprocess.DEVNULL).strip())
         return commit + ("+dirty" if dirty else "")
-    except Exception:   # no .git (e.g. a copied working tree on a remote GPU box)
-        return os.environ.get("GIT_COMMIT", "unknown")
+    except Exception:   # no .git
+        return "unknown"
+
+
+def library_versions() -> Dict[str, str]:
+    """Installed versions of the libraries a measurement may depend on."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "triton", "lightning", "transformers", "litgpt", "jsonargparse", "liger-kernel", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
 
 
 def environment(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -54,18 +70,16 @@ def environment(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except Exception:
-        pass
+    libs = library_versions()
+    if "transformers" in libs:
+        env["transformers"] = libs["transformers"]
     if hasattr(os, "getloadavg"):
         env["load_average_1min"] = round(os.getloadavg()[0], 2)
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                   gpu_count=torch.cuda.device_count())
+                   gpu_count=torch.cuda.device_count(), cudnn=torch.backends.cudnn.version())
+    env["libraries"] = libs
     return env
 
 

@@ -85,14 +85,17 @@ class TrainConfig:
     sink_interval: int = 1000                        # Sink_1..k on the probe every N steps (0: only at the end)
     save_interval: int = 1000                        # checkpoint every N steps (0: only at the end)
     keep_last: Optional[int] = None                  # keep only the newest N step checkpoints
-    compile: bool = False                            # torch.compile the model
+    compile: bool = False                            # torch.compile each block (FSDP, Flex: the whole model)
+    loss_impl: str = "auto"                          # fused | plain | auto (fused on CUDA): lit_gpt/fused_ce.py
+    sdpa_backend: str = "auto"                       # auto | cudnn | flash | efficient | default (torch's order)
+    profile: bool = False                            # pretrain.py --profile: phase times + bare-step ratio
     seed: int = 3406                                 # model initialisation
     resume: Union[bool, str] = "auto"                # auto: continue from the newest checkpoint in out_dir
     stop_at_step: Optional[int] = None               # leave (with a checkpoint) after this step; resume later
     max_time_s: Optional[float] = None               # leave (with a checkpoint) after this many seconds
     fsdp_activation_checkpointing: bool = False
     cpu_threads: Optional[int] = None                # torch threads on CPU (None: torch's default)
-    save_final: bool = True                          # write final.pth at max_steps
+    save_final: bool = True                          # write the final/ checkpoint at max_steps
 
 
 @dataclass
@@ -416,7 +419,11 @@ def validate(cfg: RunConfig) -> None:
         raise RunConfigError(f"train.max_time_s={t.max_time_s!r} is invalid; allowed: a number > 0")
     if not (isinstance(t.resume, bool) or isinstance(t.resume, str)):
         raise RunConfigError(f"train.resume={t.resume!r} is invalid; allowed: auto, true, false or a path")
-    for k in ("compile", "fsdp_activation_checkpointing", "save_final"):
+    from lit_gpt.attention import SDPA_BACKENDS
+    from lit_gpt.fused_ce import IMPLS
+    _choice("train.loss_impl", t.loss_impl, IMPLS)
+    _choice("train.sdpa_backend", t.sdpa_backend, SDPA_BACKENDS)
+    for k in ("compile", "fsdp_activation_checkpointing", "save_final", "profile"):
         if not isinstance(getattr(t, k), bool):
             raise RunConfigError(f"train.{k}={getattr(t, k)!r} is invalid; allowed: true or false")
     _positive_int("probe.n", p.n)

@@ -4,7 +4,8 @@ method specs from command-line options, and the log-PPL plot.
 
 Model sources (:func:`load_lm`):
 * a folder with a llama2.c ``*.bin`` + ``tok*.bin`` (e.g. ../shared/models/stories260K);
-* a lit_gpt checkpoint (``.pth`` or a run folder) with ``--tokenizer`` (anything lit_gpt.tokenizer reads);
+* a lit_gpt checkpoint (a checkpoint folder or a run folder) with ``--tokenizer`` (anything lit_gpt.tokenizer
+  reads; default: the tokenizer the checkpoint's run names);
 * a Hugging Face folder (config.json), a ``.gguf`` file (dequantised by transformers), or a Hub repo id.
 """
 from __future__ import annotations
@@ -55,8 +56,27 @@ class LoadedLM:
     train_window: Optional[int]   # the context the model was trained with (block_size / max_position_embeddings)
 
 
+def check_hf_methods(config, methods: Sequence[str]) -> None:
+    """Refuse, from a Hugging Face config alone (before the weights load), methods the model cannot stream
+    (one line; dense attention and recomputation run on any causal LM)."""
+    from lit_gpt.hf_streaming import check_spec, streaming_support
+
+    specs = [make_method(m, cache_size=2, start_size=1).spec for m in methods]
+    specs = [s for s in specs if s is not None]
+    if not specs:
+        return
+    try:
+        support = streaming_support(config)
+        for spec in specs:
+            check_spec(support, spec)
+    except ValueError as e:
+        raise ValueError(f"{e}; --methods dense, recompute run on any causal LM") from None
+
+
 def load_lm(source: str, *, tokenizer: Optional[str] = None, dtype: str = "float32",
-            device: str = "cpu") -> LoadedLM:
+            device: str = "cpu", methods: Sequence[str] = ()) -> LoadedLM:
+    """A model behind a runner. For a Hugging Face source the config is read first and ``methods`` (names of
+    :data:`METHODS`) it cannot stream are refused before the weights load."""
     from lit_gpt.utils import parse_dtype
 
     dt = parse_dtype(dtype)
@@ -67,19 +87,22 @@ def load_lm(source: str, *, tokenizer: Optional[str] = None, dtype: str = "float
         model, tok = load_llama2c_folder(path, dt)
         model.to(device)
         return LoadedLM(GPTRunner(model), tok, path.name, model.config.block_size)
-    if path.suffix == ".pth" or (path.is_dir() and (list(path.glob("*.pth")))):
-        from lit_gpt.checkpoint import load_model
+    from lit_gpt.checkpoint import checkpoint_tokenizer, is_checkpoint, load_model
+
+    if is_checkpoint(path):
         from lit_gpt.tokenizer import Tokenizer
 
         model, payload = load_model(path, device=device, dtype=dt)
-        tok_src = tokenizer or (payload.get("run_config") or {}).get("tokenizer")
+        tok_src = tokenizer or checkpoint_tokenizer(payload)
         if tok_src is None:
             raise ValueError(f"{source}: give --tokenizer (the checkpoint does not name one)")
         return LoadedLM(GPTRunner(model), Tokenizer(tok_src), path.stem, model.config.block_size)
-    from lit_gpt.hf import load_hf
+    from lit_gpt.hf import load_hf, load_hf_config
     from lit_gpt.hf_streaming import HFRunner
 
-    model, tok = load_hf(source, dtype=dt, device=device)
+    config = load_hf_config(source)
+    check_hf_methods(config, methods)
+    model, tok = load_hf(source, dtype=dt, device=device, config=config)
     if tokenizer:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(tokenizer)
@@ -97,10 +120,28 @@ def add_model_args(ap) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
 
-def lm_from_args(args) -> LoadedLM:
+def add_topk_args(ap) -> None:
+    """LM-Infinite's optional top-k middle tokens (--topk, --topk-from-layer, --topk-insert-at), shared by the
+    drivers; :func:`topk_kwargs` turns the parsed values into :func:`make_method` arguments."""
+    ap.add_argument("--topk", type=int, default=0, help="LM-Infinite top-k middle tokens per query and head (0 = off)")
+    ap.add_argument("--topk-from-layer", type=int, default=4, help="top-k in layers with index >= this (0-based)")
+    ap.add_argument("--topk-insert-at", type=int, default=None,
+                    help="distance at which the top-k tokens are scored and attended (LM-Infinite's top_k_insert_at; "
+                         "default L_pretrain // 2, the LM-Infinite ceiling halved)")
+
+
+def topk_kwargs(args) -> dict:
+    return dict(topk=args.topk, topk_from_layer=args.topk_from_layer, topk_insert_at=args.topk_insert_at)
+
+
+def lm_from_args(args, methods: Sequence[str] = ()) -> LoadedLM:
+    """The model of the command line; a ValueError (a refused method, a bad path) ends the script in one line."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_lm(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device)
+    try:
+        return load_lm(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, methods=methods)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 # ---------------------------------------------------------------------------- methods
@@ -119,7 +160,7 @@ class Method:
 
 def make_method(name: str, *, cache_size: int, start_size: int = 4, lminf_global: Optional[int] = None,
                 lminf_local: Optional[int] = None, lminf_ceiling: Optional[int] = None, topk: int = 0,
-                topk_from_layer: int = 4, stride: int = 1) -> Method:
+                topk_from_layer: int = 4, topk_insert_at: Optional[int] = None, stride: int = 1) -> Method:
     if name == "dense":
         return Method(name, "dense")
     if name == "window":
@@ -134,9 +175,10 @@ def make_method(name: str, *, cache_size: int, start_size: int = 4, lminf_global
         g = start_size if lminf_global is None else lminf_global
         local = lminf_local or cache_size - g          # the same key budget as sinks + window
         L = lminf_ceiling or local
-        label = f"LM-Infinite {g} + {local}, L={L}" + (f", top-{topk}" if topk else "")
-        return Method(name, label, StreamingSpec(g, local, "lminfinite", max_distance=L, topk=topk,
-                                                 topk_from_layer=topk_from_layer))
+        spec = StreamingSpec(g, local, "lminfinite", max_distance=L, topk=topk, topk_from_layer=topk_from_layer,
+                             topk_insert_at=topk_insert_at)
+        label = f"LM-Infinite {g} + {local}, L={L}" + (f", top-{topk} at {spec.insert_at}" if topk else "")
+        return Method(name, label, spec)
     if name == "recompute":
         return Method(name, f"recompute {cache_size} (stride {stride})", window=cache_size, stride=stride)
     raise ValueError(f"method={name!r} is invalid; allowed: {', '.join(METHODS)}")

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 
@@ -41,6 +42,51 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
 
 def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
     _atomic_replace(Path(path), lambda f: torch.save(obj, f))
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_dir(path: Union[str, Path], fill: Callable[[Path], None]) -> None:
+    """Write a folder so that a crash leaves either the old folder or the new one, never a torn one: ``fill(tmp)``
+    writes the files into a hidden folder beside ``path``, which is synced and renamed to ``path``. An existing
+    ``path`` is first renamed aside (and put back if the rename fails), then removed. What a crashed write of the
+    same name left is cleaned up first: half-written folders are removed, a folder renamed aside goes back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for aside in path.parent.glob(f".{path.name}.old-*"):
+        if path.exists():
+            shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink()
+        else:
+            os.replace(aside, path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent)))
+    old = None
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)      # mkdtemp makes 0700 folders; give the usual umask permissions
+        fill(tmp)
+        for f in tmp.iterdir():
+            if f.is_file():
+                _fsync_path(f)
+        _fsync_path(tmp)
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_path(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            os.replace(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,

@@ -12,7 +12,7 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.5" --index-url https://download.pytorch.org/whl/cpu
 fi
-if ! python -c "import lit_gpt, transformers, lightning, tokenizers, sentencepiece, yaml, matplotlib, gguf, accelerate" 2>/dev/null; then
+if ! python -c "import lit_gpt, transformers, lightning, tokenizers, sentencepiece, yaml, matplotlib, gguf, accelerate, triton" 2>/dev/null; then
   python -m pip install -q -r requirements.txt
   python -m pip install -q -e . --no-deps
 fi

@@ -54,6 +54,17 @@ def t5_bucket(rel: int, num_buckets: int, max_distance: int, bidirectional: bool
     return ret + min(val, num_buckets - 1)
 
 
+def paper_relative_bias(i: int, j: int, num_buckets: int = 32, max_distance: int = 128) -> float:
+    """The paper's relative PE (Appendix B, eq. 6; the seed's model_relpos.py): the logit of query i and key j gets
+    the bucket index g(i - j) itself, no parameters. Distance n = max(i - j, 0) (the seed clamps keys after the
+    query to 0); n < B/2 is its own bucket, larger n fall into B/2 log-spaced buckets up to D, the last one open."""
+    n = max(i - j, 0)
+    half = num_buckets // 2
+    if n < half:
+        return float(n)
+    return float(min(num_buckets - 1, half + math.floor(math.log(n / half) / math.log(max_distance / half) * half)))
+
+
 def attention_loop(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Callable[[int, int], bool], *,
     op: str = "softmax", normalize: bool = True, alpha: float = 1.0, scale: Optional[float] = None,
@@ -67,7 +78,7 @@ def attention_loop(
     q (B, H, Tq, d), k/v (B, H, Tk, d) (heads already matched); ``allowed(qpos, kpos)``; bias(h, qpos, kpos).
     Slots (each seen by every query, no positional bias): slot_logits (H,) with value 0, then slot_keys /
     slot_values (H, d). Returns (out (B, H, Tq, d), weights (B, H, Tq, S + Tk)) where weights are the
-    probabilities for softmax and |sim| / sum |sim| otherwise.
+    probabilities for softmax (before the alpha scaling: rows sum to 1) and |sim| / sum |sim| otherwise.
     """
     B, H, Tq, d = q.shape
     Tk = k.shape[2]
@@ -98,8 +109,9 @@ def attention_loop(
                     raw.append(s); vals.append(v[b, h, j].double()); cols.append(n_slots + j)
                 raw_t = torch.tensor(raw, dtype=torch.float64)
                 if op == "softmax":
-                    w = torch.exp(raw_t - raw_t.max()); w = w / w.sum() * alpha
-                    proxy = w
+                    p = torch.exp(raw_t - raw_t.max()); p = p / p.sum()
+                    w = p * alpha                     # rows of the output weights sum to alpha
+                    proxy = p                         # the map: the distribution before the alpha scaling
                 else:
                     if op == "sigmoid":
                         sim = 1.0 / (1.0 + torch.exp(-raw_t))
@@ -118,3 +130,24 @@ def attention_loop(
                     out[b, h, i] += wc * vc
                     weights[b, h, i, c] = pc
     return out, weights
+
+
+def cross_entropy_loop(h: torch.Tensor, weight: torch.Tensor, targets: Sequence[int], ignore_index: int = -100
+                       ) -> Tuple[float, torch.Tensor, torch.Tensor]:
+    """Mean next-token loss of logits h @ weight.T over the targets != ignore_index, and its gradients w.r.t. h and
+    weight, row by row in float64: d loss / d logit_j = (softmax_j - [j == t]) / n_valid."""
+    h64, w64 = h.detach().double(), weight.detach().double()
+    rows = [i for i, t in enumerate(targets) if int(t) != ignore_index]
+    n = max(len(rows), 1)
+    loss, gh, gw = 0.0, torch.zeros_like(h64), torch.zeros_like(w64)
+    for i in rows:
+        t = int(targets[i])
+        z = [float(h64[i] @ w64[j]) for j in range(w64.shape[0])]
+        m = max(z)
+        lse = m + math.log(sum(math.exp(v - m) for v in z))
+        loss += (lse - z[t]) / n
+        for j, v in enumerate(z):
+            g = (math.exp(v - lse) - (1.0 if j == t else 0.0)) / n
+            gh[i] += g * w64[j]
+            gw[j] += g * h64[i]
+    return loss, gh, gw

@@ -35,26 +35,46 @@ def lminfinite_plan(n_global: int, n_local: int, ceiling: int) -> Plan:
     return plan
 
 
+def original_plan(start: int, recent: int) -> Plan:
+    """Sinks + window at the tokens' original positions (the ablation; the only plan for learned positions)."""
+    def plan(p):
+        return [(j, p, j) for j in range(p + 1) if j < start or p - j < recent]
+    return plan
+
+
 def lminfinite_middle(n_global: int, n_local: int) -> Callable[[int], List[int]]:
-    """The middle tokens LM-Infinite's top-k may pick from: neither global nor local."""
+    """The middle tokens LM-Infinite's top-k may pick from: neither global nor local (its columns
+    [global_branch, col_high) with col_high = p - local_branch + 1, models/llama.py detailed_lambda_attention)."""
     return lambda p: [j for j in range(p + 1) if j >= n_global and p - j >= n_local]
 
 
 # ---------------------------------------------------------------------------- attention by plan
 def plan_attention(q, k, v, plan: Plan, *, n_rot: int = 0, base: float = 10000.0, slopes=None, topk: int = 0,
-                   middle: Optional[Callable[[int], List[int]]] = None, ceiling: int = 0) -> torch.Tensor:
+                   middle: Optional[Callable[[int], List[int]]] = None, insert_at: int = 0,
+                   scale: Optional[float] = None, window: Optional[int] = None, sink_logits=None) -> torch.Tensor:
     """Softmax attention of q (B, T, H, d) over k, v (B, T, G, d) (pre-positional; GQA by h // (H / G)), the
     query at p attending to ``plan(p)``: RoPE on the first ``n_rot`` dims (rotate-half pairs) at the plan's
-    positions, or ALiBi ``slopes``. With ``topk`` also the top-k of ``middle(p)`` by logit at distance
-    ``ceiling``. Returns (B, T, H, d) float64."""
+    positions, or ALiBi ``slopes``. With ``topk``, LM-Infinite's top-k: the query at position ``insert_at`` against
+    the un-rotated middle keys (its ``near_query_states`` at ``top_k_insert_at`` times ``stationary_key_states``),
+    i.e. every middle token at distance ``insert_at``; the ``topk`` largest of those logits join the softmax, and
+    only once ``middle(p)`` holds at least ``topk`` tokens (``col_high >= global_branch + top_k_attention``).
+    ``scale``: the logit scale (default 1/sqrt(d)); ``window``: a sliding-window layer sees only the plan's keys
+    with q_pos - k_pos < window; ``sink_logits`` (H,): one more softmax column per head with that logit and a zero
+    value (gpt-oss). Returns (B, T, H, d) float64."""
     B, T, H, d = q.shape
     G = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
-    def enc(vec, pos):
-        return rope_rotate(vec, pos, n_rot, base) if n_rot else vec.double()
+    rotated = {}                # (tensor, b, head, t, pos) -> the vector rotated at pos (each computed once)
+
+    def enc(x, b, hd, t, pos):
+        key = (x is q, b, hd, t, pos)
+        if key not in rotated:
+            rotated[key] = rope_rotate(x[b, t, hd], pos, n_rot, base) if n_rot else x[b, t, hd].double()
+        return rotated[key]
 
     def logit(b, h, g, p, j, qp, kp):
-        s = float(enc(q[b, p, h], qp) @ enc(k[b, j, g], kp)) / math.sqrt(d)
+        s = float(enc(q, b, h, p, qp) @ enc(k, b, g, j, kp)) * scale
         return s - (slopes[h] * (qp - kp) if slopes is not None else 0.0)
 
     y = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
@@ -62,10 +82,14 @@ def plan_attention(q, k, v, plan: Plan, *, n_rot: int = 0, base: float = 10000.0
         for h in range(H):
             g = h // (H // G)
             for p in range(T):
-                scores = [logit(b, h, g, p, j, qp, kp) for j, qp, kp in plan(p)]
-                vals = [v[b, j, g] for j, _, _ in plan(p)]
-                if topk:
-                    mids = sorted(((logit(b, h, g, p, j, j + ceiling, j), j) for j in middle(p)), reverse=True)
+                keys = [(j, qp, kp) for j, qp, kp in plan(p) if window is None or qp - kp < window]
+                scores = [logit(b, h, g, p, j, qp, kp) for j, qp, kp in keys]
+                vals = [v[b, j, g] for j, _, _ in keys]
+                if sink_logits is not None:
+                    scores.append(float(sink_logits[h]))
+                    vals.append(torch.zeros_like(v[b, 0, g]))
+                if topk and len(middle(p)) >= topk:
+                    mids = sorted(((logit(b, h, g, p, j, insert_at, 0), j) for j in middle(p)), reverse=True)
                     for sc, j in mids[:topk]:
                         scores.append(sc)
                         vals.append(v[b, j, g])
@@ -102,7 +126,7 @@ def lin(x, mod):
 # ---------------------------------------------------------------------------- models written out
 def ref_gpt_logits(model, idx: torch.Tensor, plan: Plan, **attn_kw) -> torch.Tensor:
     """Our GPT (pre-norm RMSNorm, SwiGLU, no biases; rope / alibi / nope) with attention by plan.
-    ``attn_kw`` (topk, middle, ceiling) applies to layers >= ``topk_from_layer``."""
+    ``attn_kw`` (topk, middle, insert_at) applies to layers >= ``topk_from_layer``."""
     cfg = model.config
     assert cfg.norm_class == "rmsnorm" and cfg.norm_position == "pre" and cfg.mlp == "swiglu" and not cfg.bias
     from_layer = attn_kw.pop("topk_from_layer", 0)
@@ -125,18 +149,21 @@ def ref_gpt_logits(model, idx: torch.Tensor, plan: Plan, **attn_kw) -> torch.Ten
     return lin(rms(x, model.ln_f.weight, cfg.norm_eps), model.lm_head)
 
 
-def ref_hf_llama_logits(model, idx: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """transformers LlamaForCausalLM (default RoPE, no biases) written out, attention by plan."""
+def ref_hf_llama_logits(model, idx: torch.Tensor, plan: Plan, **attn_kw) -> torch.Tensor:
+    """transformers LlamaForCausalLM (default RoPE, no biases) written out, attention by plan (``attn_kw`` as in
+    :func:`ref_gpt_logits`)."""
+    from_layer = attn_kw.pop("topk_from_layer", 0)
     cfg = model.config
     B, T = idx.shape
     H = cfg.num_attention_heads
     d = cfg.hidden_size // H
     x = model.model.embed_tokens.weight.double()[idx]
-    for layer in model.model.layers:
+    for li, layer in enumerate(model.model.layers):
         a = layer.self_attn
         hdn = rms(x, layer.input_layernorm.weight, cfg.rms_norm_eps)
         q, k, v = (lin(hdn, m).view(B, T, -1, d) for m in (a.q_proj, a.k_proj, a.v_proj))
-        y = plan_attention(q, k, v, plan, n_rot=d, base=cfg.rope_parameters["rope_theta"])
+        y = plan_attention(q, k, v, plan, n_rot=d, base=cfg.rope_parameters["rope_theta"],
+                           **(attn_kw if li >= from_layer else {}))
         x = x + lin(y.reshape(B, T, H * d), a.o_proj)
         hdn = rms(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
         m = layer.mlp
@@ -165,3 +192,45 @@ def ref_hf_neox_logits(model, idx: torch.Tensor, plan: Plan) -> torch.Tensor:
             x = x + attn_out
             x = x + mlp(layer_norm(x, layer.post_attention_layernorm))
     return lin(layer_norm(x, model.gpt_neox.final_layer_norm), model.get_output_embeddings())
+
+
+# ---------------------------------------------------------------------------- any HF model, attention by plan
+REF_IMPL = "sinklab_plan_reference"
+_REF: dict = {}
+
+
+def _plan_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    layer_rope, plan = _REF["layer_rope"], _REF["plan"]
+    rope = layer_rope[module.layer_idx]
+    q, k, v = (t.transpose(1, 2).double() for t in (query, key, value))          # (B, T, heads, d)
+    n_rot, base = (0, 0.0) if rope is None else rope[:2]
+    if rope is not None and rope[2] == "interleaved":    # pairs (2i, 2i+1) -> (i, i + n/2): q.k is unchanged
+        perm = torch.cat([torch.arange(0, n_rot, 2), torch.arange(1, n_rot, 2), torch.arange(n_rot, q.shape[-1])])
+        q, k = q[..., perm], k[..., perm]
+    s_aux = kwargs.get("s_aux")
+    y = plan_attention(q, k, v, plan, n_rot=n_rot, base=base, scale=scaling, window=kwargs.get("sliding_window"),
+                       sink_logits=None if s_aux is None else s_aux.detach().double())
+    return y.to(query.dtype), None
+
+
+@torch.no_grad()
+def ref_hf_plan_logits(model, idx: torch.Tensor, plan: Plan, layer_rope: list, learned: bool = False) -> torch.Tensor:
+    """A Hugging Face model that dispatches through transformers' AttentionInterface, its own modules for
+    everything but attention (embeddings, norms, projections, q/k norms, MLPs), attention by ``plan`` in the loop
+    above. ``layer_rope[i]``: (n_rot, base, layout) of layer i from its config, or None (NoPE). With RoPE the
+    model gets position 0 for every token, so q and k arrive un-rotated and the loop rotates them at the plan's
+    positions; with ``learned`` absolute positions the model gets the original positions and the plan only picks
+    the keys. The layer's own ``sliding_window`` applies to the plan's distances; gpt-oss's ``s_aux`` sink logits
+    join the softmax."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(REF_IMPL, _plan_reference_attention)
+    prev = model.config._attn_implementation
+    _REF.update(layer_rope=layer_rope, plan=plan)
+    model.config._attn_implementation = REF_IMPL
+    try:
+        B, T = idx.shape
+        pos = torch.arange(T).expand(B, T) if learned else torch.zeros(B, T, dtype=torch.long)
+        return model(input_ids=idx, position_ids=pos, use_cache=False).logits.double()
+    finally:
+        model.config._attn_implementation = prev

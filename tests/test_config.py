@@ -100,7 +100,7 @@ def test_checkpoint_round_trip(tmp_path):
     cfg = Config.from_name("tiny", sink_token=True, kv_bias="k", tie_embeddings=True)
     model = GPT(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, 9))
-    save_checkpoint(tmp_path / "run" / "step-0000010.pth", model, cfg, step=10, run_config={"lr": 1e-3})
+    save_checkpoint(tmp_path / "run" / "step-0000010", model, cfg, step=10, run_config={"lr": 1e-3})
     loaded, payload = load_model(tmp_path / "run")
     assert payload["step"] == 10 and payload["run_config"] == {"lr": 1e-3}
     assert loaded.config == cfg

@@ -48,7 +48,7 @@ def test_logits_round_trip(tmp_path, overrides):
 
     cfg = Config.from_name("tiny", **overrides)
     model = trained_like(cfg)
-    ckpt = save_checkpoint(tmp_path / "final.pth", model, cfg)
+    ckpt = save_checkpoint(tmp_path / "final", model, cfg)
     out = export_llama(ckpt, tmp_path / "hf")
     hf = LlamaForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32).eval()
     assert hf.config.num_key_value_heads == cfg.n_query_groups
@@ -104,7 +104,7 @@ def test_eval_sink_agrees_with_open_source_driver_on_the_export(tmp_path):
     with torch.no_grad():                       # make some heads attend to token 1 so α is not uniform noise
         for b in model.blocks:
             b.attn.qkv.weight.mul_(4.0)
-    ckpt = save_checkpoint(tmp_path / "run" / "final.pth", model, cfg, run_config={"tokenizer": str(tok_file)})
+    ckpt = save_checkpoint(tmp_path / "run" / "final", model, cfg, run_config={"tokenizer": str(tok_file)})
     export_llama(ckpt, tmp_path / "hf")         # tokenizer from the checkpoint's run_config
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
     text = " ".join(WORDS[5:25])

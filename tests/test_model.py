@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lit_gpt import CHOICES, GPT, Config
 from lit_gpt.sink_metrics import SinkMeter
-from reference import alibi_slope_list, attention_loop, rope_rotate, sinusoid, t5_bucket
+from reference import alibi_slope_list, attention_loop, paper_relative_bias, rope_rotate, sinusoid, t5_bucket
 from conftest import variant_id
 
 V = 64
@@ -92,7 +92,9 @@ def ref_attention(x, attn, cfg, positions, rel_table=None):
     if cfg.pos_encoding == "alibi":
         slopes = alibi_slope_list(H)
         bias = lambda h, i, j: -slopes[h] * abs(i - j)
-    elif cfg.pos_encoding == "relative":
+    elif cfg.pos_encoding == "relative":          # the paper's fixed bucket index, no parameters
+        bias = lambda h, i, j: paper_relative_bias(i, j, cfg.relative_buckets, cfg.relative_max_distance)
+    elif cfg.pos_encoding == "relative_learned":
         bidir = cfg.attn_mask == "prefix"
         bias = lambda h, i, j: float(rel_table[t5_bucket(j - i, cfg.relative_buckets, cfg.relative_max_distance,
                                                          bidir), h])
@@ -138,12 +140,14 @@ def ref_block(x, block, cfg, positions, rel_table=None):
 VARIANTS = [
     {},
     dict(pos_encoding="nope"), dict(pos_encoding="sinusoidal"), dict(pos_encoding="learned"),
-    dict(pos_encoding="alibi"), dict(pos_encoding="relative"), dict(rotary_percentage=0.5, n_embd=32),
+    dict(pos_encoding="alibi"), dict(pos_encoding="relative"), dict(pos_encoding="relative_learned"),
+    dict(rotary_percentage=0.5, n_embd=32),
     dict(mlp="relu"), dict(mlp="gelu"), dict(mlp="swish"), dict(mlp="reglu"), dict(mlp="geglu"),
     dict(norm_position="post"), dict(norm_class="layernorm", bias=True),
     dict(head_output="sum"), dict(n_query_groups=2), dict(n_head=1),
     dict(attn_mask="window", window_size=3), dict(attn_mask="prefix", prefix_size=4),
     dict(attn_mask="prefix", prefix_size=4, pos_encoding="relative"),
+    dict(attn_mask="prefix", prefix_size=4, pos_encoding="relative_learned"),
     dict(kv_bias="k"), dict(kv_bias="kv"), dict(kv_bias="v"), dict(kv_bias="k", kv_bias_shared=True),
     dict(kv_bias="kv", kv_bias_shared=True), dict(kv_bias="v", kv_bias_shared=True),
     dict(kv_bias="k", kv_bias_value="one_hot", kv_bias_value_scale=2.0),
@@ -156,6 +160,8 @@ VARIANTS = [
     dict(attn_op="mlp_kernel", attn_normalize=False), dict(attn_op="sigmoid", attn_normalize=False, kv_bias="k"),
     dict(attn_op="sigmoid", attn_normalize=False, pos_encoding="alibi"),
     dict(attn_op="sigmoid", attn_normalize=False, pos_encoding="relative"),
+    dict(attn_op="sigmoid", attn_normalize=False, pos_encoding="relative_learned"),
+    dict(softmax_alpha=0.2, kv_bias="k"),
 ]
 
 
@@ -175,14 +181,16 @@ def test_blocks_match_reference_maths(overrides):
     elif cfg.pos_encoding == "learned":
         x0 = x0 + model.wpe.weight.double()[:T]
     torch.testing.assert_close(an.hidden[0], x0)
-    rel_table = model.rel_bias.embedding.weight.double() if cfg.pos_encoding == "relative" else None
+    rel_table = model.rel_bias.embedding.weight.double() if cfg.pos_encoding == "relative_learned" else None
     for layer, block in enumerate(model.blocks):
         out, w, q, k = ref_block(an.hidden[layer], block, cfg, positions, rel_table)
         torch.testing.assert_close(an.attn[layer], w, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(an.q[layer], q, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(an.k[layer], k, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(an.hidden[layer + 1], out, rtol=1e-9, atol=1e-9)
-    final = ref_norm(an.hidden[-1], model.ln_f, cfg) @ model.lm_head.weight.double().T
+    # pre-norm: a final norm before the head; post-norm: none (the seed's model_postln.py comments ln_f out)
+    last = ref_norm(an.hidden[-1], model.ln_f, cfg) if cfg.norm_position == "pre" else an.hidden[-1]
+    final = last @ model.lm_head.weight.double().T
     torch.testing.assert_close(logits, final, rtol=1e-9, atol=1e-9)
 
 
@@ -217,6 +225,8 @@ def all_field_values():
                 ov["kv_bias"] = "k"
             if name == "attn_impl" and value == "flex":
                 continue  # CUDA only (FlexAttention has no CPU backward); covered on the GPU benchmark
+            if name == "attn_impl" and value == "triton":
+                ov["attn_op"] = "sigmoid"   # the fused sigmoid / elu kernel (Triton's interpreter on CPU)
             cases.append(ov)
     combos = [
         dict(attn_op="sigmoid", attn_normalize=False, pos_encoding="alibi", norm_position="post"),
@@ -260,7 +270,7 @@ def test_fused_path_equals_eager_path(overrides):
 
 
 # ---------------------------------------------------------------------------- KV cache
-CACHE_VARIANTS = [dict(pos_encoding=p) for p in ("rope", "nope", "sinusoidal", "learned", "alibi", "relative")] + [
+CACHE_VARIANTS = [dict(pos_encoding=p) for p in CHOICES["pos_encoding"]] + [
     dict(rotary_percentage=0.5, n_embd=32), dict(n_query_groups=2), dict(kv_bias="kv"), dict(kv_bias="v"),
     dict(sink_logit=True), dict(sink_token=True), dict(sink_token=True, pos_encoding="learned"),
     dict(attn_mask="window", window_size=3), dict(attn_op="sigmoid", attn_normalize=False),
@@ -325,23 +335,26 @@ def test_softmax_maps_sum_to_one_with_slot_columns():
             torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 8, dtype=w.dtype))
 
 
-def test_first_token_dominance_shows_in_maps_and_sink_metric():
+def first_token_sink_model(**overrides):
     """Queries are a constant vector u (zero query weights, query bias u); only the embedding of token 7 has a
     component that the key weights map onto u. Placing token 7 first makes every head attend to position 1."""
-    cfg = tiny(pos_encoding="nope", bias=True, n_layer=1)
+    cfg = tiny(pos_encoding="nope", bias=True, n_layer=1, **overrides)
     model = GPT(cfg).double()
     H, d = cfg.n_head, cfg.head_size
     with torch.no_grad():
         W, b = model.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.bias
         W.zero_(); b.zero_()
         b[: H * d] = 1.0                                   # q = (1, ..., 1) in every head
-        model.wte.weight[7] = 0.0
-        model.wte.weight[7, 0] = 10.0                      # token 7's embedding has a unique direction
         model.wte.weight[:, 0] = torch.where(torch.arange(V) == 7, 10.0, 0.0).double()
         W[H * d:2 * H * d, 0] = 5.0                        # keys of token 7 align with q
     idx = torch.randint(0, V, (3, 12))
     idx[:, 0] = 7
     idx[:, 1:] = torch.where(idx[:, 1:] == 7, 8, idx[:, 1:])
+    return model, idx
+
+
+def test_first_token_dominance_shows_in_maps_and_sink_metric():
+    model, idx = first_token_sink_model()
     _, an = model(idx, return_analysis={"attn"})
     w = an.attn[0]
     assert float(w[..., 0].min()) > 0.99                 # every query puts > 99% on token 1
@@ -369,21 +382,167 @@ def test_named_60m_has_the_papers_size():
     del model
 
 
-def test_init_follows_the_seed():
-    cfg = Config.from_name("tinyllama_demo")
+@pytest.mark.parametrize("mlp", CHOICES["mlp"])
+def test_init_follows_the_seed(mlp):
+    """The seed's _init_weights (lit_gpt/model.py of sail-sg/Attention-Sink): every linear / embedding
+    normal(0, sqrt(2 / (5 fan_in))); the FFN output projection normal(0, 1 / sqrt(fan_in) / n_layer) only for the
+    SwiGLU FFN (LLaMAMLP, whose xformers SwiGLU names it w3); ReluMLP, GeluMLP, SwishMLP, RegluMLP and GegluMLP keep
+    the fan-in init (Table 11 compares FFNs under exactly this init)."""
+    torch.manual_seed(0)
+    cfg = Config.from_name("tinyllama_demo", mlp=mlp)
     m = GPT(cfg)
-    d = cfg.n_embd
-    assert abs(float(m.wte.weight.std()) - math.sqrt(2 / (5 * d))) < 0.002
-    qkv = m.blocks[0].attn.qkv.weight
-    assert abs(float(qkv.std()) - math.sqrt(2 / (5 * d))) < 0.005
-    proj = m.blocks[0].mlp.proj.weight
-    expected = 1 / math.sqrt(cfg.intermediate_size) / cfg.n_layer
-    assert abs(float(proj.std()) - expected) / expected < 0.05
+    d, h = cfg.n_embd, cfg.intermediate_size
+
+    def close(t, want, tol):
+        return abs(float(t.detach().std()) - want) / want < tol
+
+    assert close(m.wte.weight, math.sqrt(2 / (5 * d)), 0.01)
+    assert close(m.lm_head.weight, math.sqrt(2 / (5 * d)), 0.01)
+    for block in m.blocks:
+        assert close(block.attn.qkv.weight, math.sqrt(2 / (5 * d)), 0.02)
+        assert close(block.attn.proj.weight, math.sqrt(2 / (5 * d)), 0.03)     # attention output: fan-in too
+        assert close(block.mlp.fc.weight, math.sqrt(2 / (5 * d)), 0.02)
+        want = 1 / math.sqrt(h) / cfg.n_layer if mlp == "swiglu" else math.sqrt(2 / (5 * h))
+        assert close(block.mlp.proj.weight, want, 0.03), (mlp, float(block.mlp.proj.weight.std()), want)
+
+
+# ---------------------------------------------------------------------------- T5 relative position (point 1)
+# The seed's buckets (model_relpos.py build_attention_bias, computed in bfloat16 as there; float32 and float64 give
+# the same): the first distance of each bucket from 16 on, and the last bucket, 31, open-ended.
+SEED_BUCKET_STARTS = {16: 16, 19: 17, 21: 18, 24: 19, 27: 20, 31: 21, 35: 22, 40: 23, 46: 24, 52: 25, 59: 26,
+                      67: 27, 77: 28, 87: 29, 99: 30, 113: 31}
+
+
+def test_relative_is_the_papers_fixed_bucket_index():
+    """pos_encoding='relative' adds g(i - j) in [0, 31] (B = 32, D = 128) to the logits, the same for every head,
+    with no parameters; 'relative_learned' keeps T5's learned (bucket, head) table."""
+    fixed, learned, nope = (GPT(tiny(pos_encoding=p)) for p in ("relative", "relative_learned", "nope"))
+    assert fixed.num_parameters() == nope.num_parameters()
+    assert learned.num_parameters() == nope.num_parameters() + 32 * 4
+    assert not any("rel_bias" in k for k in fixed.state_dict())
+    T = 160
+    pos = torch.arange(T).unsqueeze(0)
+    bias = fixed.rel_bias(pos, pos)
+    assert bias.shape == (1, 1, T, T)
+    want = torch.tensor([[paper_relative_bias(i, j) for j in range(T)] for i in range(T)])
+    torch.testing.assert_close(bias[0, 0], want, rtol=0, atol=0)
+    expected, bucket = {}, 0
+    for n in range(T):
+        bucket = n if n < 16 else SEED_BUCKET_STARTS.get(n, bucket)
+        expected[n] = bucket
+    assert [int(bias[0, 0, n, 0]) for n in range(T)] == [expected[n] for n in range(T)]
+    assert int(bias[0, 0, 0, 5]) == 0                  # a key after the query counts as distance 0 (the seed)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(attn_mask="prefix", prefix_size=20), dict(kv_bias="kv")],
+                         ids=variant_id)
+@torch.no_grad()
+def test_relative_bias_long_distances_match_the_paper(overrides):
+    """Distances up to 119 (every log-spaced bucket and the open last one from 113): maps and outputs of a layer
+    against the float64 loop of the paper's formula; the fused paths (SDPA, Flex on CPU) compute the same."""
+    model = build(pos_encoding="relative", n_layer=1, n_head=2, **overrides)
+    cfg = model.config
+    T = 120
+    idx = torch.randint(0, V, (1, T))
+    logits, an = model(idx, return_analysis=True)
+    out, w, _, _ = ref_block(an.hidden[0], model.blocks[0], cfg, list(range(T)))
+    torch.testing.assert_close(an.attn[0], w, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(an.hidden[1], out, rtol=1e-9, atol=1e-9)
+    for impl in ("sdpa", "flex"):
+        model.config.attn_impl = impl
+        torch.testing.assert_close(model(idx), logits, rtol=1e-9, atol=1e-9)
+        assert model.attention_paths() == [impl]
+
+
+# ---------------------------------------------------------------------------- softmax scaled to alpha (point 2)
+def sink_by_hand(maps, eps=0.3, K=10):
+    """Sink_k^eps (%) from per-layer maps (B, H, T, T), with loops: alpha_k = mean over i >= k of A[i, k]."""
+    out = []
+    for k in range(K):
+        hits = total = 0
+        for a in maps:
+            B, H, T, _ = a.shape
+            for b in range(B):
+                for h in range(H):
+                    score = sum(float(a[b, h, i, k]) for i in range(k, T)) / (T - k)
+                    hits += score > eps
+                    total += 1
+        out.append(100.0 * hits / total)
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.05, 2.0])
+def test_softmax_alpha_sink_is_thresholded_on_the_unscaled_distribution(alpha):
+    """Table 14: with rows summing to alpha = 0.2 an alpha-scaled map could never pass eps = 0.3 (Sink = 0 by
+    construction) and for alpha > 1 the threshold would be eps / alpha. The metric uses the row-normalised map,
+    as the seed's evaluation does for every operation (model_attn_sim_infer.py returns attn / sum attn)."""
+    model, idx = first_token_sink_model(softmax_alpha=alpha)
+    _, an = model(idx, return_analysis={"attn", "hidden"})
+    w = an.attn[0]
+    torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
+    meter = SinkMeter()
+    meter.update(an.attn)
+    res = meter.compute()
+    assert res.sink[1] == 100.0 and res.sink[2] == 0.0
+    assert sink_by_hand([alpha * w])[0] == (0.0 if alpha < 0.3 else 100.0)   # what thresholding alpha*A gave
+    # a random alpha model: the metric equals the hand loop on the reference loop's row-normalised map
+    model = build(softmax_alpha=alpha, n_layer=2)
+    idx = torch.randint(0, V, (2, 12))
+    _, an = model(idx, return_analysis=True)
+    maps = []
+    for layer, block in enumerate(model.blocks):
+        out, w_ref, _, _ = ref_block(an.hidden[layer], block, model.config, list(range(12)))
+        torch.testing.assert_close(an.attn[layer], w_ref, rtol=1e-9, atol=1e-9)
+        maps.append(w_ref)
+    meter = SinkMeter(eps=0.1)
+    meter.update(an.attn)
+    res = meter.compute()
+    assert [res.sink[k] for k in range(1, 11)] == pytest.approx(sink_by_hand(maps, eps=0.1))
+    # the first layer's map does not depend on alpha at all
+    plain = build(n_layer=2)
+    plain.load_state_dict(model.state_dict())
+    _, an1 = plain(idx, return_analysis={"attn"})
+    torch.testing.assert_close(an.attn[0], an1.attn[0], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- post-norm (point 6)
+def test_post_norm_has_no_final_norm_like_the_seed():
+    """model_postln.py of the seed comments ln_f out: the head reads the last block's (normalised) output."""
+    model = build(norm_position="post")
+    assert isinstance(model.ln_f, torch.nn.Identity)
+    assert not any(k.startswith("ln_f") for k in model.state_dict())
+    idx = torch.randint(0, V, (2, 6))
+    logits, an = model(idx, return_analysis={"hidden"})
+    torch.testing.assert_close(logits, an.hidden[-1] @ model.lm_head.weight.T, rtol=1e-12, atol=1e-12)
+    pre = build(norm_position="pre")
+    assert any(k.startswith("ln_f") for k in pre.state_dict())
+
+
+def test_checkpoints_of_the_former_variants_load_or_are_refused_clearly(tmp_path):
+    from lit_gpt.checkpoint import load_model, write_checkpoint
+
+    # a 'relative' checkpoint with the learned table (written before the paper's fixed bias became 'relative')
+    old = build(pos_encoding="relative_learned")
+    sd = old.state_dict()
+    cfg = dict(old.config.to_dict(), pos_encoding="relative")
+    write_checkpoint(tmp_path / "rel", sd, Config(**cfg))
+    with pytest.warns(UserWarning, match="now called 'relative_learned'"):
+        model, payload = load_model(tmp_path / "rel", dtype=torch.float64)
+    assert model.config.pos_encoding == "relative_learned"
+    idx = torch.randint(0, V, (2, 9))
+    torch.testing.assert_close(model(idx), old(idx))
+    # a post-norm checkpoint with a final norm computes a function no config has any more: refused, one line
+    post = build(norm_position="post")
+    sd = dict(post.state_dict(), **{"ln_f.weight": torch.ones(post.config.n_embd, dtype=torch.float64)})
+    write_checkpoint(tmp_path / "post", sd, post.config)
+    with pytest.raises(ValueError, match="unexpected \\['ln_f.weight'\\]; it has a final norm ln_f, which post-norm"):
+        load_model(tmp_path / "post")
 
 
 FLEX_VARIANTS = [{}, dict(attn_mask="window", window_size=3), dict(attn_mask="prefix", prefix_size=5),
                  dict(pos_encoding="alibi", attn_mask="window", window_size=4), dict(n_query_groups=2, softmax_alpha=2.0),
                  dict(sink_token=True, attn_mask="window", window_size=2), dict(pos_encoding="relative"),
+                 dict(pos_encoding="relative_learned"), dict(pos_encoding="relative", attn_mask="prefix", prefix_size=6),
                  dict(kv_bias="kv"), dict(kv_bias="k", kv_bias_shared=True, kv_bias_value="one_hot"),
                  dict(sink_logit=True), dict(sink_logit=True, kv_bias="kv", n_query_groups=2, softmax_alpha=0.5)]
 
@@ -391,7 +550,8 @@ FLEX_VARIANTS = [{}, dict(attn_mask="window", window_size=3), dict(attn_mask="pr
 @pytest.mark.parametrize("overrides", FLEX_VARIANTS, ids=variant_id)
 @torch.no_grad()
 def test_flex_path_equals_eager_forward(overrides):
-    """FlexAttention (forward on CPU; it trains on CUDA only) computes the same function as the eager path."""
+    """FlexAttention (forward on CPU; it trains on CUDA only) computes the same function as the eager path, and
+    every layer really ran it (a Flex failure raises with attn_impl='flex'; nothing falls back silently)."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     import warnings
     model = build(dtype=torch.float32, attn_impl="flex", **overrides)
@@ -399,5 +559,64 @@ def test_flex_path_equals_eager_forward(overrides):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         flex = model(idx)
+    assert model.attention_paths() == ["flex"] * model.config.n_layer
     model.config.attn_impl = "eager"
     torch.testing.assert_close(flex, model(idx), rtol=1e-4, atol=1e-4)
+    assert model.attention_paths() == ["eager"] * model.config.n_layer
+
+
+class OutOfResources(RuntimeError):
+    """Stands for triton.runtime.errors.OutOfResources (matched by name, as torch.compile wraps it)."""
+
+
+@torch.no_grad()
+def test_flex_failures_are_visible(monkeypatch):
+    """attn_impl='flex' never falls back; 'auto' falls back to SDPA only on a Triton resource limit, with a warning,
+    and records that SDPA ran; any other error of the Flex path raises."""
+    import lit_gpt.flex as flex
+    import lit_gpt.model as model_mod
+
+    def fails_with(error):
+        def f(*a, **k):
+            raise error
+        return f
+
+    model = build(dtype=torch.float32, attn_mask="window", window_size=3)
+    idx = torch.randint(0, V, (2, 10))
+    model.config.attn_impl = "sdpa"
+    want = model(idx)
+    assert model.attention_paths() == ["sdpa", "sdpa"]
+    monkeypatch.setattr(flex, "_FAILED", {})                      # this test's own layout record
+    monkeypatch.setattr(model_mod, "use_flex", lambda cfg, q, full: cfg.attn_impl in ("flex", "auto"))
+    limit = RuntimeError("backend='inductor' raised")
+    limit.__cause__ = OutOfResources("out of resource: shared memory, Required: 135168, Hardware limit: 101376")
+    bug = TypeError("score_mod got an unexpected argument")
+    for impl, error in (("flex", limit), ("flex", bug), ("auto", bug)):
+        model.config.attn_impl = impl
+        monkeypatch.setattr(flex, "flex_attention_forward", fails_with(error))
+        with pytest.raises(flex.FlexAttentionError, match=f"FlexAttention failed for layout .* attn_impl='{impl}'"):
+            model(idx)
+    assert flex._FAILED == {}
+    model.config.attn_impl = "auto"
+    monkeypatch.setattr(flex, "flex_attention_forward", fails_with(limit))
+    with pytest.warns(RuntimeWarning, match="Triton resource limit .* uses SDPA for this layout"):
+        got = model(idx)
+    torch.testing.assert_close(got, want)
+    assert model.attention_paths() == ["sdpa", "sdpa"] and len(flex._FAILED) == 1
+    assert not flex.flex_available(model.config)                  # this layout stays on SDPA, no retry per call
+    assert flex.is_resource_limit(limit) and not flex.is_resource_limit(bug)
+
+
+def test_gpu_checks_fail_a_flex_case_that_did_not_run_flex():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_checks import case_ok
+
+    flex = dict(attn_mask="window", window_size=64, attn_impl="flex")
+    assert case_ok("flex_window64", flex, 1e-7, 1e-6, 11.0, "flex")
+    assert not case_ok("flex_window64", flex, 1e-7, 1e-6, 11.0, "sdpa")      # the silent fallback of before
+    assert not case_ok("flex_window64", flex, 1e-7, 1e-6, 11.0, "flex / bf16 flex+sdpa")
+    assert case_ok("window64", dict(attn_mask="window", window_size=64), 1e-7, 1e-6, 11.0, "sdpa")
+    assert not case_ok("flex_window64", flex, 1e-3, 1e-6, 11.0, "flex")

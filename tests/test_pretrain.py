@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,8 +75,8 @@ def test_kill_and_resume_continues_the_same_loss_curve(packed, tmp_path):
     part = write_yaml(tmp_path / "part.yaml", tiny_run(packed, tmp_path / "part"))
     rc = run_subprocess(tmp_path, part, tmp_path / "killed.jsonl", kill_at=5)
     assert rc != 0                                                   # SIGKILLed after step 5
-    assert (tmp_path / "part" / "step-0000003.pth").is_file()
-    assert not (tmp_path / "part" / "final.pth").exists()
+    assert (tmp_path / "part" / "step-0000003" / "checkpoint.json").is_file()
+    assert not (tmp_path / "part" / "final").exists()
     fit(load_run_config(part), on_step_end=recorder(resumed))        # a new model resumes from the checkpoint
     killed = losses(tmp_path / "killed.jsonl")
     assert sorted(ref) == [1, 2, 3, 4, 5, 6] and sorted(killed) == [1, 2, 3, 4, 5] and sorted(resumed) == [4, 5, 6]
@@ -92,11 +93,11 @@ def test_kill_and_resume_continues_the_same_loss_curve(packed, tmp_path):
     sa, sb = csv_column(tmp_path / "full" / "metrics.csv", "sink_1"), csv_column(tmp_path / "part" / "metrics.csv",
                                                                                   "sink_1")
     assert sorted(sa) == sorted(sb) == [0, 3, 6]
-    wa = load_checkpoint(tmp_path / "full" / "final.pth")["model"]
-    wb = load_checkpoint(tmp_path / "part" / "final.pth")["model"]
+    wa = load_checkpoint(tmp_path / "full" / "final")["model"]
+    wb = load_checkpoint(tmp_path / "part" / "final")["model"]
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0) for k in wa)
     summary = json.loads((tmp_path / "part" / "summary.json").read_text())
-    assert summary["resumed_from"].endswith("step-0000003.pth") and summary["step"] == 6
+    assert summary["resumed_from"].endswith("step-0000003") and summary["step"] == 6
     for name in ("curves.png", "run_config.yaml"):
         assert (tmp_path / "full" / name).is_file()
 
@@ -106,14 +107,42 @@ def test_checkpoint_is_self_describing_and_torn_files_fall_back(packed, tmp_path
     cfg = from_dict(d)
     s1 = fit(cfg)
     assert s1["step"] == 3 and s1["stopped_early"]
-    payload = load_checkpoint(tmp_path / "run" / "step-0000003.pth")
+    payload = load_checkpoint(tmp_path / "run" / "step-0000003")
     assert payload["step"] == 3 and payload["model_config"]["n_layer"] == 2
     assert payload["run_config"]["data"]["train"] == {"train_alpha": 0.6, "train_beta": 0.4}
     assert payload["data_state"]["n"] == 3 * 4 and set(payload) >= {"optimizer", "rng", "scheduler"}
-    (tmp_path / "run" / "step-0000006.pth").write_bytes(b"torn")     # e.g. a copy cut short by a full disk
+    torn = tmp_path / "run" / "step-0000006"                         # e.g. a copy cut short by a full disk
+    shutil.copytree(tmp_path / "run" / "step-0000003", torn)
+    weights = (torn / "model.safetensors").read_bytes()
+    (torn / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     d["train"]["stop_at_step"] = None
     s2 = fit(from_dict(d))
-    assert s2["resumed_from"].endswith("step-0000003.pth") and s2["step"] == 6
+    assert s2["resumed_from"].endswith("step-0000003") and s2["step"] == 6
+
+
+def test_a_converted_old_checkpoint_resumes_the_same(packed, tmp_path):
+    """An old pickle checkpoint (as lit_gpt wrote them before safetensors) converted by ``python -m
+    lit_gpt.checkpoint convert`` continues the run exactly as the checkpoint folder it was made from."""
+    from lit_gpt.checkpoint import main as checkpoint_cli
+
+    d = tiny_run(packed, tmp_path / "a", max_steps=4, stop_at_step=2, save_interval=0, eval_interval=0,
+                 sink_interval=0)
+    fit(from_dict(d))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    payload = load_checkpoint(tmp_path / "b" / "step-0000002")
+    n, p = payload["rng"]["numpy"], payload["rng"]["python"]
+    payload["rng"].update(numpy=(n["bit_generator"], np.asarray(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                                 n["gauss"]), python=(p["version"], tuple(p["state"]), p["gauss_next"]))
+    del payload["_path"]
+    torch.save(payload, tmp_path / "b" / "step-0000002.pth")
+    shutil.rmtree(tmp_path / "b" / "step-0000002")
+    assert checkpoint_cli(["convert", str(tmp_path / "b")]) == 0
+    curves = {}
+    for run in ("a", "b"):
+        d["train"].update(out_dir=str(tmp_path / run), stop_at_step=None)
+        curves[run] = {}
+        assert fit(from_dict(d), on_step_end=recorder(curves[run]))["step"] == 4
+    assert sorted(curves["a"]) == [3, 4] and curves["a"] == curves["b"]
 
 
 def test_headline_val_loss_is_the_named_domain_and_pooled_mode_trains(packed, tmp_path):
@@ -129,7 +158,7 @@ def test_headline_val_loss_is_the_named_domain_and_pooled_mode_trains(packed, tm
     with open(tmp_path / "run" / "metrics.csv") as f:
         row = [r for r in csv.DictReader(f) if r["val_loss"]][-1]
     assert int(row["step"]) == 2
-    model, _ = load_model(tmp_path / "run" / "final.pth")
+    model, _ = load_model(tmp_path / "run" / "final")
     vs = preflight(cfg).data.valid_set
     ref = {}
     with torch.no_grad():
@@ -149,7 +178,7 @@ def test_headline_val_loss_is_the_named_domain_and_pooled_mode_trains(packed, tm
 
     d["data"]["mixture_mode"] = "weighted"
     with pytest.raises(PreflightError, match="mixture_mode: 'pooled' -> 'weighted'"):
-        check_resume_compatible(load_checkpoint(tmp_path / "run" / "final.pth"), from_dict(d), cfg.model_config())
+        check_resume_compatible(load_checkpoint(tmp_path / "run" / "final"), from_dict(d), cfg.model_config())
 
 
 def test_headline_resolution():
@@ -236,10 +265,21 @@ def test_foreign_tokenizer_shard_is_refused(packed, tmp_path, capsys):
 def test_existing_run_is_not_overwritten(packed, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "step-0000003.pth").write_bytes(b"precious")
+    (out / "step-0000003").mkdir()
+    (out / "step-0000003" / "model.safetensors").write_bytes(b"precious")
     rc, err = run_main(tmp_path, tiny_run(packed, out, resume=False), capsys)
     assert rc == 2 and "already holds checkpoints" in err
-    assert (out / "step-0000003.pth").read_bytes() == b"precious"
+    assert (out / "step-0000003" / "model.safetensors").read_bytes() == b"precious"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["step-0000003", "step-0000003/model.safetensors"]
+
+
+def test_old_pickle_checkpoints_in_out_dir_are_refused_with_the_converter(packed, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "step-0000003.pth").write_bytes(b"old")
+    rc, err = run_main(tmp_path, tiny_run(packed, out), capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "old pickle format (step-0000003.pth)" in err and f"python -m lit_gpt.checkpoint convert {out}" in err
     assert sorted(p.name for p in out.iterdir()) == ["step-0000003.pth"]
 
 

@@ -90,7 +90,7 @@ def setup(tmp_path_factory):
         d["data"].update(transform)
         d["probe"] = {"source": str(probe), "n": N, "T": T, "k_max": K, "eps": EPS, "batch_size": 3}
         run = from_dict(d)
-        runs[name] = (run, save_checkpoint(tmp / name / "final.pth", model, cfg, run_config=run.to_dict(), step=6))
+        runs[name] = (run, save_checkpoint(tmp / name / "final", model, cfg, run_config=run.to_dict(), step=6))
     return tmp, model, texts, probe, runs
 
 

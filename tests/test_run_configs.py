@@ -55,6 +55,9 @@ def test_there_is_a_config_for_every_seed_experiment():
     ("attnkernel/tinyllama_60m_linear_no_norm.yaml", lambda c, m: (m.attn_op, m.attn_normalize) == ("identity", False)),
     ("attnsim/tinyllama_60m_sim_sigmoid_no_norm.yaml", lambda c, m: (m.attn_op, m.attn_normalize) == ("sigmoid", False)),
     ("pos/tinyllama_60m_learnable.yaml", lambda c, m: m.pos_encoding == "learned"),
+    ("pos/tinyllama_60m_relative.yaml", lambda c, m: (m.pos_encoding, m.relative_buckets, m.relative_max_distance)
+     == ("relative", 32, 128)),                                      # the paper's fixed bucket index
+    ("pos/tinyllama_60m_relative_learned.yaml", lambda c, m: m.pos_encoding == "relative_learned"),
     ("heads/tinyllama_60m_head2.yaml", lambda c, m: (m.n_head, m.head_size) == (2, 384)),
     ("postln/tinyllama_60m_postln.yaml", lambda c, m: m.norm_position == "post"),
     ("decay/tinyllama_60m_decay5e-1.yaml", lambda c, m: c.train.weight_decay == 0.5),

@@ -49,7 +49,7 @@ def run_chunks(model, idx, spec, chunk):
 
 VARIANTS = [
     {}, dict(n_query_groups=2), dict(rotary_percentage=0.5, n_embd=32), dict(pos_encoding="alibi"),
-    dict(pos_encoding="relative"), dict(pos_encoding="nope"), dict(pos_encoding="sinusoidal"),
+    dict(pos_encoding="relative"), dict(pos_encoding="relative_learned"), dict(pos_encoding="nope"), dict(pos_encoding="sinusoidal"),
     dict(pos_encoding="learned"), dict(kv_bias="k"), dict(kv_bias="kv"), dict(sink_logit=True),
     dict(sink_token=True), dict(attn_op="sigmoid"), dict(attn_op="elu_kernel"), dict(attn_op="mlp_kernel"),
     dict(softmax_alpha=2.0), dict(attn_mask="window", window_size=4), dict(head_output="sum"),
@@ -102,18 +102,28 @@ def test_lminfinite_follows_the_distance_ceiling(overrides):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("pos_encoding", ["rope", "alibi"])
+@pytest.mark.parametrize("insert_at", [None, 3, 11])
 @torch.no_grad()
-def test_lminfinite_topk_middle_tokens():
-    model = build(n_layer=3)
+def test_lminfinite_topk_middle_tokens(pos_encoding, insert_at):
+    """LM-Infinite's top-k (its models/llama.py): middle tokens scored and attended at distance top_k_insert_at
+    (default L_pretrain / 2), only once k of them exist."""
+    model = build(n_layer=3, pos_encoding=pos_encoding)
     idx = torch.randint(0, V, (2, 18))
-    n_global, L, k = 2, 4, 2
+    n_global, L, k = 2, 6, 2
+    at = L // 2 if insert_at is None else insert_at
     ref = ref_gpt_logits(model, idx, lminfinite_plan(n_global, L, L), topk=k, topk_from_layer=1,
-                         middle=lminfinite_middle(n_global, L), ceiling=L)
-    spec = StreamingSpec(n_global, L, "lminfinite", topk=k, topk_from_layer=1)
+                         middle=lminfinite_middle(n_global, L), insert_at=at)
+    spec = StreamingSpec(n_global, L, "lminfinite", topk=k, topk_from_layer=1, topk_insert_at=insert_at)
+    assert spec.insert_at == at
     for chunk in (1, 5, 18):
         torch.testing.assert_close(run_chunks(model, idx, spec, chunk), ref, rtol=1e-9, atol=1e-9)
     plain = run_chunks(model, idx, StreamingSpec(n_global, L, "lminfinite"), 1)
     assert (plain - ref).abs().max() > 1e-4   # top-k really changes layers >= 1
+    # the insertion distance matters: scoring the middle at the ceiling L (this repo's former choice) differs
+    at_ceiling = run_chunks(model, idx, StreamingSpec(n_global, L, "lminfinite", topk=k, topk_from_layer=1,
+                                                      topk_insert_at=L), 1)
+    assert at == L or (at_ceiling - ref).abs().max() > 1e-4
 
 
 @torch.no_grad()
@@ -192,6 +202,10 @@ def test_meaningless_combinations_raise_one_line_errors():
         StreamingSpec(4, 0)
     with pytest.raises(ValueError, match="topk=5 is invalid; allowed: 0 unless policy='lminfinite'"):
         StreamingSpec(topk=5)
+    with pytest.raises(ValueError, match="StreamingSpec.topk_insert_at=8 is invalid; allowed: null unless topk > 0"):
+        StreamingSpec(2, 4, "lminfinite", topk_insert_at=8)
+    with pytest.raises(ValueError, match="StreamingSpec.topk_insert_at=-1 is invalid; allowed: an integer >= 0"):
+        StreamingSpec(2, 4, "lminfinite", topk=2, topk_insert_at=-1)
 
 
 @torch.no_grad()
@@ -229,3 +243,46 @@ def test_analysis_maps_come_back_through_the_streaming_cache():
     out, an = model(idx[:, :1], input_pos=torch.tensor([9]), return_analysis={"attn"})
     assert an.attn[0].shape == (1, 4, 1, 6)            # decoding: 2 sinks + the 4-slot ring
     model.clear_kv_cache()
+
+
+GRAPH_VARIANTS = [{}, dict(n_query_groups=2), dict(pos_encoding="alibi"), dict(kv_bias="kv", sink_logit=True),
+                  dict(attn_op="sigmoid")]
+
+
+@pytest.mark.parametrize("overrides", GRAPH_VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("policy", ["reindex", "lminfinite"])
+@torch.no_grad()
+def test_graph_safe_decoding_equals_token_by_token_streaming(overrides, policy):
+    """GraphDecoder's step (device-side ring writes, all slots attended; the CUDA graph itself needs a GPU) gives
+    the logits of plain token-by-token streaming, also with rows at different positions, padding, and a chunked
+    prefill between decoding steps."""
+    model = build(**overrides)
+    spec = StreamingSpec(2, 6, policy)
+    T = 40
+    idx = torch.randint(0, V, (2, T))
+    ref = run_chunks(model, idx, spec, 1)                   # token by token, the dynamic path
+    runner = GPTRunner(model)
+    runner.start(2, spec)
+    runner.step(idx[:, :3], torch.arange(3))                # prefill past the sinks
+    from lit_gpt.streaming import GraphDecoder
+    dec = GraphDecoder(model, 2)
+    assert not dec.use_graph                                # CPU: the same static step, no graph
+    outs = {}
+    for t in range(3, 20):
+        outs[t] = dec.step(idx[:, t:t + 1], torch.full((2, 1), t)).clone()
+    runner.step(idx[:, 20:29], torch.arange(20, 29))         # a chunked call between steps
+    for t in range(29, T):
+        outs[t] = dec.step(idx[:, t:t + 1], torch.full((2, 1), t)).clone()
+    runner.stop()
+    for t, out in outs.items():
+        torch.testing.assert_close(out, ref[:, t], rtol=1e-10, atol=1e-10)
+    # a padded row (position -1) leaves its cache untouched: row 1 continues as if the step never happened
+    runner.start(2, spec)
+    runner.step(idx[:, :10], torch.arange(10))
+    dec = GraphDecoder(model, 2)
+    dec.step(idx[:, 10:11], torch.tensor([[10], [-1]]))
+    got = dec.step(idx[:, 11:12], torch.tensor([[11], [10]])).clone()
+    runner.stop()
+    torch.testing.assert_close(got[0], ref[0, 11], rtol=1e-10, atol=1e-10)
+    other = run_chunks(model, torch.cat([idx[1:, :10], idx[1:, 11:12]], 1), spec, 1)
+    torch.testing.assert_close(got[1], other[0, 10], rtol=1e-10, atol=1e-10)

@@ -19,12 +19,38 @@ def test_methods_map_to_the_specs_the_papers_describe():
     assert make_method("sink_original", cache_size=256).spec == StreamingSpec(4, 252, "original")
     lm = make_method("lminfinite", cache_size=512, start_size=10, topk=5).spec
     assert (lm.start_size, lm.recent_size, lm.ceiling, lm.topk, lm.topk_from_layer) == (10, 502, 502, 5, 4)
+    assert lm.insert_at == 251                         # LM-Infinite's top_k_insert_at: L_pretrain / 2
+    lm = make_method("lminfinite", cache_size=4096, start_size=10, lminf_local=4096, lminf_ceiling=4096, topk=5,
+                     topk_insert_at=1000).spec
+    assert (lm.ceiling, lm.insert_at) == (4096, 1000)
+    assert make_method("lminfinite", cache_size=4106, start_size=10, lminf_local=4096, topk=5).spec.insert_at == 2048
     rc = make_method("recompute", cache_size=128, stride=8)
     assert (rc.spec, rc.window, rc.stride) == (None, 128, 8)
     with pytest.raises(ValueError, match="--start-size=8 is invalid; allowed: fewer than --cache-size=8"):
         make_method("sink", cache_size=8, start_size=8)
     with pytest.raises(ValueError, match="method='h2o' is invalid; allowed: dense, window"):
         make_method("h2o", cache_size=8)
+
+
+def test_topk_options_of_the_drivers_reach_the_spec(capsys):
+    import argparse
+
+    import eval_long_ppl
+    import eval_passkey
+    from lit_gpt.streaming_io import add_topk_args, topk_kwargs
+
+    for main in (eval_long_ppl.main, eval_passkey.main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert "--topk-insert-at" in capsys.readouterr().out
+    ap = argparse.ArgumentParser()
+    add_topk_args(ap)
+    spec = make_method("lminfinite", cache_size=256, **topk_kwargs(ap.parse_args(["--topk", "5"]))).spec
+    assert (spec.topk, spec.topk_from_layer, spec.insert_at) == (5, 4, 126)
+    args = ap.parse_args(["--topk", "3", "--topk-from-layer", "2", "--topk-insert-at", "100"])
+    spec = make_method("lminfinite", cache_size=256, **topk_kwargs(args)).spec
+    assert (spec.topk, spec.topk_from_layer, spec.insert_at) == (3, 2, 100)
+    assert "top-3 at 100" in make_method("lminfinite", cache_size=256, **topk_kwargs(args)).label
 
 
 def lminfinite_text(n_fill, insert_at, key):
