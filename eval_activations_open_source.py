@@ -16,9 +16,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 from lit_gpt.analysis import batched, evaluate_model
 from lit_gpt.plots import plot_cos_norm, plot_norms
+from lit_gpt.results import write_record
 from lit_gpt.sweep import add_common_args, common_meta, run_hf_sweep, write_table
 from lit_gpt.utils import atomic_write_text
 
@@ -45,16 +47,20 @@ def main(argv=None) -> int:
             plot_cos_norm(act, folder / f"cos_norm_{kind}.png", title=title)
 
     failed = run_hf_sweep(args, "activations", per_model)
-    summarize(Path(args.out))
+    summarize(Path(args.out), record=args.record)
     return 1 if failed else 0
 
 
-def summarize(out: Path) -> None:
-    rows = []
+def summarize(out: Path, record: Optional[str] = None) -> None:
+    """The table over every model folder under ``out``; with ``record`` also the compact raw record (the
+    per-layer first-vs-rest summary of every model and input, lit_gpt.results)."""
+    rows, models = [], {}
     for folder in sorted(p for p in out.iterdir() if p.is_dir()) if out.is_dir() else []:
         for f in sorted(folder.glob("activations_*.json")):
             d = json.loads(f.read_text())
             s = d["summary"]
+            models.setdefault(folder.name, {})[d["meta"]["input"]] = {
+                "n_samples": d["n_samples"], "meta": d["meta"], "sink_1": d.get("sink_1"), "per_layer": s}
             ratio = s["massive_ratio"]
             peak = max(range(len(ratio)), key=lambda i: ratio[i])
             mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -72,6 +78,10 @@ def summarize(out: Path) -> None:
         write_table(rows, list(rows[0]), out, meta={
             "massive_ratio": "‖h_1‖ / mean_{t>1} ‖h_t‖ of the input of layer l (last = output of the last layer)",
             "key/value/cos/normprod": "means over layers (and heads); q scaled so that logit = q·k/sqrt(d)"})
+    if record:
+        write_record(record, {"what": "activations of open-source LMs (eval_activations_open_source.py): per layer, "
+                                      "token 1 ('first') vs the mean over tokens 2..T ('rest_mean')",
+                              "summary": rows, "models": models})
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ top-k middle tokens), recompute (sliding window re-encoded from scratch every ``
 streaming method is fed in chunks of ``--chunk`` tokens (1 = token by token; any chunk gives the same result,
 see tests/test_streaming.py).
 
-Writes to --out: results.json (per method: mean NLL / PPL overall, over the first window and after it, time),
-nll.pt (per-position NLL per method), log_ppl.png (rolling log-PPL vs position), and prints a markdown table.
+Writes to --out: results.json (per method: mean NLL / PPL overall, over the first window and after it, per-bin
+sums and counts, time), nll.pt (per-position NLL per method), log_ppl.png (rolling log-PPL vs position), and
+prints a markdown table; --record also writes results.json's content as a raw record (lit_gpt.results) for the
+docs, and --compare-with adds the largest per-token difference from another run on the same stream.
 With --sink-ablation 0,1,2,4,8 (StreamingLLM Table 2: the cache size fixed, that many of its slots sinks) and
 --cache-sweep 128,256,512 (window vs 4 sinks + window at each size) it runs those instead of --methods.
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from lit_gpt.results import write_record
 from lit_gpt.streaming import recompute_nll, stream_nll
 from lit_gpt.streaming_io import (
     METHODS, add_model_args, add_topk_args, book_stream, lm_from_args, make_method, markdown_table, plot_log_ppl,
@@ -51,12 +54,36 @@ def progress_printer(label: str, every_s: float = 20.0):
     return show
 
 
-def summarize(nll: torch.Tensor, window: int) -> dict:
+def summarize(nll: torch.Tensor, window: int, bin_width: int = 128) -> dict:
+    """Means overall, over the first ``window`` targets and after them, and per-bin sums and counts (targets
+    [i * bin_width, (i + 1) * bin_width)), from which any stretch of whole bins can be averaged later."""
     v = nll[~torch.isnan(nll)]
     first, after = nll[:window], nll[window:]
     out = dict(nll=float(v.mean()), ppl=float(torch.exp(v.mean())), nll_first_window=float(first.mean()))
     if len(after):
         out.update(nll_after_window=float(after.mean()), ppl_after_window=float(torch.exp(after.mean())))
+    ok = ~torch.isnan(nll)
+    chunks = range(0, len(nll), bin_width)
+    out["bins"] = dict(width=bin_width, sum=[float(nll[i:i + bin_width][ok[i:i + bin_width]].sum()) for i in chunks],
+                       count=[int(ok[i:i + bin_width].sum()) for i in chunks])
+    return out
+
+
+def compare_with(folder: Path, results: list, curves: dict) -> list:
+    """Largest |difference| of the per-token NLL between this run and the run in ``folder`` (its results.json
+    and nll.pt, the same stream) for every method both ran with the same spec, over their common targets."""
+    import json
+
+    ref = json.loads((folder / "results.json").read_text())
+    ref_nll = torch.load(folder / "nll.pt")
+    out = []
+    for row in results:
+        for r in ref["results"]:
+            if (r["method"], r["spec"]) == (row["method"], row["spec"]) and r["label"] in ref_nll:
+                a, b = curves[row["label"]].double(), ref_nll[r["label"]].double()
+                n = min(len(a), len(b))
+                out.append(dict(label=row["label"], reference=str(folder), reference_label=r["label"], targets=n,
+                                max_abs_diff=float((a[:n] - b[:n]).abs().nan_to_num(0.0).max())))
     return out
 
 
@@ -84,6 +111,11 @@ def main(argv=None) -> None:
     ap.add_argument("--plot-width", type=int, default=128, help="tokens in the rolling mean of the plot")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--bin-width", type=int, default=128, help="targets per bin of the per-bin NLL sums")
+    ap.add_argument("--compare-with", default=None,
+                    help="the --out folder of another run on the same stream: report the largest per-token NLL "
+                         "difference for each method both ran (e.g. chunked vs token by token)")
+    ap.add_argument("--record", default=None, help="compact raw record (JSON) for the docs, e.g. docs/results/...")
     add_model_args(ap)
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -137,15 +169,27 @@ def main(argv=None) -> None:
         else:
             nll = stream_nll(lm.runner, tokens, m.spec, chunk_size=args.chunk, progress=show)[0]
         dt = time.perf_counter() - t0
+        # "after the cache": after this method's own key budget (a --cache-sweep has one per method)
+        keys = m.spec.start_size + m.spec.recent_size if m.spec is not None else (m.window or args.cache_size)
         row = dict(method=m.name, label=m.label, spec=(m.spec.describe() if m.spec else None), seconds=dt,
-                   **summarize(nll, args.cache_size))
+                   cache_keys=keys, **summarize(nll, keys, args.bin_width))
         results.append(row)
         curves[m.label] = nll.float()
-        print(f"  {m.label}: mean NLL {row['nll']:.4f} (after {args.cache_size}: "
+        print(f"  {m.label}: mean NLL {row['nll']:.4f} (after {keys}: "
               f"{row.get('nll_after_window', float('nan')):.4f}) in {dt:.0f}s", file=sys.stderr, flush=True)
         # written after every method, so a long run keeps what it has
         write_json(out / "results.json", dict(info, results=results))
         atomic_torch_save({k: v.clone() for k, v in curves.items()}, out / "nll.pt")
+    extra = {}
+    if args.compare_with:
+        extra["comparison"] = compare_with(Path(args.compare_with), results, curves)
+        for c in extra["comparison"]:
+            print(f"  {c['label']} vs {c['reference_label']} of {c['reference']}: max |NLL difference| "
+                  f"{c['max_abs_diff']:.2g} over {c['targets']} targets", file=sys.stderr)
+        write_json(out / "results.json", dict(info, results=results, **extra))
+    if args.record:
+        write_record(args.record, dict(info, what="long-stream NLL (eval_long_ppl.py), nats per target token",
+                                       results=results, **extra), argv=sys.argv)
     markers = [(args.cache_size, f"cache {args.cache_size}")]
     if lm.train_window and lm.train_window < tokens.shape[1]:
         markers.append((lm.train_window, f"train window {lm.train_window}"))

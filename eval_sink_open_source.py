@@ -5,7 +5,8 @@
     python eval_sink_open_source.py --models /path/SmolLM2-135M-Instruct.Q4_1.gguf --device cpu
 
 Per model: natural text (the JSONL probe), uniformly random tokens, one repeated token; n samples of T tokens,
-BOS as the model's tokenizer adds it; attention maps from the model's eager attention, fed batch by batch to
+natural text with BOS where the model's tokenizer adds one, random and repeated inputs
+with nothing in front (the paper's inputs); attention maps from the model's eager attention, fed batch by batch to
 lit_gpt.sink_metrics.SinkMeter. Writes <out>/<model>/sink_<input>.json, sink.png (Sink_1 vs ε and per layer),
 attention_<input>.png (chosen heads), and <out>/summary.{md,json,csv} with Sink_1 per model and input.
 """
@@ -20,6 +21,7 @@ from typing import List, Optional
 from lit_gpt.analysis import batched, evaluate_model
 from lit_gpt.hf import text_config
 from lit_gpt.plots import plot_attention_maps, plot_model_bars, plot_sink
+from lit_gpt.results import write_record
 from lit_gpt.sink_metrics import format_sink
 from lit_gpt.sweep import add_common_args, common_meta, run_hf_sweep, write_table
 from lit_gpt.utils import atomic_write_text
@@ -71,19 +73,31 @@ def main(argv=None) -> int:
         plot_sink(curves, per_layer, folder / "sink.png", title=folder.name, eps=args.eps)
 
     failed = run_hf_sweep(args, "sink", per_model)
-    summarize(Path(args.out))
+    summarize(Path(args.out), record=args.record)
     return 1 if failed else 0
 
 
-def summarize(out: Path) -> None:
-    """The table over every model folder under ``out`` (so a resumed sweep reports all of them)."""
-    rows, bars = [], {}
+def compact(d: dict) -> dict:
+    """The part of one sink_<input>.json the docs report: Sink_1..10 and their spread, the loss, Sink_1 per
+    layer, Sink_1 vs ε and the mean α_1 of every (layer, head)."""
+    return {"sink": d["sink"], "sink_std": d["sink_std"], "loss": d.get("loss"), "eps": d["eps"],
+            "n_samples": d["n_samples"], "n_layers": d["n_layers"], "n_heads": d["n_heads"],
+            "meta": d.get("meta", {}), "sink_1_per_layer": [row[d["n_extra"]] for row in d["per_layer"]],
+            "eps_grid": d["eps_grid"], "sink_1_vs_eps": d["sink_vs_eps"][d["n_extra"]],
+            "alpha_1": [[head[d["n_extra"]] for head in layer] for layer in d["mean_alpha"]]}
+
+
+def summarize(out: Path, record: Optional[str] = None) -> None:
+    """The table over every model folder under ``out`` (so a resumed sweep reports all of them); with ``record``
+    also the compact raw record of every model and input (lit_gpt.results)."""
+    rows, bars, models = [], {}, {}
     for folder in sorted(p for p in out.iterdir() if p.is_dir()) if out.is_dir() else []:
         for kind in ("natural", "random", "repeated"):
             f = folder / f"sink_{kind}.json"
             if not f.is_file():
                 continue
             d = json.loads(f.read_text())
+            models.setdefault(folder.name, {})[kind] = compact(d)
             rows.append({"model": folder.name, "input": kind, "sink_1": d["sink"]["sink_1"],
                          "sink_1_std": d["sink_std"]["sink_1"], "sink_2": d["sink"].get("sink_2"),
                          "n": d["n_samples"], "layers": d["n_layers"], "heads": d["n_heads"],
@@ -97,6 +111,9 @@ def summarize(out: Path) -> None:
     write_table(rows, cols, out, meta={"metric": "Sink_k^eps in % of layer x head pairs, mean over samples; "
                                                  "sink_1_std = std over samples"})
     plot_model_bars(bars, out / "sink_1.png", title=f"Sink_1 (ε={rows[0]['eps']})")
+    if record:
+        write_record(record, {"what": "Sink_k^eps (%) of open-source LMs on natural / random / repeated inputs "
+                                      "(eval_sink_open_source.py)", "models": models})
 
 
 if __name__ == "__main__":

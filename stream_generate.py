@@ -52,6 +52,25 @@ class Display:
                   f"RSS {ev.rss_bytes / 2**20:.0f} MiB | {1000 * dt / (ev.step + 1):.1f} ms/step avg, "
                   f"{sum(recent) / max(1, len(recent)):.1f} ms last {self.every}]", file=sys.stderr, flush=True)
 
+    def summary(self, every: int) -> dict:
+        """Median step latency per stretch of ``every`` steps (step 0, which includes the prefill, left out) and the
+        cache / RSS bytes over the run: the compact record of a generation."""
+        import statistics
+
+        lat = {}
+        for s, _r, _p, _t, lms, *_ in self.rows:
+            if s > 0:
+                lat.setdefault(s // every, []).append(lms)
+        caches = [r[5] for r in self.rows]
+        every_lat = sorted(x for v in lat.values() for x in v)
+        return dict(steps=1 + max((r[0] for r in self.rows), default=-1), stretch=every,
+                    median_ms_per_stretch=[statistics.median(lat[k]) for k in sorted(lat)],
+                    median_ms=statistics.median(every_lat) if every_lat else None,
+                    p90_ms=every_lat[int(0.9 * (len(every_lat) - 1))] if every_lat else None,
+                    cache_bytes_first=caches[0] if caches else None, cache_bytes_last=caches[-1] if caches else None,
+                    cache_bytes_max=max(caches) if caches else None,
+                    rss_bytes_last=self.rows[-1][6] if self.rows else None)
+
     def write_log(self, path: Path) -> None:
         head = "step,row,position,token,latency_ms,cache_bytes,rss_bytes,cuda_bytes\n"
         body = "".join(f"{s},{r},{p},{t},{l:.3f},{c},{m},{g}\n" for s, r, p, t, l, c, m, g in self.rows)
@@ -74,6 +93,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log", default=None, help="CSV of per-token latency and memory")
     ap.add_argument("--status-every", type=int, default=100)
+    ap.add_argument("--record", default=None,
+                    help="compact raw record (JSON: latency per --status-every stretch, cache bytes, the text) for "
+                         "the docs, e.g. docs/results/...")
     ap.add_argument("--quiet", action="store_true", help="no text on stdout (benchmarks)")
     add_model_args(ap)
     args = ap.parse_args(argv)
@@ -126,6 +148,14 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)
     finally:
+        if args.record and display.rows:
+            from lit_gpt.results import write_record
+
+            text = tok.decode([r[3] for r in display.rows if r[1] == 0])
+            write_record(args.record, dict(what="streaming generation (stream_generate.py)", model=args.model,
+                                           method=method.label, cache_size=args.cache_size, prompt=args.prompt,
+                                           temperature=args.temperature, seed=args.seed,
+                                           **display.summary(args.status_every), text=text[:4000]))
         if args.log:
             display.write_log(Path(args.log))
             lat = [r[4] for r in display.rows if r[0] > 0]

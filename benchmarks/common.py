@@ -14,24 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def environment() -> Dict:
-    from lit_gpt.utils import environment as env_of
-
-    return {"command": " ".join([Path(sys.executable).name] + sys.argv), **env_of(ROOT), "libraries": library_versions(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def library_versions() -> Dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("torch", "triton", "lightning", "transformers", "litgpt", "jsonargparse", "liger-kernel", "numpy"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+from lit_gpt.results import environment  # noqa: E402  (command, commit, versions, hardware)
 
 
 def measure_bf16_peak(device: torch.device, n: int = 8192, repeat: int = 20) -> float:

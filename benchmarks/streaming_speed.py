@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt import GPT, Config  # noqa: E402
+from lit_gpt.results import environment  # noqa: E402
 from lit_gpt.streaming import GPTRunner, StreamingSpec, dense_spec, prefill  # noqa: E402
 from lit_gpt.utils import atomic_write_text, parse_dtype  # noqa: E402
 
@@ -99,7 +100,8 @@ def main(argv=None):
           f"max |diff| {diff:.3g} (max |logit| {scale:.3g})")
     result = dict(model=args.model, device=str(device), dtype=args.dtype, torch=torch.__version__,
                   gpu=torch.cuda.get_device_name() if device.type == "cuda" else None, rows=rows,
-                  chunk_vs_token_max_abs_diff=diff, max_abs_logit=scale, command=" ".join(sys.argv))
+                  chunk_vs_token_max_abs_diff=diff, max_abs_logit=scale, command=" ".join(sys.argv),
+                  environment=environment())
     if args.out:
         atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
 

@@ -247,12 +247,16 @@ def probe_inputs(kind: str, n: int, T: int, *, encode: Optional[Callable[[str], 
                  texts: Optional[Sequence[str]] = None, vocab_size: Optional[int] = None,
                  prefix: Sequence[int] = (), exclude: Sequence[int] = (), seed: int = 0,
                  repeat_token: Optional[int] = None) -> torch.Tensor:
-    """(n, T) token ids for one of the paper's three inputs.
+    """(n, T) token ids for one of the paper's three inputs (§3).
 
     natural:  ``encode(text)`` (which adds BOS if the tokenizer does) truncated to T; needs ``texts``.
-    random:   ``prefix`` + uniformly random ids in [0, vocab_size) without the ``exclude`` ids.
-    repeated: ``prefix`` + one token repeated; ``repeat_token`` for all samples, or (None) a different random
+    random:   T uniformly random ids in [0, vocab_size) without the ``exclude`` ids (pass the special ids).
+    repeated: one token repeated T times; ``repeat_token`` for all samples, or (None) a different random
               non-excluded token per sample, drawn with ``seed``.
+    The paper's random and repeated inputs have nothing in front of them (no BOS), which is the default here
+    and what :func:`lit_gpt.hf.hf_probe_tokens` feeds Hugging Face models. ``prefix`` (e.g. ``[bos]``) puts ids
+    before the random / repeated tokens for callers that want to measure that other input on purpose; it is not
+    the paper's input (a different first token brings the sink back on a repeated input).
     """
     from lit_gpt.probe import natural_tokens, random_tokens, repeated_tokens
 
@@ -271,7 +275,7 @@ def probe_inputs(kind: str, n: int, T: int, *, encode: Optional[Callable[[str], 
             if not 0 <= repeat_token < vocab_size:
                 raise ValueError(f"repeat_token={repeat_token} is out of range; allowed: 0..{vocab_size - 1}")
             return repeated_tokens(n, T, repeat_token, prefix=prefix)
-        picks = random_tokens(n, len(prefix) + 1, vocab_size, seed=seed + 1, exclude=exclude)[:, -1]
+        picks = random_tokens(n, 1, vocab_size, seed=seed + 1, exclude=exclude)[:, 0]
         return torch.cat([repeated_tokens(1, T, int(t), prefix=prefix) for t in picks], dim=0)
     raise ValueError(f"input={kind!r} is invalid; allowed: natural, random, repeated")
 

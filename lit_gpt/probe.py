@@ -88,12 +88,14 @@ def natural_tokens(encode: Callable[[str], List[int]], texts: Sequence[str], T: 
 
 def random_tokens(n: int, T: int, vocab_size: int, seed: int = 0, prefix: Sequence[int] = (),
                   exclude: Sequence[int] = ()) -> torch.Tensor:
-    """Uniformly random token ids (special ids in ``exclude`` are redrawn), after an optional prefix."""
+    """Ids drawn uniformly from [0, vocab_size) without the ``exclude`` ids (e.g. the special ids), after an
+    optional prefix: each id is an index into the allowed ids, so no excluded id can appear."""
+    banned = {int(t) for t in exclude}
+    allowed = torch.tensor([i for i in range(vocab_size) if i not in banned], dtype=torch.long)
+    if len(allowed) == 0:
+        raise ValueError(f"exclude={sorted(banned)} removes every id of vocab_size={vocab_size}")
     g = torch.Generator().manual_seed(seed)
-    body = torch.randint(0, vocab_size, (n, T - len(prefix)), generator=g)
-    for tok in exclude:
-        while bool((body == tok).any()):
-            body = torch.where(body == tok, torch.randint(0, vocab_size, body.shape, generator=g), body)
+    body = allowed[torch.randint(0, len(allowed), (n, T - len(prefix)), generator=g)]
     head = torch.tensor(list(prefix), dtype=torch.long).expand(n, len(prefix))
     return torch.cat([head, body], dim=1)
 

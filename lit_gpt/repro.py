@@ -36,11 +36,11 @@ class RecordError(ValueError):
 
 
 def hardware_of(env: Dict[str, Any], device: str, note: str = "") -> Dict[str, Any]:
-    """The hardware part of a record from a run's environment (``lit_gpt.utils.environment``)."""
-    hw: Dict[str, Any] = {"device": device, "cpu": env.get("cpu"), "cpu_cores": env.get("cpu_cores"),
+    """The hardware part of a record from a run's environment (``lit_gpt.results.environment``)."""
+    hw: Dict[str, Any] = {"device": device, "cpu": env.get("cpu"), "cpu_cores": env.get("cpu_count"),
                           "torch_threads": env.get("threads")}
-    if env.get("load_avg_1m") is not None:
-        hw["load_avg_1m_at_end"] = env["load_avg_1m"]
+    if env.get("load_average_1min") is not None:
+        hw["load_avg_1m_at_end"] = env["load_average_1min"]
     for k in ("gpu_count", "gpu_memory_gib", "cuda"):
         if env.get(k) is not None:
             hw[k] = env[k]

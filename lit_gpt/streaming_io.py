@@ -233,32 +233,86 @@ def sampled_stream(lm: LoadedLM, n_tokens: int, *, seed: int = 0, temperature: f
 
 
 # ---------------------------------------------------------------------------- passkey retrieval
+# LM-Infinite's passkey task (Glaciohound/LM-Infinite, data/passkey_retrieval/create_passkey_data.py and
+# data/get_data.py): the sentences are joined with single spaces and the question is appended with a trailing
+# space, so the model's first generated token is the key's first digit.
 PASSKEY_PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                   "I will quiz you about the important information there.")
-PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_KEY = " The pass key is {key}. Remember it. {key} is the pass key."
-PASSKEY_QUESTION = " What is the pass key? The pass key is"
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_KEY = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = " What is the pass key? The pass key is "
+PASSKEY_KEY_RANGE = (1, 10_000_000)      # LM-Infinite: numpy randint(1, 10000000), 1 to 7 digits
+PASSKEY_NEW_TOKENS = 7                   # LM-Infinite's --max_generation_length for the passkey task
 
 
-def passkey_prompt(tokenizer, n_tokens: int, depth: float, key: int, *, bos: bool = False) -> Tuple[List[int], int]:
-    """LM-Infinite's passkey task at about ``n_tokens`` tokens: prefix, filler, the key sentence after a fraction
-    ``depth`` of the filler, filler, question. Returns (token ids, token index where the key sentence starts)."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth={depth!r} is invalid; allowed: a fraction in [0, 1]")
-    pre = ([tokenizer.bos_id] if bos else []) + tokenizer.encode(PASSKEY_PREFIX)
-    fill = tokenizer.encode(PASSKEY_FILLER)
-    keyt = tokenizer.encode(PASSKEY_KEY.format(key=key))
-    ques = tokenizer.encode(PASSKEY_QUESTION)
-    n_fill = max(1, (n_tokens - len(pre) - len(keyt) - len(ques)) // len(fill))
-    before = round(depth * n_fill)
-    ids = pre + fill * before
-    at = len(ids)
-    ids += keyt + fill * (n_fill - before) + ques
-    return ids, at
+def passkey_text(n_fill: int, insert_at: int, key: int) -> str:
+    """The prompt: prefix, ``insert_at`` filler sentences, the key sentence, the other ``n_fill - insert_at``
+    fillers, then the question."""
+    if not 0 <= insert_at <= n_fill:
+        raise ValueError(f"insert_at={insert_at} is invalid; allowed: 0..n_fill={n_fill}")
+    parts = [PASSKEY_PREFIX] + [PASSKEY_FILLER] * insert_at + [PASSKEY_KEY.format(key=key)] + \
+        [PASSKEY_FILLER] * (n_fill - insert_at)
+    return " ".join(parts) + PASSKEY_QUESTION
+
+
+def passkey_fillers(tokenizer, n_tokens: int, *, bos: bool = False) -> int:
+    """The most filler sentences whose prompt (BOS if asked, prefix, key sentence with a 7-digit key, question)
+    is at most ``n_tokens`` tokens. It does not depend on the key, so every sample of a length has the same
+    number of slots (as in LM-Infinite)."""
+    def length(k: int) -> int:
+        return len(tokenizer.encode(passkey_text(k, 0, PASSKEY_KEY_RANGE[1] - 1), bos=bos))
+
+    base = length(0)
+    if base >= n_tokens:
+        raise ValueError(f"n_tokens={n_tokens} is too short: the passkey prompt without filler has {base} tokens")
+    per = max(1, length(1) - base)
+    k = (n_tokens - base) // per
+    while k > 0 and length(k) > n_tokens:
+        k -= 1
+    while length(k + 1) <= n_tokens:
+        k += 1
+    return k
+
+
+def passkey_prompt(tokenizer, n_fill: int, insert_at: int, key: int, *, bos: bool = False
+                   ) -> Tuple[List[int], int]:
+    """(token ids of the whole prompt, token index where the key sentence starts). The text is tokenised in one
+    piece, as LM-Infinite does."""
+    text = passkey_text(n_fill, insert_at, key)
+    ids = tokenizer.encode(text, bos=bos)
+    head = text[: text.index(PASSKEY_KEY.format(key=key))]
+    return ids, len(tokenizer.encode(head.rstrip(" "), bos=bos))
+
+
+def draw_passkeys(length: int, samples: int, n_fill: int, seed: int = 0,
+                  depths: Optional[Sequence[float]] = None) -> List[Tuple[int, int]]:
+    """(key, insert_at) pairs for one prompt length, drawn as LM-Infinite draws them: a generator seeded with
+    the length (plus ``seed``), then per sample the key uniform in [1, 10^7) and the slot of the key sentence
+    uniform among the ``n_fill`` filler positions (numpy ``randint(0, n_fill)``). With ``depths`` (fractions
+    of the filler) the slots are that grid instead, ``samples`` keys at each depth (not LM-Infinite's draw)."""
+    import numpy as np
+
+    if samples < 1:
+        raise ValueError(f"samples={samples} is invalid; allowed: >= 1")
+    rng = np.random.RandomState(seed=length + seed)
+    out = []
+    if depths is None:
+        for _ in range(samples):
+            key = int(rng.randint(*PASSKEY_KEY_RANGE))
+            out.append((key, int(rng.randint(0, max(1, n_fill)))))
+        return out
+    for d in depths:
+        if not 0.0 <= d <= 1.0:
+            raise ValueError(f"depth={d!r} is invalid; allowed: a fraction in [0, 1]")
+        for _ in range(samples):
+            out.append((int(rng.randint(*PASSKEY_KEY_RANGE)), round(d * n_fill)))
+    return out
 
 
 def parse_passkey(text: str) -> Optional[int]:
-    m = re.search(r"\d{5}", text)
+    """The first whole integer of the answer (LM-Infinite's passkey_retrieval_accuracy: ``re.findall(r'\\d+')[0]``),
+    None without one: "123456" is 123456, never a match for the key 12345."""
+    m = re.search(r"\d+", text)
     return int(m.group(0)) if m else None
 
 

@@ -27,7 +27,8 @@ def add_common_args(ap: argparse.ArgumentParser, default_out: str, default_input
     ap.add_argument("--inputs", nargs="+", default=list(default_inputs), choices=INPUT_KINDS)
     ap.add_argument("--probe", default=str(DEFAULT_PROBE), help="natural-text JSONL probe file")
     ap.add_argument("--n", type=int, default=100, help="samples per input")
-    ap.add_argument("--T", type=int, default=64, help="tokens per sample (BOS included when the tokenizer adds it)")
+    ap.add_argument("--T", type=int, default=64, help="tokens per sample (natural text: BOS included when the tokenizer adds one; random / "
+                         "repeated: T tokens, no BOS)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random / repeated inputs")
     ap.add_argument("--repeat-token", type=int, default=None,
@@ -37,6 +38,9 @@ def add_common_args(ap: argparse.ArgumentParser, default_out: str, default_input
     ap.add_argument("--device-map", default=None, help="e.g. 'auto' to spread a large model over GPUs")
     ap.add_argument("--trust-remote-code", action="store_true")
     ap.add_argument("--out", default=default_out)
+    ap.add_argument("--record", default=None,
+                    help="also write the compact raw record of every model under --out to this JSON (e.g. "
+                         "docs/results/<name>.json; lit_gpt.results), the file the docs' tables render from")
     ap.add_argument("--overwrite", action="store_true", help="recompute models whose results already exist")
 
 

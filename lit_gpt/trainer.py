@@ -50,7 +50,8 @@ from lit_gpt.run_config import RunConfig, loss_skip
 from lit_gpt.sink_metrics import format_sink
 from lit_gpt.attention import set_sdpa_backend
 from lit_gpt.throughput import PhaseTimer, PinnedBatches, compile_model, eager, time_steps
-from lit_gpt.utils import atomic_write_text, check_writable_dir, environment
+from lit_gpt.results import environment
+from lit_gpt.utils import atomic_write_text, check_writable_dir
 
 
 class PreflightError(ValueError):

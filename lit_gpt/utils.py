@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import os
-import platform
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Union
+from typing import Any, Callable, Union
 
 import torch
 
@@ -114,50 +112,3 @@ def check_writable_dir(path: Union[str, Path]) -> None:
     probe = path / f".write-test-{os.getpid()}"
     probe.write_bytes(b"")
     probe.unlink()
-
-
-def cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo``; ``platform`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit(root: Union[str, Path, None] = None) -> str:
-    """HEAD of the repository at ``root`` (default: this package's checkout), ``+dirty`` with uncommitted changes to
-    tracked files; ``$GIT_COMMIT`` when set (a working tree copied to a GPU box has no .git of its own), ``unknown``
-    without either."""
-    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
-    if os.environ.get("GIT_COMMIT"):      # a tree copied to a GPU box may sit inside another repository's work tree
-        return os.environ["GIT_COMMIT"]
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                                         stderr=subprocess.DEVNULL).strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                             text=True, stderr=subprocess.DEVNULL).strip())
-        return commit + ("+dirty" if dirty else "")
-    except Exception:
-        return os.environ.get("GIT_COMMIT", "unknown")
-
-
-def environment(root: Union[str, Path, None] = None) -> Dict[str, Any]:
-    """Where and with what a result was produced: git commit, torch, python, platform, CPU, cores, torch threads,
-    the 1-minute load average (a shared machine shows here), and the GPU when there is one."""
-    import torch
-
-    env: Dict[str, Any] = {"git_commit": git_commit(root), "torch": torch.__version__,
-                           "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
-                           "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads()}
-    try:
-        env["load_avg_1m"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                   gpu_count=torch.cuda.device_count(), cudnn=torch.backends.cudnn.version())
-    return env

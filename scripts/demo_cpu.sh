@@ -39,7 +39,8 @@ for s in ${DEMO_SET:-}; do SETS+=(--set "$s"); done
 "$PYTHON" - "$RUNS/records/cpu/default.json" "$RUNS/records/cpu/$CONTRAST.json" "$(( $(date +%s) - t0 ))" \
   "$RUNS/demo.json" "bash scripts/demo_cpu.sh${1:+ $1}" <<'PY'
 import json, sys, time
-from lit_gpt.utils import atomic_write_text, environment
+from lit_gpt.results import environment
+from lit_gpt.utils import atomic_write_text
 a, b = (json.load(open(p)) for p in sys.argv[1:3])
 def col(r):
     extra = [k for k in r["curve"] if k.startswith("sink_extra_")]

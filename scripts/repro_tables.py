@@ -310,9 +310,9 @@ def headline(records: Dict[Tuple[str, str], dict], demo: Optional[dict],
     if demo is not None:
         env = demo.get("environment", {})
         out.append(f"`{demo['command']}` took {fmt_seconds(demo['wall_seconds'])} of wall time (corpus included) on "
-                   f"{env.get('cpu_cores')} CPU cores ({env.get('cpu')})"
-                   + (f" shared with other jobs (1-minute load {env['load_avg_1m']:.0f} at the end)"
-                      if env.get("load_avg_1m", 0) > (env.get("cpu_cores") or 1) else "") + ".")
+                   f"{env.get('cpu_count')} CPU cores ({env.get('cpu')})"
+                   + (f" shared with other jobs (1-minute load {env['load_average_1min']:.0f} at the end)"
+                      if env.get("load_average_1min", 0) > (env.get("cpu_count") or 1) else "") + ".")
     return " ".join(out)
 
 

@@ -174,17 +174,33 @@ def test_decoder_layers_found(saved):
 
 
 def test_tokenizer_prefix_and_probe_tokens(saved):
+    """The paper's inputs (§3) with a tokenizer that adds BOS: natural text keeps the tokenizer's BOS; random and
+    repeated inputs are T ids with nothing in front (no BOS), drawn uniformly from the non-special vocabulary."""
     _, tok_bos = load_hf(saved["llama"], device="cpu")
     model, tok_plain = load_hf(saved["gpt2"], device="cpu")
     assert special_prefix(tok_bos) == [1]
     assert special_prefix(tok_plain) == []
+    assert tok_bos("w0 w1")["input_ids"] == [1, 3, 4]                    # this tokenizer really adds BOS
     texts = [" ".join(WORDS[i:i + 12]) for i in range(5)]
     nat = hf_probe_tokens(model, tok_bos, "natural", 5, 8, texts=texts)
-    assert nat[:, 0].tolist() == [1] * 5 and nat[0, 1].item() == 3
-    rnd = hf_probe_tokens(model, tok_bos, "random", 20, 8)
-    assert bool((rnd[:, 0] == 1).all()) and not bool((rnd[:, 1:] < 3).any()) and int(rnd.max()) < VOCAB
-    rep = hf_probe_tokens(model, tok_plain, "repeated", 4, 8)
-    assert bool((rep == rep[:, :1]).all())
+    assert nat.tolist() == [[1] + [3 + i + j for j in range(7)] for i in range(5)]    # BOS, then the words
+    assert hf_probe_tokens(model, tok_plain, "natural", 5, 8, texts=texts)[:, 0].tolist() == [3, 4, 5, 6, 7]
+    special = {0, 1, 2}
+    n, T = 200, 64
+    for tok in (tok_bos, tok_plain):
+        rnd = hf_probe_tokens(model, tok, "random", n, T, seed=3)
+        assert rnd.shape == (n, T)
+        assert not any(int(t) in special for t in rnd.reshape(-1))       # no BOS at position 1, nor anywhere
+        # uniform over the 93 non-special ids: each id's count within 5 sigma of n*T/93 (binomial)
+        counts = torch.bincount(rnd.reshape(-1), minlength=VOCAB)[3:].double()
+        mean = n * T / (VOCAB - 3)
+        sigma = math.sqrt(mean * (1 - 1 / (VOCAB - 3)))
+        assert bool(((counts - mean).abs() < 5 * sigma).all())
+        rep = hf_probe_tokens(model, tok, "repeated", 6, T)
+        assert rep.shape == (6, T) and bool((rep == rep[:, :1]).all())    # T copies of one token, no BOS
+        assert not any(int(t) in special for t in rep[:, 0]) and len(set(rep[:, 0].tolist())) > 1
+        fixed = hf_probe_tokens(model, tok, "repeated", 3, T, repeat_token=7)
+        assert fixed.tolist() == [[7] * T] * 3
 
 
 def test_resolve_source_never_treats_paths_as_hub_ids(tmp_path):
@@ -222,11 +238,20 @@ def test_open_source_drivers_end_to_end(saved, tmp_path):
     assert list(out.glob("*/sink.png")) and (out / "sink_1.png").is_file() and list(out.glob("*/attention_*.png"))
     # a second run skips finished models (nothing recomputed, same table)
     assert sink.main(["--models", str(saved["gpt2"]), "--probe", str(probe), "--n", "6", "--T", "12",
-                      "--out", str(out), "--device", "cpu"]) == 0
+                      "--out", str(out), "--device", "cpu", "--record", str(tmp_path / "sink_record.json")]) == 0
+    rec = json.loads((tmp_path / "sink_record.json").read_text())       # the compact raw record, every model
+    assert rec["environment"]["command"] and rec["environment"]["git_commit"]
+    row = next(r for r in table["rows"] if r["model"] == saved["llama"].name and r["input"] == "random")
+    got = rec["models"][saved["llama"].name]["random"]
+    assert got["sink"]["sink_1"] == pytest.approx(row["sink_1"]) and len(got["sink_1_per_layer"]) == 2
+    assert got["meta"]["first_tokens"][0] != 1                          # the random input starts without BOS
+    assert rec["models"][saved["llama"].name]["natural"]["meta"]["first_tokens"][0] == 1
     out2 = tmp_path / "act"
     rc = act.main(["--models", str(saved["mistral"]), "--probe", str(probe), "--n", "6",
-                   "--T", "12", "--out", str(out2), "--device", "cpu"])
+                   "--T", "12", "--out", str(out2), "--device", "cpu", "--record", str(tmp_path / "act.json")])
     assert rc == 0
+    rec = json.loads((tmp_path / "act.json").read_text())
+    assert len(rec["models"][saved["mistral"].name]["natural"]["per_layer"]["massive_ratio"]) == 3
     res = json.loads((out2 / saved["mistral"].name / "activations_natural.json").read_text())
     assert len(res["summary"]["massive_ratio"]) == 3 and len(res["summary"]["key_norm"]["first"]) == 2
     assert list(out2.glob("*/norms_natural.png")) and list(out2.glob("*/cos_norm_natural.png"))

@@ -71,8 +71,8 @@ def test_records_hold_what_the_runs_logged(recorded):
         assert rec["final"]["val_loss"] == pytest.approx(summary["final"]["val_loss"])
         # the trainer's summary says what ran and where, so a folder fetched from a GPU box can be recorded
         assert summary["run_config"]["model"]["name"] == "tiny" and summary["run_config"]["train"]["max_steps"] == 6
-        assert summary["environment"]["torch"] and summary["environment"]["cpu_cores"] >= 1
-        assert rec["hardware"]["cpu_cores"] == summary["environment"]["cpu_cores"]
+        assert summary["environment"]["torch"] and summary["environment"]["cpu_count"] >= 1
+        assert rec["hardware"]["cpu_cores"] == summary["environment"]["cpu_count"]
         assert len(rec["final"]["sink_1_per_layer"]) == 2                   # final/ checked: one value per layer
     assert recs[("t", "default")]["final"]["sink_extra"] == []
     extra = recs[("t", "k_bias")]["final"]["sink_extra"]

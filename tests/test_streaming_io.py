@@ -7,7 +7,8 @@ import torch
 
 from lit_gpt.streaming import StreamingSpec
 from lit_gpt.streaming_io import (
-    PASSKEY_FILLER, book_stream, make_method, parse_passkey, passkey_prompt, plot_log_ppl, rolling_mean,
+    PASSKEY_FILLER, book_stream, draw_passkeys, make_method, parse_passkey, passkey_fillers, passkey_prompt,
+    plot_log_ppl, rolling_mean,
 )
 from lit_gpt.tokenizer import Tokenizer
 
@@ -52,22 +53,87 @@ def test_topk_options_of_the_drivers_reach_the_spec(capsys):
     assert "top-3 at 100" in make_method("lminfinite", cache_size=256, **topk_kwargs(args)).label
 
 
-def test_passkey_prompt_hides_the_key_at_the_depth():
+def lminfinite_text(n_fill, insert_at, key):
+    """LM-Infinite's prompt, written out from create_passkey_data.py + get_data.py: sentences joined by one
+    space, then " What is the pass key? The pass key is " (trailing space)."""
+    prefix = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+              "I will quiz you about the important information there.")
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+    answer = f"The pass key is {key}. Remember it. {key} is the pass key."
+    return " ".join([prefix] + [filler] * insert_at + [answer] + [filler] * (n_fill - insert_at)) + \
+        " What is the pass key? The pass key is "
+
+
+def test_passkey_prompt_is_lminfinite_text_within_the_length():
     tok = Tokenizer("bytes")
-    fill = len(tok.encode(PASSKEY_FILLER))
+    assert PASSKEY_FILLER == "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
     for n in (600, 2000):
-        for depth in (0.0, 0.5, 1.0):
-            ids, at = passkey_prompt(tok, n, depth, 31415)
-            text = tok.decode(ids)
-            assert n - fill < len(ids) <= n and text.count("31415") == 2
+        k = passkey_fillers(tok, n)
+        longest = len(tok.encode(lminfinite_text(k, 0, 9999999)))
+        assert longest <= n < len(tok.encode(lminfinite_text(k + 1, 0, 9999999)))   # the most fillers that fit
+        for slot in (0, k // 2, k):
+            ids, at = passkey_prompt(tok, k, slot, 31415)
+            assert tok.decode(ids) == lminfinite_text(k, slot, 31415) and len(ids) <= n
             assert tok.decode(ids[at:]).startswith(" The pass key is 31415.")
-            before = tok.decode(ids[:at]).count("The grass is green")
-            total = text.count("The grass is green")
-            assert before == round(depth * total)
-            assert text.endswith("What is the pass key? The pass key is")
-    assert parse_passkey(" 31415. Remember") == 31415 and parse_passkey(" 3141") is None
+            assert tok.decode(ids[:at]).count("The grass is green") == slot
+    assert passkey_fillers(tok, 600, bos=False) == passkey_fillers(tok, 600)
+    with pytest.raises(ValueError, match="insert_at=9 is invalid"):
+        passkey_prompt(tok, 8, 9, 1)
+    with pytest.raises(ValueError, match="too short"):
+        passkey_fillers(tok, 100)
+
+
+def test_passkey_draws_are_lminfinite_draws():
+    """create_passkey_data.py: rng = np.random.RandomState(seed=max_token_length); per sample
+    key = rng.randint(1, 10000000), then insert_location = rng.randint(0, num_distractors)."""
+    np = pytest.importorskip("numpy")
+    for length, n_fill in ((2048, 60), (512, 13)):
+        rng = np.random.RandomState(seed=length)
+        expected = []
+        for _ in range(50):
+            key = rng.randint(1, 10000000)
+            expected.append((int(key), int(rng.randint(0, n_fill))))
+        assert draw_passkeys(length, 50, n_fill) == expected
+    keys = [k for k, _ in draw_passkeys(4096, 2000, 10)]
+    assert min(keys) >= 1 and max(keys) < 10_000_000 and sum(k >= 10**6 for k in keys) > 1700   # mostly 7 digits
+    grid = draw_passkeys(512, 2, 20, depths=[0.0, 0.5, 1.0])
+    assert [s for _, s in grid] == [0, 0, 10, 10, 20, 20]
     with pytest.raises(ValueError, match="depth=1.5 is invalid"):
-        passkey_prompt(tok, 600, 1.5, 1)
+        draw_passkeys(512, 1, 20, depths=[1.5])
+
+
+def test_parse_passkey_takes_the_first_whole_integer():
+    """LM-Infinite's passkey_retrieval_accuracy: int(re.findall(r'\\d+', text)[0]), so a longer number is wrong."""
+    assert parse_passkey("31415. Remember") == 31415
+    assert parse_passkey("123456") == 123456 and parse_passkey("123456") != 12345
+    assert parse_passkey("key 12 345") == 12 and parse_passkey(" 7.") == 7
+    assert parse_passkey("no digits") is None and parse_passkey("") is None
+    assert parse_passkey("0012345") == 12345                              # int() of the digits, as LM-Infinite
+
+
+def test_eval_passkey_end_to_end_on_stories260k(tmp_path):
+    """The driver on the tiny real model: LM-Infinite's draws, every answer scored by its first integer."""
+    from lit_gpt.probe import shared_dir
+
+    model = shared_dir() / "models" / "stories260K"
+    if not (model / "stories260K.bin").is_file():
+        pytest.skip("../shared/models/stories260K is absent")
+    import eval_passkey
+
+    record = tmp_path / "passkey.json"
+    eval_passkey.main(["--model", str(model), "--lengths", "160,220", "--samples", "2", "--methods", "dense,sink",
+                       "--cache-size", "128", "--out", str(tmp_path / "out"), "--record", str(record)])
+    rec = json.loads(record.read_text())
+    assert rec["environment"]["command"] and len(rec["records"]) == 2 * 2 * 2
+    for r in rec["records"]:
+        assert r["correct"] == (parse_passkey(r["answer"]) == r["key"]) and r["prompt_tokens"] <= r["length"]
+    for length in (160, 220):
+        n_fill = rec["records"][[r["length"] for r in rec["records"]].index(length)]["n_fill"]
+        got = [(r["key"], r["slot"]) for r in rec["records"] if r["length"] == length and r["method"] == "dense"]
+        assert got == draw_passkeys(length, 2, n_fill)
+    for a in rec["accuracy"]:
+        rs = [r for r in rec["records"] if r["method"] == a["label"] and r["length"] == a["length"]]
+        assert a["samples"] == 2 and a["accuracy"] == sum(r["correct"] for r in rs) / 2
 
 
 def test_book_stream_concatenates_long_books_only(tmp_path):
@@ -88,3 +154,30 @@ def test_rolling_mean_and_plot(tmp_path):
     plot_log_ppl(tmp_path / "p.png", {"dense": x, "window": x + 1}, width=2, reference="dense",
                  markers=[(2, "cache")])
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_long_ppl_bins_and_chunked_vs_token_comparison(tmp_path):
+    """The record's per-bin sums average to the reported NLL, and --compare-with finds chunked prefill equal to
+    token-by-token streaming on the real tiny model (the check docs/streaming.md reports for SmolLM2)."""
+    from lit_gpt.probe import shared_dir
+
+    model = shared_dir() / "models" / "stories260K"
+    if not (model / "stories260K.bin").is_file():
+        pytest.skip("../shared/models/stories260K is absent")
+    import eval_long_ppl
+
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time, there was a little girl named Lily. She liked to play in the park with her "
+                    "dog. One day, the dog saw a big red ball and ran after it. " * 4)
+    common = ["--model", str(model), "--text", "file", "--text-file", str(text), "--tokens", "200",
+              "--cache-size", "64", "--methods", "window,sink", "--bin-width", "64"]
+    eval_long_ppl.main(common + ["--chunk", "50", "--out", str(tmp_path / "chunked")])
+    eval_long_ppl.main(common + ["--chunk", "1", "--out", str(tmp_path / "tokens"), "--compare-with",
+                                 str(tmp_path / "chunked"), "--record", str(tmp_path / "rec.json")])
+    rec = json.loads((tmp_path / "rec.json").read_text())
+    for row in rec["results"]:
+        b = row["bins"]
+        assert b["count"] == [64, 64, 64, 7] and sum(b["sum"]) / sum(b["count"]) == pytest.approx(row["nll"], rel=1e-6)
+        assert (b["sum"][1] + b["sum"][2] + b["sum"][3]) / 135 == pytest.approx(row["nll_after_window"], rel=1e-6)
+    assert [c["label"] for c in rec["comparison"]] == [r["label"] for r in rec["results"]]
+    assert all(c["targets"] == 199 and c["max_abs_diff"] < 1e-4 for c in rec["comparison"])
