@@ -95,15 +95,22 @@ def test_lr_configs_carry_the_seeds_fields(lr):
 
 
 # Configs that do not read the seed's data the seed's way: the offline corpus keeps its 0.5 / 0.5 weights and the
-# CPU demo (one domain) uses the default. Everything else derives from tinyllama_60m.yaml and pools like the seed.
+# CPU demo and the reduced reproduction regimes (configs/repro/: one domain each) use the default. Everything else
+# derives from tinyllama_60m.yaml and pools like the seed.
 WEIGHTED_MIXTURE = {"tinyllama_60m_shared_corpus.yaml", "demo_cpu.yaml"}
+
+
+def weighted(rel: str) -> bool:
+    return rel in WEIGHTED_MIXTURE or rel.startswith("repro/")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])
 def test_paper_configs_read_the_data_as_the_seed(path):
     rel = str(path.relative_to(REPO / "configs"))
     cfg = load_run_config(path)
-    assert cfg.data.mixture_mode == ("weighted" if rel in WEIGHTED_MIXTURE else "pooled")
+    assert cfg.data.mixture_mode == ("weighted" if weighted(rel) else "pooled")
+    if weighted(rel) and rel != "tinyllama_60m_shared_corpus.yaml":
+        assert len(cfg.data.train) == 1, f"{rel}: several domains, so the mixture mode matters: say which"
 
 
 def test_composition_and_overrides(tmp_path):
