@@ -13,10 +13,12 @@ load, in one line naming what is missing):
   does the streaming attention. Per-layer facts come from what the model passes: its ``sliding_window`` (Gemma-3's
   local layers, Mistral, gpt-oss), applied to the distances of the position policy
   (:meth:`StreamingSpec.key_distance`), and gpt-oss's learned sink logits (``s_aux``), an extra softmax column;
-* Falcon and BLOOM, which compute attention inline (their ALiBi never reaches the registry): the attention
+* Falcon (before transformers 5.25) and BLOOM, which compute attention inline: the attention
   module's ``forward`` is replaced on the instance by one that reuses the module's own projections and head split,
   then the same streaming attention with ALiBi as a bias on (query, key) positions (BLOOM: -slope * distance;
-  Falcon: the same divided by sqrt(head_dim), slopes rounded to bf16 as Falcon does).
+  Falcon: the same divided by sqrt(head_dim), slopes rounded to bf16 as Falcon does). Whether a family computes
+  attention inline is read from the installed modeling file (:func:`dispatches_through_interface`): from
+  transformers 5.25 Falcon dispatches through the interface and takes the first route, its ALiBi as the same bias.
 
 Positions: RoPE (``config.rope_parameters``, static rope types only), ALiBi (Falcon / BLOOM) or a learned table
 (no RoPE, ``max_position_embeddings``: only the ``original`` policy, never past the table). Refused: encoder-
@@ -53,6 +55,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -102,6 +105,17 @@ def _causal_lm_class(config):
                        f"AutoModelForCausalLM has no class for {type(config).__name__}{extra}") from None
 
 
+@functools.lru_cache(maxsize=None)
+def dispatches_through_interface(cls) -> bool:
+    """Whether the installed modeling file of ``cls`` looks its attention function up in transformers'
+    ``AttentionInterface`` (Falcon does from transformers 5.25 on; before, it computed attention inline)."""
+    try:
+        src = inspect.getsource(sys.modules[cls.__module__])
+    except (OSError, TypeError, KeyError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS.get_interface(" in src or "ALL_ATTENTION_FUNCTIONS[" in src
+
+
 def _rope_types(rope_parameters: Dict[str, Any]) -> List[str]:
     """Rope types of a rope_parameters dict: one set, or one per layer type (Gemma-3: sliding / full)."""
     per_type = all(isinstance(v, dict) or v is None for v in rope_parameters.values())
@@ -123,7 +137,7 @@ def streaming_support(config) -> StreamingSupport:
     cls = _causal_lm_class(config)
     cfg = text_config(config)
     t = getattr(cfg, "model_type", top)
-    if t in MODULE_TYPES:
+    if t in MODULE_TYPES and not dispatches_through_interface(cls):
         route = "module"
     elif cls._can_set_attn_implementation():
         route = "interface"
@@ -184,7 +198,7 @@ def attention_modules(model) -> list:
 
 
 def _module_position_ops(model, support: StreamingSupport) -> PositionOps:
-    """Falcon / BLOOM: ALiBi with the model's own slopes, or RoPE with its rotary embedding's inv_freq."""
+    """Falcon / BLOOM (either route): ALiBi with the model's own slopes, or RoPE with its rotary embedding's inv_freq."""
     cfg = model.config
     if support.positions == "alibi":
         n_head = cfg.num_attention_heads if support.model_type == "falcon" else cfg.n_head
@@ -260,7 +274,7 @@ def layer_position_ops(model, support: Optional[StreamingSupport] = None) -> Lis
     """How each layer encodes positions, as :class:`PositionOps` (one per decoder layer)."""
     support = support or streaming_support(model.config)
     n = len(attention_modules(model))
-    if support.route == "module":
+    if support.route == "module" or support.positions == "alibi":
         return [_module_position_ops(model, support)] * n
     if support.positions == "learned":
         if _inv_freq_buffers(model):
@@ -486,6 +500,7 @@ def enable_streaming(model) -> StreamingSupport:
     support = streaming_support(model.config)
     ops = layer_position_ops(model, support)
     AttentionInterface.register(ATTN_NAME, sink_stream_attention)
+    _register_mask()
     model._sink_stream_support, model._sink_stream_ops = support, ops
     model._sink_stream_prev = model.config._attn_implementation
     model.config._attn_implementation = ATTN_NAME           # also: no HF mask is materialised
@@ -496,6 +511,27 @@ def enable_streaming(model) -> StreamingSupport:
                 attn.layer_idx = i
             attn.forward = fwd.__get__(attn)
     return support
+
+
+def _falcon_alibi(model) -> bool:
+    return model._sink_stream_support.model_type == "falcon" and model._sink_stream_support.positions == "alibi"
+
+
+def _alibi_call_mask(ids: torch.Tensor) -> torch.Tensor:
+    """The attention_mask a streamed ALiBi Falcon gets: this call's tokens only. Falcon builds its ALiBi table over
+    the mask's length (over the whole stream otherwise); the streaming attention adds ALiBi itself and ignores it."""
+    return torch.ones(ids.shape[0], ids.shape[-1], dtype=torch.long, device=ids.device)
+
+
+def _register_mask() -> None:
+    """A causal mask function under our attention's name. The streaming attention ignores HF masks, but Falcon's
+    ALiBi (transformers >= 5.25) adds its bias onto the mask and needs one; it covers this call's tokens only
+    (:meth:`SinkLayer.get_mask_sizes`), so it stays small."""
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:          # an older transformers: no mask registry, and no Falcon that needs it
+        return
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
 def disable_streaming(model) -> None:
@@ -546,6 +582,8 @@ def stream_by_default(model, spec: StreamingSpec):
         if ids is not None:
             c = kwargs.get(key, kwargs.get("past_key_values"))
             c.check_positions(c.get_seq_length() + ids.shape[-1] - 1)
+            if _falcon_alibi(model):
+                kwargs["attention_mask"] = _alibi_call_mask(ids)
         return kwargs
 
     for name, prepare in (("forward", forward_cache), ("generate", lambda args, kwargs: with_cache(kwargs))):
@@ -612,8 +650,7 @@ class HFRunner:
         self.block_size = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "seq_length", None)
         self._kw = set(inspect.signature(model.forward).parameters)
         self._cache_kw = cache_kwarg(model)
-        self._alibi_mask = self.refusal is None and model._sink_stream_support.model_type == "falcon" \
-            and getattr(cfg, "alibi", False)
+        self._alibi_mask = self.refusal is None and _falcon_alibi(model)
 
     @property
     def device(self) -> torch.device:
@@ -642,8 +679,8 @@ class HFRunner:
             return self._native_step(kw, pos)
         self.cache.set_positions(pos)
         kw[self._cache_kw] = self.cache
-        if self._alibi_mask:     # keeps Falcon from building an ALiBi table over the whole stream (unused here)
-            kw["attention_mask"] = torch.ones(B, T, dtype=torch.long, device=ids.device)
+        if self._alibi_mask:
+            kw["attention_mask"] = _alibi_call_mask(ids)
         return self.model(**kw).logits
 
     def _native_step(self, kw: Dict[str, Any], pos: torch.Tensor) -> torch.Tensor:
