@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from lit_gpt.analysis import batched, evaluate_model
+from lit_gpt.evaluate import batched, evaluate_model
 from lit_gpt.plots import plot_cos_norm, plot_norms
 from lit_gpt.results import write_record
 from lit_gpt.sweep import add_common_args, common_meta, run_hf_sweep, write_table

@@ -2,23 +2,31 @@
 
     python eval_sink.py checkpoints/tinyllama_60M/final
     python eval_sink.py checkpoints/run_a checkpoints/run_b --inputs natural random repeated --out results/sink.json
+    python eval_sink.py checkpoints/tinyllama_60M --run-probe --out checkpoints/tinyllama_60M/sink_eval.json
+
+--run-probe measures a checkpoint the way its training run did (lit_gpt.evaluate.sink_of_run): the run's probe
+(probe.source: a text file, `shards` or `auto`; probe.n, T, eps, k_max, batch_size; --probe, --eps, --k-max
+override them), Sink_1..k and the probe loss, and --out writes that one SinkResult record (sink_eval.json).
 
 Inputs: the natural-text probe (JSONL; n samples, the first T+1 tokens each: T as input, loss on predicting
 tokens 2..T+1 as in the seed), uniformly random tokens, one repeated token. The checkpoint describes its run:
 the tokenizer is --tokenizer when given, else the run's data.tokenizer, else ../shared's GPT-NeoX; the run's data
-transforms are applied as the seed's evaluation does and as training and `python -m lit_gpt.evaluate` do
-(lit_gpt.evaluate.probe_view): a fixed-token run gets its fixed token in place in every input, a random-token run
-is probed on the inputs as they are. Attention maps come from the model's analysis path and go batch by batch
-through lit_gpt.sink_metrics.SinkMeter (lit_gpt.analysis.evaluate_model).
+transforms are applied as the seed's evaluation does and as training does (lit_gpt.probe.probe_view): a
+fixed-token run gets its fixed token in place in every input, a random-token run is probed on the inputs as they
+are. Attention maps come from the model's analysis path and go batch by batch through
+lit_gpt.sink_metrics.SinkMeter (lit_gpt.evaluate.evaluate_model).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from lit_gpt.analysis import INPUT_KINDS, batched, evaluate_model, evaluation_to_dict, first_vs_rest, probe_inputs
+from lit_gpt.analysis import first_vs_rest
+from lit_gpt.evaluate import batched, evaluate_model, evaluation_to_dict
+from lit_gpt.probe import INPUT_KINDS, probe_inputs
 from lit_gpt.sink_metrics import format_sink
 from lit_gpt.utils import DTYPES, atomic_write_text, default_device, parse_dtype
 
@@ -28,7 +36,7 @@ DEFAULT_TOKENIZER = str(Path(__file__).resolve().parent.parent / "shared" / "tok
 def evaluate_checkpoint(path: str, args, texts) -> dict:
     from lit_gpt.checkpoint import checkpoint_tokenizer, load_model
     from lit_gpt.data import make_transforms
-    from lit_gpt.evaluate import probe_transform_names, probe_view
+    from lit_gpt.probe import probe_transform_names, probe_view
     from lit_gpt.run_config import from_dict
     from lit_gpt.tokenizer import Tokenizer
 
@@ -76,6 +84,30 @@ def evaluate_checkpoint(path: str, args, texts) -> dict:
     return record
 
 
+def evaluate_as_trained(path: str, args) -> dict:
+    """--run-probe: Sink_1..k and the probe loss of one checkpoint on its run's probe (lit_gpt.evaluate.sink_of_run);
+    returns the SinkResult record with ``probe_loss``."""
+    from lit_gpt.checkpoint import CheckpointError, load_model
+    from lit_gpt.evaluate import sink_of_run
+    from lit_gpt.run_config import from_dict
+
+    model, payload = load_model(path, device=args.device or default_device(), dtype=parse_dtype(args.dtype),
+                                attn_impl="eager")
+    if "run_config" not in payload:
+        raise CheckpointError(f"{payload['_path']} has no run_config; evaluate it without --run-probe (with a probe "
+                              "file: --probe)")
+    result, loss, where = sink_of_run(model, from_dict(payload["run_config"]), source=args.probe, eps=args.eps,
+                                      k_max=args.k_max)
+    result.meta.update({"checkpoint": payload["_path"], "step": payload.get("step")})
+    print(f"{payload['_path']} (step {payload.get('step')}), probe: {where}")
+    print(format_sink(result))
+    if loss is not None:
+        print(f"probe loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})")
+    rec = result.to_dict()
+    rec["probe_loss"] = loss
+    return rec
+
+
 def _plots(ev, folder: Path, kind: str, cfg) -> None:
     from lit_gpt.plots import plot_attention_maps, plot_cos_norm, plot_norms, plot_sink
 
@@ -98,11 +130,16 @@ def main(argv=None) -> int:
                     help="default: the checkpoint's data.tokenizer, else ../shared/tokenizers/gpt-neox-20b")
     ap.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS (off: as in pretraining)")
     ap.add_argument("--inputs", nargs="+", default=["natural"], choices=INPUT_KINDS)
-    ap.add_argument("--probe", default=str(DEFAULT_PROBE))
+    ap.add_argument("--run-probe", action="store_true",
+                    help="measure as the checkpoint's training run did: its probe, n, T, eps, k_max and batch size "
+                         "(--probe, --eps, --k-max override); --out writes its SinkResult record; one checkpoint")
+    ap.add_argument("--probe", default=None,
+                    help=f"natural-text JSONL probe (default {DEFAULT_PROBE}); with --run-probe: auto | shards | a "
+                         "JSONL file (default: the run's probe.source)")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--T", type=int, default=64)
-    ap.add_argument("--eps", type=float, default=0.3)
-    ap.add_argument("--k-max", type=int, default=10)
+    ap.add_argument("--eps", type=float, default=None, help="default 0.3 (--run-probe: the run's probe.eps)")
+    ap.add_argument("--k-max", type=int, default=None, help="default 10 (--run-probe: the run's probe.k_max)")
     ap.add_argument("--batch-size", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat-token", type=int, default=None)
@@ -111,9 +148,24 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON file with every number (and the per-layer arrays)")
     ap.add_argument("--plots", default=None, help="folder for PNG plots (one sub-folder per checkpoint)")
     args = ap.parse_args(argv)
-    texts = load_probe_texts(args.probe) if "natural" in args.inputs else None
     from lit_gpt.checkpoint import CheckpointError
 
+    if args.run_probe:
+        if len(args.checkpoints) > 1 and args.out:
+            ap.error(f"--run-probe --out writes one record; got {len(args.checkpoints)} checkpoints (give one)")
+        try:
+            records = [evaluate_as_trained(p, args) for p in args.checkpoints]
+        except (CheckpointError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.out:
+            atomic_write_text(args.out, json.dumps(records[0], indent=1) + "\n")
+            print(f"wrote {args.out}")
+        return 0
+    args.probe = args.probe or str(DEFAULT_PROBE)
+    args.eps = 0.3 if args.eps is None else args.eps
+    args.k_max = 10 if args.k_max is None else args.k_max
+    texts = load_probe_texts(args.probe) if "natural" in args.inputs else None
     try:
         records = [evaluate_checkpoint(p, args, texts) for p in args.checkpoints]
     except (CheckpointError, FileNotFoundError) as e:

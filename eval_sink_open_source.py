@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from lit_gpt.analysis import batched, evaluate_model
+from lit_gpt.evaluate import batched, evaluate_model
 from lit_gpt.hf import text_config
 from lit_gpt.plots import plot_attention_maps, plot_model_bars, plot_sink
 from lit_gpt.results import write_record

@@ -19,20 +19,18 @@ Measured (paper §3 / §4):
 * the logit decomposition q_t·k_j = cos(q_t, k_j) ‖q_t‖ ‖k_j‖ for the first key (j = 1, all queries t) vs the
   other keys (1 < j <= t): per (layer, head) means and per-layer 2-D histograms of (cos, log10 ‖q‖‖k‖).
 
-:func:`evaluate_model` is the per-checkpoint evaluation: it runs a model (ours or a Hugging Face causal LM)
-over token batches and returns Sink_k^ε (through :class:`lit_gpt.sink_metrics.SinkMeter`), the next-token
-loss and the activation statistics.
+Pure statistics: nothing here runs a model. :func:`lit_gpt.evaluate.evaluate_model` runs one (ours or a Hugging
+Face causal LM) over token batches and feeds these meters; the probe inputs are built in :mod:`lit_gpt.probe`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from lit_gpt.sink_metrics import DEFAULT_EPS, DEFAULT_K, SinkMeter
+from lit_gpt.attention import repeat_kv
 
 COS_BINS = 40
 LOGN_BINS = 40
@@ -53,20 +51,10 @@ def first_vs_rest(per_position: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     return per_position[..., 0], per_position[..., 1:].mean(-1)
 
 
-def expand_groups(k: torch.Tensor, n_head: int) -> torch.Tensor:
-    """(B, G, T, d) -> (B, H, T, d): head h reads group h // (H / G) (the layout of every family we load)."""
-    G = k.shape[1]
-    if G == n_head:
-        return k
-    if n_head % G:
-        raise ValueError(f"{n_head} query heads cannot share {G} key/value groups (must divide)")
-    return k.repeat_interleave(n_head // G, dim=1)
-
-
 def cos_and_norm_product(q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos(q_t, k_j) and ‖q_t‖‖k_j‖ for every query t and key j: q (B, H, T, d), k (B, G, Tk, d) ->
     two (B, H, T, Tk) float32 tensors."""
-    k = expand_groups(k, q.shape[1])
+    k = repeat_kv(k, q.shape[1])
     qf, kf = q.float(), k.float()
     qn = qf.norm(dim=-1)                                   # (B, H, T)
     kn = kf.norm(dim=-1)                                   # (B, H, Tk)
@@ -240,150 +228,3 @@ class ActivationMeter:
             normprod_first=mean("normprod_first"), normprod_rest=mean("normprod_rest"),
             hist_first=self._sums.get("hist_first"), hist_rest=self._sums.get("hist_rest"),
         )
-
-
-# ---------------------------------------------------------------------------- probe inputs
-def probe_inputs(kind: str, n: int, T: int, *, encode: Optional[Callable[[str], List[int]]] = None,
-                 texts: Optional[Sequence[str]] = None, vocab_size: Optional[int] = None,
-                 prefix: Sequence[int] = (), exclude: Sequence[int] = (), seed: int = 0,
-                 repeat_token: Optional[int] = None) -> torch.Tensor:
-    """(n, T) token ids for one of the paper's three inputs (§3).
-
-    natural:  ``encode(text)`` (which adds BOS if the tokenizer does) truncated to T; needs ``texts``.
-    random:   T uniformly random ids in [0, vocab_size) without the ``exclude`` ids (pass the special ids).
-    repeated: one token repeated T times; ``repeat_token`` for all samples, or (None) a different random
-              non-excluded token per sample, drawn with ``seed``.
-    The paper's random and repeated inputs have nothing in front of them (no BOS), which is the default here
-    and what :func:`lit_gpt.hf.hf_probe_tokens` feeds Hugging Face models. ``prefix`` (e.g. ``[bos]``) puts ids
-    before the random / repeated tokens for callers that want to measure that other input on purpose; it is not
-    the paper's input (a different first token brings the sink back on a repeated input).
-    """
-    from lit_gpt.probe import natural_tokens, random_tokens, repeated_tokens
-
-    if kind == "natural":
-        if encode is None or texts is None:
-            raise ValueError("input 'natural' needs encode= and texts=")
-        if len(texts) < n:
-            raise ValueError(f"the probe file holds {len(texts)} texts; n={n} requested")
-        return natural_tokens(encode, list(texts)[:n], T=T)
-    if kind in ("random", "repeated") and vocab_size is None:
-        raise ValueError(f"input {kind!r} needs vocab_size=")
-    if kind == "random":
-        return random_tokens(n, T, vocab_size, seed=seed, prefix=prefix, exclude=exclude)
-    if kind == "repeated":
-        if repeat_token is not None:
-            if not 0 <= repeat_token < vocab_size:
-                raise ValueError(f"repeat_token={repeat_token} is out of range; allowed: 0..{vocab_size - 1}")
-            return repeated_tokens(n, T, repeat_token, prefix=prefix)
-        picks = random_tokens(n, 1, vocab_size, seed=seed + 1, exclude=exclude)[:, 0]
-        return torch.cat([repeated_tokens(1, T, int(t), prefix=prefix) for t in picks], dim=0)
-    raise ValueError(f"input={kind!r} is invalid; allowed: natural, random, repeated")
-
-
-INPUT_KINDS = ("natural", "random", "repeated")
-
-
-# ---------------------------------------------------------------------------- per-checkpoint evaluation
-def is_lit_gpt(model: torch.nn.Module) -> bool:
-    """Our GPT, possibly inside Fabric / DDP / FSDP / torch.compile wrappers."""
-    from lit_gpt.model import GPT
-
-    for _ in range(8):
-        if isinstance(model, GPT):
-            return True
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            return False
-        model = inner
-    return False
-
-
-def model_forward(model: torch.nn.Module, idx: torch.Tensor, need: Iterable[str]):
-    """(logits, Analysis) for our GPT or a Hugging Face causal LM (through lit_gpt.hf's capture)."""
-    if is_lit_gpt(model):
-        return model(idx, return_analysis=set(need))   # through the wrapper: FSDP / DDP / Fabric keep their hooks
-    from lit_gpt.hf import hf_forward
-
-    return hf_forward(model, idx, need)
-
-
-@torch.no_grad()
-def evaluate_model(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, T: Optional[int] = None,
-                   eps: float = DEFAULT_EPS, k_max: int = DEFAULT_K, activations: bool = True,
-                   attention_maps: Sequence[Tuple[int, int]] = (), device: Optional[torch.device] = None) -> dict:
-    """Sink_k^ε, next-token loss and activation statistics of ``model`` over token ``batches``.
-
-    batches: (B, >= T) long tensors. The first T tokens are the input (T defaults to the first batch's width);
-        the loss is the mean cross-entropy of predicting tokens 2..T+1 from the inputs, so a batch one token
-        wider than T is scored on T targets, a batch of exactly T on T-1. A batch may also be an
-        ``(inputs, targets)`` pair (targets[:, t] is scored against the prediction at position t), for inputs
-        that differ from the shifted targets (lit_gpt.evaluate.probe_view).
-    activations: also measure norms, massive activations and cos/norm statistics (needs hidden, q, k, v).
-    attention_maps: (layer, head) pairs whose attention map, averaged over samples, is returned for plots.
-
-    Returns ``{"sink": SinkResult, "activations": ActivationResult | None, "loss": float | None,
-    "n_loss_tokens": int, "attention_maps": {(l, h): (T, S+T) tensor}}``.
-    """
-    need = {"attn"} | ({"hidden", "q", "k", "v"} if activations else set())
-    sink: Optional[SinkMeter] = None      # made at the first batch: the analysis says how many extra slots
-    act = ActivationMeter() if activations else None
-    maps: Dict[Tuple[int, int], torch.Tensor] = {}
-    loss_sum, loss_n = 0.0, 0
-    if device is None:
-        device = next(model.parameters()).device
-    for batch in batches:
-        batch, targets = batch if isinstance(batch, tuple) else (batch, None)
-        if batch.dim() != 2:
-            raise ValueError(f"token batch must be (B, T), got shape {tuple(batch.shape)}")
-        T = T or batch.shape[1]
-        if batch.shape[1] < T:
-            raise ValueError(f"token batch has {batch.shape[1]} tokens < T={T}")
-        idx = batch[:, :T].to(device)
-        logits, an = model_forward(model, idx, need)
-        targets = (batch[:, 1:T + 1] if targets is None else targets[:, :T]).to(device)
-        n_t = targets.shape[1]
-        if n_t:
-            lf = logits[:, :n_t].float()
-            loss_sum += float(F.cross_entropy(lf.reshape(-1, lf.shape[-1]), targets.reshape(-1), reduction="sum"))
-            loss_n += targets.numel()
-        if sink is None:
-            sink = SinkMeter(eps=eps, k_max=k_max, n_extra=getattr(an, "n_extra", 0))
-        sink.update(an.attn)
-        for (layer, head) in attention_maps:
-            if not (0 <= layer < len(an.attn) and 0 <= head < an.attn[layer].shape[1]):
-                raise ValueError(f"attention map ({layer}, {head}) is out of range: {len(an.attn)} layers, "
-                                 f"{an.attn[0].shape[1]} heads")
-            m = an.attn[layer][:, head].double().sum(0).cpu()
-            maps[(layer, head)] = maps.get((layer, head), 0) + m
-        if act is not None:
-            act.update(hidden=an.hidden, q=an.q, k=an.k, v=an.v)
-    if sink is None:
-        raise ValueError("evaluate_model: no batches")
-    result = sink.compute()
-    return {
-        "sink": result,
-        "activations": act.compute() if act is not None else None,
-        "loss": loss_sum / loss_n if loss_n else None,
-        "n_loss_tokens": loss_n,
-        "attention_maps": {key: (m / result.n_samples).float() for key, m in maps.items()},
-    }
-
-
-def batched(tokens, batch_size: int) -> list:
-    """Split (n, T) rows, or an (inputs, targets) pair of them, into batches of ``batch_size`` rows."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} is invalid; allowed: >= 1")
-    if isinstance(tokens, tuple):
-        return list(zip(*(t.split(batch_size, dim=0) for t in tokens)))
-    return list(tokens.split(batch_size, dim=0))
-
-
-def evaluation_to_dict(ev: dict) -> dict:
-    """JSON-ready form of :func:`evaluate_model`'s result (attention maps as nested lists)."""
-    return {
-        "sink": ev["sink"].to_dict(),
-        "loss": ev["loss"],
-        "n_loss_tokens": ev["n_loss_tokens"],
-        "activations": ev["activations"].to_dict() if ev["activations"] is not None else None,
-        "attention_maps": {f"L{l}H{h}": m.tolist() for (l, h), m in ev["attention_maps"].items()},
-    }

@@ -21,20 +21,26 @@
   sample, so resumable and reproducible); :class:`FixedToken` puts one token id at position p. The sink probe
   follows the seed's evaluation (``pretrain/eval_sink_pretrain.py``): a transform with ``on_probe`` (the fixed
   token) is put in place in the probe inputs, the others (random tokens) are not: random-token runs are probed
-  on natural text (:func:`lit_gpt.evaluate.probe_view`). :func:`make_transforms` builds them from a run config.
+  on natural text (:func:`lit_gpt.probe.probe_view`). :func:`make_transforms` builds them from a run config.
 * :class:`ValidationSet` — a fixed, evenly spaced subset of chunks of each validation domain.
+* :func:`open_run_data` — every shard a run reads, opened and checked against the model and the tokenizer,
+  with the run's transforms and validation subset (:class:`RunData`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from lit_gpt.packed import SHARD_SUFFIX, PackedShard, read_header
+
+if TYPE_CHECKING:
+    from lit_gpt.config import Config
+    from lit_gpt.run_config import RunConfig
 
 _BLOCK = 4096          # domain choices are drawn in blocks of this many global samples
 _TAG_CHOICE, _TAG_POOL, _TAG_PERM, _TAG_RANDOM, _TAG_POOLED = 0xC401CE, 0x9001, 0x9E53, 0x5A11D, 0x5EED
@@ -353,7 +359,7 @@ class ValidationSet:
 
     def rows(self, n: int, seq_len: int) -> torch.Tensor:
         """``n`` untransformed rows of ``seq_len`` tokens spread over the domains (the probe set when no text
-        probe exists; :func:`lit_gpt.evaluate.probe_view` applies the run's probe transforms)."""
+        probe exists; :func:`lit_gpt.probe.probe_view` applies the run's probe transforms)."""
         names = list(self.domains)
         picks: List[np.ndarray] = []
         per = [n // len(names) + (1 if i < n % len(names) else 0) for i in range(len(names))]
@@ -366,3 +372,46 @@ class ValidationSet:
             idx = np.unique(np.linspace(0, len(d) - 1, k).round().astype(np.int64))
             picks.append(np.stack([d.chunk(int(i))[:seq_len] for i in idx]).astype(np.int64))
         return torch.from_numpy(np.concatenate(picks))
+
+
+# ---------------------------------------------------------------------------- data of a run
+@dataclass
+class RunData:
+    """What a run reads: its opened domains, their data info, the tokenizer, the data transforms and the
+    validation subset."""
+
+    train: Dict[str, Domain]
+    valid: Dict[str, Domain]
+    info: DataInfo
+    tokenizer: Any
+    transforms: list
+    valid_set: Optional[ValidationSet] = None
+
+
+def open_run_data(cfg: "RunConfig", mc: "Config", need_train: bool = True) -> RunData:
+    """Open and check every shard the run reads (raises DataError / ShardError with one clear line)."""
+    from lit_gpt.tokenizer import Tokenizer
+
+    d = cfg.data
+    seq_len = mc.block_size + 1
+    train = open_domains(d.train_dir, [k for k, w in d.train.items() if w > 0], seq_len) if need_train else {}
+    valid = open_domains(d.valid_dir or d.train_dir, [k for k, w in d.valid.items() if w > 0], seq_len) \
+        if d.valid else {}
+    domains = list(train.values()) + list(valid.values())
+    if not domains:
+        raise DataError("no data: data.train and data.valid name no domain with weight > 0")
+    tokenizer = None
+    if d.tokenizer:
+        try:
+            tokenizer = Tokenizer(d.tokenizer)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"data.tokenizer={d.tokenizer!r}: {e}") from e
+    info = check_domains(domains, mc.vocab_size, mc.block_size,
+                         tokenizer.fingerprint if tokenizer else None, d.tokenizer or "")
+    transforms = make_transforms(d, info.vocab_size, mc.vocab_size)
+    for i, dom in enumerate(train.values()):
+        dom.downsample(d.downsample_ratio, d.seed, i)
+    rd = RunData(train, valid, info, tokenizer, transforms)
+    if valid:
+        rd.valid_set = ValidationSet(valid, d.val_samples, transforms)
+    return rd

@@ -1,55 +1,140 @@
-"""Sink on a probe set: the one function training and the eval scripts call.
+"""Evaluation: a model (ours or a Hugging Face causal LM) over token batches, and the sink on a probe set.
 
-``sink_on_probe(model, tokens)`` runs a :class:`lit_gpt.GPT` (or anything with its ``return_analysis``
-forward) over probe rows and feeds the attention maps to :class:`lit_gpt.sink_metrics.SinkMeter`:
+* :func:`evaluate_model` — Sink_k^ε (through :class:`lit_gpt.sink_metrics.SinkMeter`), the next-token loss and
+  the activation statistics (:class:`lit_gpt.analysis.ActivationMeter`) over token batches; :func:`model_forward`
+  is the one forward it makes (``GPT(idx, return_analysis=...)`` or :func:`lit_gpt.hf.hf_forward`).
+  eval_sink.py, eval_sink_open_source.py and eval_activations_open_source.py are drivers over it.
+* :func:`sink_on_probe` — the training-time view: Sink and probe loss on probe rows, fed through
+  :func:`lit_gpt.probe.probe_view` (the run's data transforms as the seed's evaluation applies them):
 
     from lit_gpt.evaluate import sink_on_probe
     result, loss = sink_on_probe(model, tokens)        # tokens (n, T+1): loss on tokens 1..T; (n, T): loss None
     result.sink[1]                                      # Sink_1^eps in %
     result, _ = sink_on_probe(model, inputs, has_targets=False)   # (n, T) inputs only
 
-``probe_tokens`` builds the probe rows a run uses (held-out natural text or held-out chunks), and
-``probe_view(rows, transforms)`` turns them into what the model is fed, following the seed's
-``pretrain/eval_sink_pretrain.py``: the run's fixed token is put in place in the inputs (its ``--mode fix``),
-random-token runs are probed on the natural text (its ``--mode base``), and the targets are the natural next
-tokens. ``sink_on_probe`` (training, ``python -m lit_gpt.evaluate``) and ``eval_sink.py`` both go through it.
-
-Command line (evaluate a checkpoint the way training did)::
-
-    python -m lit_gpt.evaluate --checkpoint checkpoints/tinyllama_60m [--probe auto|shards|FILE] [--out sink.json]
+* :func:`sink_of_run` — a checkpoint's model on its own run's probe, as training measured it
+  (``python eval_sink.py CHECKPOINT --run-probe``).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import sys
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
-from lit_gpt.sink_metrics import DEFAULT_EPS, DEFAULT_K, SinkResult, format_sink
+from lit_gpt.analysis import ActivationMeter
+from lit_gpt.data import open_run_data
+from lit_gpt.probe import make_probe, probe_transform_names, probe_view
+from lit_gpt.sink_metrics import DEFAULT_EPS, DEFAULT_K, SinkMeter, SinkResult
+
+if TYPE_CHECKING:
+    from lit_gpt.run_config import RunConfig
 
 
-def probe_view(rows: torch.Tensor, transforms: Sequence = (), has_targets: bool = True
-               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(inputs, targets)`` of probe rows as the seed's ``pretrain/eval_sink_pretrain.py`` feeds a run's model.
+def is_lit_gpt(model: torch.nn.Module) -> bool:
+    """Our GPT, possibly inside Fabric / DDP / FSDP / torch.compile wrappers."""
+    from lit_gpt.model import GPT
 
-    rows: ``(n, T + 1)`` natural-text ids when ``has_targets`` (inputs ``[:, :T]``, targets ``[:, 1:]``), else
-    ``(n, T)`` inputs and ``targets = None``. transforms: the run's data transforms
-    (:func:`lit_gpt.data.make_transforms`); those with ``on_probe`` are applied to the inputs only. That is the
-    fixed token: the seed sets ``inputs[:, fix_position] = 1`` after slicing, so its labels stay the natural next
-    tokens. Random tokens are not applied: the seed evaluates random-token runs with ``--mode base`` on the
-    natural-text probe. The result never aliases ``rows``.
+    for _ in range(8):
+        if isinstance(model, GPT):
+            return True
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return False
+        model = inner
+    return False
+
+
+def model_forward(model: torch.nn.Module, idx: torch.Tensor, need: Iterable[str]):
+    """(logits, Analysis) for our GPT or a Hugging Face causal LM (through lit_gpt.hf's capture)."""
+    if is_lit_gpt(model):
+        return model(idx, return_analysis=set(need))   # through the wrapper: FSDP / DDP / Fabric keep their hooks
+    from lit_gpt.hf import hf_forward
+
+    return hf_forward(model, idx, need)
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, T: Optional[int] = None,
+                   eps: float = DEFAULT_EPS, k_max: int = DEFAULT_K, activations: bool = True,
+                   attention_maps: Sequence[Tuple[int, int]] = (), device: Optional[torch.device] = None) -> dict:
+    """Sink_k^ε, next-token loss and activation statistics of ``model`` over token ``batches``.
+
+    batches: (B, >= T) long tensors. The first T tokens are the input (T defaults to the first batch's width);
+        the loss is the mean cross-entropy of predicting tokens 2..T+1 from the inputs, so a batch one token
+        wider than T is scored on T targets, a batch of exactly T on T-1. A batch may also be an
+        ``(inputs, targets)`` pair (targets[:, t] is scored against the prediction at position t), for inputs
+        that differ from the shifted targets (lit_gpt.probe.probe_view).
+    activations: also measure norms, massive activations and cos/norm statistics (needs hidden, q, k, v).
+    attention_maps: (layer, head) pairs whose attention map, averaged over samples, is returned for plots.
+
+    Returns ``{"sink": SinkResult, "activations": ActivationResult | None, "loss": float | None,
+    "n_loss_tokens": int, "attention_maps": {(l, h): (T, S+T) tensor}}``.
     """
-    if rows.dim() != 2:
-        raise ValueError(f"probe rows must be (n, T) or (n, T+1), got shape {tuple(rows.shape)}")
-    T = rows.shape[1] - int(has_targets)
-    inputs = rows[:, :T].clone()
-    for t in transforms:
-        if getattr(t, "on_probe", False):
-            inputs = torch.as_tensor(t(inputs.numpy(), keys=range(len(inputs))))
-    return inputs, (rows[:, 1:].clone() if has_targets else None)
+    need = {"attn"} | ({"hidden", "q", "k", "v"} if activations else set())
+    sink: Optional[SinkMeter] = None      # made at the first batch: the analysis says how many extra slots
+    act = ActivationMeter() if activations else None
+    maps: Dict[Tuple[int, int], torch.Tensor] = {}
+    loss_sum, loss_n = 0.0, 0
+    if device is None:
+        device = next(model.parameters()).device
+    for batch in batches:
+        batch, targets = batch if isinstance(batch, tuple) else (batch, None)
+        if batch.dim() != 2:
+            raise ValueError(f"token batch must be (B, T), got shape {tuple(batch.shape)}")
+        T = T or batch.shape[1]
+        if batch.shape[1] < T:
+            raise ValueError(f"token batch has {batch.shape[1]} tokens < T={T}")
+        idx = batch[:, :T].to(device)
+        logits, an = model_forward(model, idx, need)
+        targets = (batch[:, 1:T + 1] if targets is None else targets[:, :T]).to(device)
+        n_t = targets.shape[1]
+        if n_t:
+            lf = logits[:, :n_t].float()
+            loss_sum += float(F.cross_entropy(lf.reshape(-1, lf.shape[-1]), targets.reshape(-1), reduction="sum"))
+            loss_n += targets.numel()
+        if sink is None:
+            sink = SinkMeter(eps=eps, k_max=k_max, n_extra=getattr(an, "n_extra", 0))
+        sink.update(an.attn)
+        for (layer, head) in attention_maps:
+            if not (0 <= layer < len(an.attn) and 0 <= head < an.attn[layer].shape[1]):
+                raise ValueError(f"attention map ({layer}, {head}) is out of range: {len(an.attn)} layers, "
+                                 f"{an.attn[0].shape[1]} heads")
+            m = an.attn[layer][:, head].double().sum(0).cpu()
+            maps[(layer, head)] = maps.get((layer, head), 0) + m
+        if act is not None:
+            act.update(hidden=an.hidden, q=an.q, k=an.k, v=an.v)
+    if sink is None:
+        raise ValueError("evaluate_model: no batches")
+    result = sink.compute()
+    return {
+        "sink": result,
+        "activations": act.compute() if act is not None else None,
+        "loss": loss_sum / loss_n if loss_n else None,
+        "n_loss_tokens": loss_n,
+        "attention_maps": {key: (m / result.n_samples).float() for key, m in maps.items()},
+    }
+
+
+def batched(tokens, batch_size: int) -> list:
+    """Split (n, T) rows, or an (inputs, targets) pair of them, into batches of ``batch_size`` rows."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid; allowed: >= 1")
+    if isinstance(tokens, tuple):
+        return list(zip(*(t.split(batch_size, dim=0) for t in tokens)))
+    return list(tokens.split(batch_size, dim=0))
+
+
+def evaluation_to_dict(ev: dict) -> dict:
+    """JSON-ready form of :func:`evaluate_model`'s result (attention maps as nested lists)."""
+    return {
+        "sink": ev["sink"].to_dict(),
+        "loss": ev["loss"],
+        "n_loss_tokens": ev["n_loss_tokens"],
+        "activations": ev["activations"].to_dict() if ev["activations"] is not None else None,
+        "attention_maps": {f"L{l}H{h}": m.tolist() for (l, h), m in ev["attention_maps"].items()},
+    }
 
 
 @torch.no_grad()
@@ -57,7 +142,7 @@ def sink_on_probe(model: torch.nn.Module, tokens: torch.Tensor, eps: float = DEF
                   batch_size: int = 20, has_targets: bool = True, transforms: Sequence = ()
                   ) -> Tuple[SinkResult, Optional[float]]:
     """Sink_1..k_max^eps (in %) of ``model`` on probe rows, and the mean next-token loss on them: the training-time
-    view of :func:`lit_gpt.analysis.evaluate_model` (which also serves eval_sink.py and the HF scripts).
+    view of :func:`evaluate_model` (which also serves eval_sink.py and the HF scripts).
 
     Args:
         model: our GPT or a Hugging Face causal LM.
@@ -65,13 +150,12 @@ def sink_on_probe(model: torch.nn.Module, tokens: torch.Tensor, eps: float = DEF
             reported next to the sink), else ``(n, T)`` inputs and no loss.
         eps, k_max: the metric's threshold and how many leading positions to report.
         batch_size: probe rows per forward.
-        transforms: the run's data transforms, applied as the seed's probe does (:func:`probe_view`).
+        transforms: the run's data transforms, applied as the seed's probe does
+            (:func:`lit_gpt.probe.probe_view`).
 
     Returns:
         ``(SinkResult, loss)``; the model is left in the train/eval mode it came in.
     """
-    from lit_gpt.analysis import batched, evaluate_model
-
     inputs, targets = probe_view(tokens, transforms, has_targets)
     T = inputs.shape[1]
     if T < k_max:
@@ -86,36 +170,6 @@ def sink_on_probe(model: torch.nn.Module, tokens: torch.Tensor, eps: float = DEF
     return out["sink"], (out["loss"] if has_targets else None)
 
 
-def probe_tokens(source: str, n: int, T: int, tokenizer=None, valid_set=None) -> Tuple[torch.Tensor, str]:
-    """``(n, T + 1)`` natural probe rows and a description of where they came from.
-
-    source: a JSONL file of held-out texts (the first T+1 tokens of each, no BOS), ``"shards"`` (evenly spaced
-    held-out chunks of the validation shards, via ``valid_set.rows``), or ``"auto"``: the default natural
-    probe ``datasets/probe_valid_natural.jsonl`` (built from ../shared/corpus validation files when present),
-    else ``"shards"``. The rows are untransformed: :func:`probe_view` applies the run's probe transforms.
-    """
-    from lit_gpt.probe import DEFAULT_PROBE, default_probe_sources, load_probe_texts, natural_tokens
-
-    if source == "auto":
-        source = str(DEFAULT_PROBE) if (tokenizer is not None and (DEFAULT_PROBE.is_file() or default_probe_sources())) \
-            else "shards"
-    if source == "shards":
-        if valid_set is None:
-            raise ValueError("probe.source=shards needs validation shards (data.valid)")
-        return valid_set.rows(n, T + 1), f"{n} held-out chunks of the validation shards"
-    if tokenizer is None:
-        raise ValueError(f"probe.source={source!r} is a text file: set data.tokenizer to tokenise it")
-    texts = load_probe_texts(source)
-    if len(texts) < n:
-        raise ValueError(f"probe file {source} has {len(texts)} texts; probe.n={n} are needed")
-    return natural_tokens(tokenizer.encode, texts[:n], T=T + 1), f"{n} texts of {source}"
-
-
-def probe_transform_names(transforms: Sequence) -> list:
-    """The transforms :func:`probe_view` applies, for the records ("FixedToken(position=1, token_id=1)")."""
-    return [repr(t) for t in transforms if getattr(t, "on_probe", False)]
-
-
 def sink_summary(result: SinkResult, loss: Optional[float]) -> dict:
     """The compact record training logs (Sink_k in %, extra slots, probe loss)."""
     out = {f"sink_{k}": v for k, v in result.sink.items()}
@@ -126,50 +180,21 @@ def sink_summary(result: SinkResult, loss: Optional[float]) -> dict:
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from lit_gpt.checkpoint import CheckpointError, load_model
-    from lit_gpt.run_config import from_dict
-    from lit_gpt.trainer import make_probe, open_run_data
-    from lit_gpt.utils import atomic_write_text
-
-    ap = argparse.ArgumentParser(description="Sink_1..k and probe loss of a pretraining checkpoint")
-    ap.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (final/, else the newest step)")
-    ap.add_argument("--probe", default=None, help="auto | shards | probe JSONL (default: the run's probe.source)")
-    ap.add_argument("--eps", type=float, default=None)
-    ap.add_argument("--k_max", type=int, default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None, help="write the full SinkResult as JSON here")
-    a = ap.parse_args(argv)
-    try:
-        model, payload = load_model(a.checkpoint, device=a.device, attn_impl="eager")
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if "run_config" not in payload:
-        print(f"error: {payload['_path']} has no run_config; evaluate it with eval_sink.py and a probe file",
-              file=sys.stderr)
-        return 2
-    cfg = from_dict(payload["run_config"])
-    if a.probe:
-        cfg.probe.source = a.probe
+def sink_of_run(model: torch.nn.Module, cfg: "RunConfig", source: Optional[str] = None,
+                eps: Optional[float] = None, k_max: Optional[int] = None) -> Tuple[SinkResult, Optional[float], str]:
+    """Sink and probe loss of a checkpoint's ``model`` on the probe of its run ``cfg``, as training measured it:
+    the run's ``probe`` section (``source``, ``eps``, ``k_max`` override its fields), its validation shards and
+    tokenizer (:func:`lit_gpt.data.open_run_data`) and its data transforms. Returns ``(result, loss, where)``;
+    ``result.meta`` names the probe and the transforms applied."""
     pc = cfg.probe
     rd = open_run_data(cfg, model.config, need_train=False)
-    tokens, where = make_probe(cfg, rd)
-    result, loss = sink_on_probe(model, tokens, eps=a.eps if a.eps is not None else pc.eps,
-                                 k_max=a.k_max or pc.k_max, batch_size=pc.batch_size, transforms=rd.transforms)
-    result.meta.update({"checkpoint": payload["_path"], "step": payload.get("step"), "probe": where,
-                        "probe_transforms": probe_transform_names(rd.transforms)})
-    print(f"{payload['_path']} (step {payload.get('step')}), probe: {where}")
-    print(format_sink(result))
-    if loss is not None:
-        print(f"probe loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})")
-    if a.out:
-        rec = result.to_dict()
-        rec["probe_loss"] = loss
-        atomic_write_text(a.out, json.dumps(rec, indent=1) + "\n")
-        print(f"wrote {a.out}")
-    return 0
+    tokens, where = make_probe(cfg, rd, source)
+    result, loss = sink_on_probe(model, tokens, eps=eps if eps is not None else pc.eps, k_max=k_max or pc.k_max,
+                                 batch_size=pc.batch_size, transforms=rd.transforms)
+    result.meta.update({"probe": where, "probe_transforms": probe_transform_names(rd.transforms)})
+    return result, loss, where
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("error: `python -m lit_gpt.evaluate` is now `python eval_sink.py CHECKPOINT --run-probe` "
+             "(same options: --probe, --eps, --k-max, --device, --out)")

@@ -24,12 +24,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from lit_gpt.analysis import expand_groups
+from lit_gpt.attention import repeat_kv
 
 CAPTURE_IMPL = "sinklab_capture"
 
@@ -82,7 +82,7 @@ _ACTIVE: contextvars.ContextVar[Optional[_Recorder]] = contextvars.ContextVar("s
 def _generic_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Plain softmax attention for families without a module-level ``eager_attention_forward``."""
     H = query.shape[1]
-    k, v = expand_groups(key, H), expand_groups(value, H)
+    k, v = repeat_kv(key, H), repeat_kv(value, H)
     s = query.shape[-1] ** -0.5 if scaling is None else scaling
     w = (query @ k.transpose(-1, -2)) * s
     if attention_mask is not None:
@@ -299,24 +299,6 @@ def special_prefix(tokenizer) -> List[int]:
         if with_sp[i:i + len(plain)] == plain:
             return with_sp[:i]
     return []
-
-
-def hf_probe_tokens(model, tokenizer, kind: str, n: int, T: int, texts: Optional[Sequence[str]] = None,
-                    seed: int = 0, repeat_token: Optional[int] = None) -> torch.Tensor:
-    """(n, T) inputs of one kind for a Hugging Face model, as the paper feeds them (§3).
-
-    natural: each text as the tokenizer encodes it by default, so BOS stays where the tokenizer adds one
-    (Llama-2/3, Mistral, OPT; :func:`special_prefix` says which ids). random / repeated: T token ids with nothing
-    in front — no BOS — drawn from the vocabulary without the tokenizer's special ids. The paper's proof that the
-    repeated-token sink vanishes under RoPE needs every one of the T positions to hold the same token; a BOS in
-    front would be a different first token and would bring the sink back."""
-    from lit_gpt.analysis import probe_inputs
-
-    vocab = min(len(tokenizer), int(text_config(model).vocab_size))
-    return probe_inputs(kind, n, T, encode=lambda t: tokenizer(t, add_special_tokens=True)["input_ids"],
-                        texts=texts, vocab_size=vocab,
-                        exclude=[i for i in tokenizer.all_special_ids if i is not None], seed=seed,
-                        repeat_token=repeat_token)
 
 
 # ---------------------------------------------------------------------------- export

@@ -1,4 +1,14 @@
-"""Probe inputs for the sink metric: natural text, uniformly random tokens, one repeated token (paper §3).
+"""Probe inputs for the sink metric, built here and nowhere else: natural text, uniformly random tokens, one
+repeated token (paper §3), and the probe of a training run.
+
+* The paper's three inputs: :func:`probe_inputs` (over :func:`natural_tokens`, :func:`random_tokens`,
+  :func:`repeated_tokens`); random and repeated inputs have no BOS in front. :func:`hf_probe_tokens` is the same
+  for a Hugging Face model and its tokenizer (eval_sink_open_source.py, eval_activations_open_source.py).
+* The probe of a training run: :func:`make_probe` (``probe.source``: a text file, ``shards`` or ``auto``, via
+  :func:`probe_tokens`) gives natural rows; :func:`probe_view` turns them into what the model is fed, following
+  the seed's ``pretrain/eval_sink_pretrain.py``: the run's fixed token is put in place in the inputs (its
+  ``--mode fix``), random-token runs are probed on the natural text (its ``--mode base``), and the targets are
+  the natural next tokens. Training, eval_sink.py and :func:`lit_gpt.evaluate.sink_on_probe` go through it.
 
 The natural-text probe is a JSONL file of held-out text excerpts (``{"text": ...}`` per line); every model
 tokenises it itself and keeps the first T tokens. :func:`build_probe_jsonl` makes it from held-out documents
@@ -9,12 +19,17 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from lit_gpt.data import DataError
 from lit_gpt.textio import iter_texts, list_text_files
 from lit_gpt.utils import atomic_write_text
+
+if TYPE_CHECKING:
+    from lit_gpt.data import RunData
+    from lit_gpt.run_config import RunConfig
 
 DEFAULT_PROBE = Path("datasets/probe_valid_natural.jsonl")
 SHARED_VALID = ("gutenberg-val.jsonl.xz", "wikipedia-val.jsonl.xz")
@@ -104,6 +119,123 @@ def repeated_tokens(n: int, T: int, token: int, prefix: Sequence[int] = ()) -> t
     """One token repeated (the paper's case where the sink does not form), after an optional prefix."""
     head = torch.tensor(list(prefix), dtype=torch.long).expand(n, len(prefix))
     return torch.cat([head, torch.full((n, T - len(prefix)), token, dtype=torch.long)], dim=1)
+
+
+# ---------------------------------------------------------------------------- the paper's three inputs
+def probe_inputs(kind: str, n: int, T: int, *, encode: Optional[Callable[[str], List[int]]] = None,
+                 texts: Optional[Sequence[str]] = None, vocab_size: Optional[int] = None,
+                 prefix: Sequence[int] = (), exclude: Sequence[int] = (), seed: int = 0,
+                 repeat_token: Optional[int] = None) -> torch.Tensor:
+    """(n, T) token ids for one of the paper's three inputs (§3).
+
+    natural:  ``encode(text)`` (which adds BOS if the tokenizer does) truncated to T; needs ``texts``.
+    random:   T uniformly random ids in [0, vocab_size) without the ``exclude`` ids (pass the special ids).
+    repeated: one token repeated T times; ``repeat_token`` for all samples, or (None) a different random
+              non-excluded token per sample, drawn with ``seed``.
+    The paper's random and repeated inputs have nothing in front of them (no BOS), which is the default here
+    and what :func:`hf_probe_tokens` feeds Hugging Face models. ``prefix`` (e.g. ``[bos]``) puts ids
+    before the random / repeated tokens for callers that want to measure that other input on purpose; it is not
+    the paper's input (a different first token brings the sink back on a repeated input).
+    """
+    if kind == "natural":
+        if encode is None or texts is None:
+            raise ValueError("input 'natural' needs encode= and texts=")
+        if len(texts) < n:
+            raise ValueError(f"the probe file holds {len(texts)} texts; n={n} requested")
+        return natural_tokens(encode, list(texts)[:n], T=T)
+    if kind in ("random", "repeated") and vocab_size is None:
+        raise ValueError(f"input {kind!r} needs vocab_size=")
+    if kind == "random":
+        return random_tokens(n, T, vocab_size, seed=seed, prefix=prefix, exclude=exclude)
+    if kind == "repeated":
+        if repeat_token is not None:
+            if not 0 <= repeat_token < vocab_size:
+                raise ValueError(f"repeat_token={repeat_token} is out of range; allowed: 0..{vocab_size - 1}")
+            return repeated_tokens(n, T, repeat_token, prefix=prefix)
+        picks = random_tokens(n, 1, vocab_size, seed=seed + 1, exclude=exclude)[:, 0]
+        return torch.cat([repeated_tokens(1, T, int(t), prefix=prefix) for t in picks], dim=0)
+    raise ValueError(f"input={kind!r} is invalid; allowed: natural, random, repeated")
+
+
+INPUT_KINDS = ("natural", "random", "repeated")
+
+
+def hf_probe_tokens(model, tokenizer, kind: str, n: int, T: int, texts: Optional[Sequence[str]] = None,
+                    seed: int = 0, repeat_token: Optional[int] = None) -> torch.Tensor:
+    """(n, T) inputs of one kind for a Hugging Face model, as the paper feeds them (§3).
+
+    natural: each text as the tokenizer encodes it by default, so BOS stays where the tokenizer adds one
+    (Llama-2/3, Mistral, OPT; :func:`lit_gpt.hf.special_prefix` says which ids). random / repeated: T token ids
+    with nothing in front — no BOS — drawn from the vocabulary without the tokenizer's special ids. The paper's
+    proof that the repeated-token sink vanishes under RoPE needs every one of the T positions to hold the same
+    token; a BOS in front would be a different first token and would bring the sink back."""
+    from lit_gpt.hf import text_config
+
+    vocab = min(len(tokenizer), int(text_config(model).vocab_size))
+    return probe_inputs(kind, n, T, encode=lambda t: tokenizer(t, add_special_tokens=True)["input_ids"],
+                        texts=texts, vocab_size=vocab,
+                        exclude=[i for i in tokenizer.all_special_ids if i is not None], seed=seed,
+                        repeat_token=repeat_token)
+
+
+# ---------------------------------------------------------------------------- the probe of a training run
+def probe_tokens(source: str, n: int, T: int, tokenizer=None, valid_set=None) -> Tuple[torch.Tensor, str]:
+    """``(n, T + 1)`` natural probe rows and a description of where they came from.
+
+    source: a JSONL file of held-out texts (the first T+1 tokens of each, no BOS), ``"shards"`` (evenly spaced
+    held-out chunks of the validation shards, via ``valid_set.rows``), or ``"auto"``: the default natural
+    probe ``datasets/probe_valid_natural.jsonl`` (built from ../shared/corpus validation files when present),
+    else ``"shards"``. The rows are untransformed: :func:`probe_view` applies the run's probe transforms.
+    """
+    if source == "auto":
+        source = str(DEFAULT_PROBE) if (tokenizer is not None and (DEFAULT_PROBE.is_file() or default_probe_sources())) \
+            else "shards"
+    if source == "shards":
+        if valid_set is None:
+            raise ValueError("probe.source=shards needs validation shards (data.valid)")
+        return valid_set.rows(n, T + 1), f"{n} held-out chunks of the validation shards"
+    if tokenizer is None:
+        raise ValueError(f"probe.source={source!r} is a text file: set data.tokenizer to tokenise it")
+    texts = load_probe_texts(source)
+    if len(texts) < n:
+        raise ValueError(f"probe file {source} has {len(texts)} texts; probe.n={n} are needed")
+    return natural_tokens(tokenizer.encode, texts[:n], T=T + 1), f"{n} texts of {source}"
+
+
+def make_probe(cfg: "RunConfig", rd: "RunData", source: Optional[str] = None) -> Tuple[torch.Tensor, str]:
+    """:func:`probe_tokens` of a run: its ``probe`` section (``source`` overrides ``probe.source``) over its data
+    (:func:`lit_gpt.data.open_run_data`); a bad source is a :class:`lit_gpt.data.DataError` naming it."""
+    p = cfg.probe
+    try:
+        return probe_tokens(source or p.source, p.n, p.T, rd.tokenizer, rd.valid_set)
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(f"probe.source={source or p.source!r}: {e}") from e
+
+
+def probe_view(rows: torch.Tensor, transforms: Sequence = (), has_targets: bool = True
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(inputs, targets)`` of probe rows as the seed's ``pretrain/eval_sink_pretrain.py`` feeds a run's model.
+
+    rows: ``(n, T + 1)`` natural-text ids when ``has_targets`` (inputs ``[:, :T]``, targets ``[:, 1:]``), else
+    ``(n, T)`` inputs and ``targets = None``. transforms: the run's data transforms
+    (:func:`lit_gpt.data.make_transforms`); those with ``on_probe`` are applied to the inputs only. That is the
+    fixed token: the seed sets ``inputs[:, fix_position] = 1`` after slicing, so its labels stay the natural next
+    tokens. Random tokens are not applied: the seed evaluates random-token runs with ``--mode base`` on the
+    natural-text probe. The result never aliases ``rows``.
+    """
+    if rows.dim() != 2:
+        raise ValueError(f"probe rows must be (n, T) or (n, T+1), got shape {tuple(rows.shape)}")
+    T = rows.shape[1] - int(has_targets)
+    inputs = rows[:, :T].clone()
+    for t in transforms:
+        if getattr(t, "on_probe", False):
+            inputs = torch.as_tensor(t(inputs.numpy(), keys=range(len(inputs))))
+    return inputs, (rows[:, 1:].clone() if has_targets else None)
+
+
+def probe_transform_names(transforms: Sequence) -> list:
+    """The transforms :func:`probe_view` applies, for the records ("FixedToken(position=1, token_id=1)")."""
+    return [repr(t) for t in transforms if getattr(t, "on_probe", False)]
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ from lit_gpt.utils import atomic_write_text
 
 
 def add_common_args(ap: argparse.ArgumentParser, default_out: str, default_inputs: Sequence[str]) -> None:
-    from lit_gpt.analysis import INPUT_KINDS
-    from lit_gpt.probe import DEFAULT_PROBE
+    from lit_gpt.probe import DEFAULT_PROBE, INPUT_KINDS
     from lit_gpt.utils import DTYPES
 
     ap.add_argument("--models", nargs="+", default=None,
@@ -136,8 +135,8 @@ def run_hf_sweep(args, result_stem: str, per_model: Callable) -> int:
     ``per_model(spec, model, tokenizer, folder, inputs)`` where ``inputs`` yields ``(kind, (n, T) tokens)`` for each
     requested input. A model counts as done when every ``folder/<result_stem>_<input>.json`` exists.
     Returns the number of failed models."""
-    from lit_gpt.hf import hf_probe_tokens, load_hf
-    from lit_gpt.probe import load_probe_texts
+    from lit_gpt.hf import load_hf
+    from lit_gpt.probe import hf_probe_tokens, load_probe_texts
 
     texts = load_probe_texts(args.probe) if "natural" in args.inputs else None
 

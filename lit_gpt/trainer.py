@@ -41,11 +41,10 @@ from lit_gpt.checkpoint import (FINAL, CheckpointError, check_state_keys, delete
                                  legacy_checkpoints, list_checkpoints, load_checkpoint, model_state_dict, rng_state, set_rng_state,
                                  step_checkpoints, step_name, write_checkpoint)
 from lit_gpt.config import Config
-from lit_gpt.data import (
-    DataError, DataInfo, Domain, MixtureLoader, ValidationSet, check_domains, make_transforms, open_domains,
-)
-from lit_gpt.evaluate import probe_tokens, sink_on_probe, sink_summary
+from lit_gpt.data import DataError, MixtureLoader, RunData, ValidationSet, open_run_data
+from lit_gpt.evaluate import sink_on_probe, sink_summary
 from lit_gpt.packed import ShardError
+from lit_gpt.probe import make_probe
 from lit_gpt.run_config import RunConfig, loss_skip
 from lit_gpt.sink_metrics import format_sink
 from lit_gpt.attention import set_sdpa_backend
@@ -71,54 +70,6 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     if t.lr_schedule == "linear":
         return t.lr - progress * (t.lr - t.min_lr)
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
-
-
-# ---------------------------------------------------------------------------- data of a run
-@dataclass
-class RunData:
-    train: Dict[str, Domain]
-    valid: Dict[str, Domain]
-    info: DataInfo
-    tokenizer: Any
-    transforms: list
-    valid_set: Optional[ValidationSet] = None
-
-
-def open_run_data(cfg: RunConfig, mc: Config, need_train: bool = True) -> RunData:
-    """Open and check every shard the run reads (raises DataError / ShardError with one clear line)."""
-    from lit_gpt.tokenizer import Tokenizer
-
-    d = cfg.data
-    seq_len = mc.block_size + 1
-    train = open_domains(d.train_dir, [k for k, w in d.train.items() if w > 0], seq_len) if need_train else {}
-    valid = open_domains(d.valid_dir or d.train_dir, [k for k, w in d.valid.items() if w > 0], seq_len) \
-        if d.valid else {}
-    domains = list(train.values()) + list(valid.values())
-    if not domains:
-        raise DataError("no data: data.train and data.valid name no domain with weight > 0")
-    tokenizer = None
-    if d.tokenizer:
-        try:
-            tokenizer = Tokenizer(d.tokenizer)
-        except (FileNotFoundError, ValueError) as e:
-            raise DataError(f"data.tokenizer={d.tokenizer!r}: {e}") from e
-    info = check_domains(domains, mc.vocab_size, mc.block_size,
-                         tokenizer.fingerprint if tokenizer else None, d.tokenizer or "")
-    transforms = make_transforms(d, info.vocab_size, mc.vocab_size)
-    for i, dom in enumerate(train.values()):
-        dom.downsample(d.downsample_ratio, d.seed, i)
-    rd = RunData(train, valid, info, tokenizer, transforms)
-    if valid:
-        rd.valid_set = ValidationSet(valid, d.val_samples, transforms)
-    return rd
-
-
-def make_probe(cfg: RunConfig, rd: RunData, source: Optional[str] = None) -> Tuple[torch.Tensor, str]:
-    p = cfg.probe
-    try:
-        return probe_tokens(source or p.source, p.n, p.T, rd.tokenizer, rd.valid_set)
-    except (ValueError, FileNotFoundError) as e:
-        raise DataError(f"probe.source={source or p.source!r}: {e}") from e
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -42,6 +42,6 @@ train_and_eval() {
   out=$("$PYTHON" pretrain.py --config "$config" "${args[@]}" "$@" --print_config | "$PYTHON" -c \
     "import sys, yaml; d = yaml.safe_load(sys.stdin); print(d['train']['out_dir'] or 'checkpoints/' + d['train']['name'])")
   RUN_OUT="$out"     # for scripts that evaluate more checkpoints of the run
-  echo "+ $PYTHON -m lit_gpt.evaluate --checkpoint $out --out $out/sink_eval.json"
-  "$PYTHON" -m lit_gpt.evaluate --checkpoint "$out" --out "$out/sink_eval.json"
+  echo "+ $PYTHON eval_sink.py $out --run-probe --out $out/sink_eval.json"
+  "$PYTHON" eval_sink.py "$out" --run-probe --out "$out/sink_eval.json"
 }

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from lit_gpt import GPT, Config
-from lit_gpt.analysis import (
-    COS_BINS, LOGN_BINS, ActivationMeter, batched, cos_and_norm_product, evaluate_model, evaluation_to_dict,
-    probe_inputs,
-)
+from lit_gpt.analysis import COS_BINS, LOGN_BINS, ActivationMeter, cos_and_norm_product
+from lit_gpt.evaluate import batched, evaluate_model, evaluation_to_dict
+from lit_gpt.probe import probe_inputs
 from test_sink_metrics import ref_sink
 
 

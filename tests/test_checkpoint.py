@@ -247,9 +247,8 @@ def test_loaders_follow_the_format(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import eval_sink
     import export_hf
-    from lit_gpt import evaluate
 
-    for cli in (lambda p: eval_sink.main([p]), lambda p: evaluate.main(["--checkpoint", p, "--device", "cpu"]),
+    for cli in (lambda p: eval_sink.main([p]), lambda p: eval_sink.main([p, "--run-probe", "--device", "cpu"]),
                 lambda p: export_hf.main([p, str(tmp_path / "hf")])):
         assert cli(str(tmp_path / "old.pth")) == 2
         err = capsys.readouterr().err.strip()

@@ -21,8 +21,9 @@ from transformers import (  # noqa: E402
 )
 
 from lit_gpt.hf import (  # noqa: E402
-    CAPTURE_IMPL, decoder_layers, hf_forward, hf_probe_tokens, load_hf, resolve_source, special_prefix,
+    CAPTURE_IMPL, decoder_layers, hf_forward, load_hf, resolve_source, special_prefix,
 )
+from lit_gpt.probe import hf_probe_tokens  # noqa: E402
 
 VOCAB = 96
 WORDS = [f"w{i}" for i in range(VOCAB - 3)]

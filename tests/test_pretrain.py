@@ -20,8 +20,9 @@ from pretrain_helpers import REPO, make_packed, tiny_run, write_yaml  # noqa: E4
 import pretrain  # noqa: E402
 from lit_gpt import GPT, Config  # noqa: E402
 from lit_gpt.checkpoint import load_checkpoint  # noqa: E402
-from lit_gpt.evaluate import probe_view, sink_on_probe  # noqa: E402
+from lit_gpt.evaluate import sink_on_probe  # noqa: E402
 from lit_gpt.packed import write_shard  # noqa: E402
+from lit_gpt.probe import probe_view  # noqa: E402
 from lit_gpt.run_config import from_dict, load_run_config  # noqa: E402
 from lit_gpt.trainer import fit, lr_at, preflight  # noqa: E402
 

@@ -1,6 +1,6 @@
-"""The sink probe of data-transform runs (issue 8, point 5): training (sink_on_probe), `python -m lit_gpt.evaluate`
-and eval_sink.py feed a checkpoint's model what the seed's pretrain/eval_sink_pretrain.py feeds it, through one
-code path (lit_gpt.evaluate.probe_view), checked against a float64 re-statement of the seed's evaluation.
+"""The sink probe of data-transform runs (issue 8, point 5): training (sink_on_probe), `eval_sink.py --run-probe`
+and plain eval_sink.py feed a checkpoint's model what the seed's pretrain/eval_sink_pretrain.py feeds it, through one
+code path (lit_gpt.probe.probe_view), checked against a float64 re-statement of the seed's evaluation.
 
 The seed's evaluation (sail-sg/Attention-Sink, pretrain/eval_sink_pretrain.py), for each probe text::
 
@@ -26,7 +26,8 @@ from pretrain_helpers import WORDS, make_packed, tiny_run  # noqa: E402
 
 from lit_gpt import GPT, Config  # noqa: E402
 from lit_gpt.checkpoint import save_checkpoint  # noqa: E402
-from lit_gpt.evaluate import probe_view, sink_on_probe  # noqa: E402
+from lit_gpt.evaluate import sink_on_probe  # noqa: E402
+from lit_gpt.probe import probe_view  # noqa: E402
 from lit_gpt.run_config import from_dict  # noqa: E402
 from lit_gpt.trainer import preflight  # noqa: E402
 
@@ -96,7 +97,6 @@ def setup(tmp_path_factory):
 
 def paths_agree_with_the_seed(setup, name, seed_inputs, seed_labels):
     import eval_sink
-    from lit_gpt import evaluate
 
     tmp, model, texts, probe, runs = setup
     run, ckpt = runs[name]
@@ -105,8 +105,8 @@ def paths_agree_with_the_seed(setup, name, seed_inputs, seed_labels):
     plan = preflight(run)
     train_res, train_loss = sink_on_probe(model, plan.probe, eps=EPS, k_max=K, batch_size=3,
                                           transforms=plan.data.transforms)
-    # 2. python -m lit_gpt.evaluate on the checkpoint
-    assert evaluate.main(["--checkpoint", str(ckpt), "--device", "cpu", "--out", str(tmp / f"{name}_ev.json")]) == 0
+    # 2. eval_sink.py --run-probe on the checkpoint (the run's own probe, as training measured it)
+    assert eval_sink.main([str(ckpt), "--run-probe", "--device", "cpu", "--out", str(tmp / f"{name}_ev.json")]) == 0
     ev = json.loads((tmp / f"{name}_ev.json").read_text())
     # 3. eval_sink.py on the checkpoint (its tokenizer and transform come from the checkpoint)
     assert eval_sink.main([str(ckpt), "--probe", str(probe), "--n", str(N), "--T", str(T), "--k-max", str(K),
@@ -154,3 +154,14 @@ def test_probe_view_leaves_targets_and_rows_natural():
     assert (targets == rows[:, 1:]).all() and (rows == torch.arange(30).reshape(3, 10)).all()
     only, none = probe_view(rows[:, :9], [FixedToken(0, 5)], has_targets=False)
     assert none is None and (only[:, 0] == 5).all() and (only[:, 1:] == rows[:, 1:9]).all()
+
+
+def test_run_probe_writes_one_record(setup, capsys):
+    import eval_sink
+
+    tmp, model, texts, probe, runs = setup
+    ckpts = [str(runs[name][1]) for name in ("fixed", "random")]
+    with pytest.raises(SystemExit) as e:
+        eval_sink.main([*ckpts, "--run-probe", "--device", "cpu", "--out", str(tmp / "two.json")])
+    assert e.value.code == 2 and "writes one record; got 2 checkpoints" in capsys.readouterr().err
+    assert not (tmp / "two.json").exists()

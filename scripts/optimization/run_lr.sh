@@ -14,6 +14,6 @@ fi
 # The seed's run_lr.sh evaluates iter-020000 of every run; with a constant lr that checkpoint of a longer run is the
 # 20k-step run of the same lr (Table 9's "x 20k" rows). Evaluate it too when the run went past step 20000.
 if [ -f "$RUN_OUT/step-0020000/checkpoint.json" ]; then
-  echo "+ $PYTHON -m lit_gpt.evaluate --checkpoint $RUN_OUT/step-0020000 --out $RUN_OUT/sink_eval_step20000.json"
-  "$PYTHON" -m lit_gpt.evaluate --checkpoint "$RUN_OUT/step-0020000" --out "$RUN_OUT/sink_eval_step20000.json"
+  echo "+ $PYTHON eval_sink.py $RUN_OUT/step-0020000 --run-probe --out $RUN_OUT/sink_eval_step20000.json"
+  "$PYTHON" eval_sink.py "$RUN_OUT/step-0020000" --run-probe --out "$RUN_OUT/sink_eval_step20000.json"
 fi
