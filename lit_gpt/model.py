@@ -254,15 +254,17 @@ class CausalSelfAttention(nn.Module):
         """Pick the path from attn_op and attn_impl once: at construction, and again only when ``config.attn_impl``
         is reassigned (tests and benchmarks switch paths on a built model). What is left per call depends on the
         call: maps requested (eager), the device, the mask, a cache."""
-        cfg = self.config
+        cfg, cls = self.config, type(self)
         if cfg.attn_op in ("sigmoid", "elu") and cfg.attn_impl in ("auto", "triton"):
-            path = self._triton_or_eager
+            path = cls._triton_or_eager
         elif cfg.attn_op != "softmax" or cfg.attn_impl == "eager":
-            path = self._eager
+            path = cls._eager
         elif cfg.attn_impl == "sdpa":
-            path = self._sdpa
+            path = cls._sdpa
         else:                                   # softmax, attn_impl auto | flex
-            path = self._flex_or_sdpa
+            path = cls._flex_or_sdpa
+        # the function, not a bound method: a bound method would make the module a reference cycle, freed (with its
+        # GPU memory) only when the cycle collector runs
         self._path, self._path_impl = path, cfg.attn_impl
 
     def attend(self, q, k, v, ctx: ForwardContext, op: AttentionOp, need_weights: bool,
@@ -277,7 +279,7 @@ class CausalSelfAttention(nn.Module):
         (:func:`lit_gpt.flex.flex_failed`)."""
         if self._path_impl != self.config.attn_impl:
             self._select_path()
-        return self._path(q, k, v, ctx, op, need_weights, full_causal)
+        return self._path(self, q, k, v, ctx, op, need_weights, full_causal)
 
     def _triton_or_eager(self, q, k, v, ctx, op, need_weights, full_causal):
         cfg = self.config
