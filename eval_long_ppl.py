@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from lit_gpt.results import write_record
-from lit_gpt.streaming import recompute_nll, stream_nll
+from lit_gpt.generate import recompute_nll, stream_nll
 from lit_gpt.streaming_io import (
     METHODS, add_model_args, add_topk_args, book_stream, lm_from_args, make_method, markdown_table, plot_log_ppl,
     sampled_stream, shared_dir, topk_kwargs, write_json,

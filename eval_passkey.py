@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 
-from lit_gpt.streaming import dense_spec, stream_generate
+from lit_gpt.generate import stream_generate
+from lit_gpt.streaming import dense_spec
 from lit_gpt.results import write_record
 from lit_gpt.streaming_io import (
     PASSKEY_NEW_TOKENS, add_model_args, add_topk_args, draw_passkeys, lm_from_args, make_method, markdown_table,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from lit_gpt.streaming import StreamSession, TokenEvent, dense_spec
+from lit_gpt.generate import StreamSession, TokenEvent
+from lit_gpt.streaming import dense_spec
 from lit_gpt.streaming_io import add_model_args, lm_from_args, make_method
 from lit_gpt.utils import atomic_write_text
 

@@ -7,7 +7,7 @@ recomputation at the same cache size, and the memory-bandwidth floor.
 
 One stream per model (batch 1, ``--start`` sinks + a window, ``--cache`` keys in all): the stream advances by chunked
 prefill (equal to token-by-token streaming, tests/test_streaming.py) to each checkpoint position, where ``--steps``
-greedy decoding steps are timed one by one (CUDA events) through lit_gpt.streaming.GraphDecoder: the step captured
+greedy decoding steps are timed one by one (CUDA events) through lit_gpt.generate.GraphDecoder: the step captured
 as a CUDA graph, with and without torch.compile inside. At each checkpoint: median / max latency, allocated memory,
 cache bytes. Recomputation: one forward over the last ``--cache`` tokens per generated token. Floor: bytes a step
 must read (weights except the embedding table, plus the cache) over the copy bandwidth measured here. Then the same
@@ -23,7 +23,8 @@ import torch
 
 from common import measure_copy_bandwidth, print_table, time_fn, write_json
 from lit_gpt import GPT, Config
-from lit_gpt.streaming import GPTRunner, GraphDecoder, StreamingSpec
+from lit_gpt.generate import GPTRunner, GraphDecoder
+from lit_gpt.streaming import StreamingSpec
 
 
 def step_bytes(model, cache_bytes: int, batch: int) -> int:

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt import GPT, Config  # noqa: E402
 from lit_gpt.results import environment  # noqa: E402
-from lit_gpt.streaming import GPTRunner, StreamingSpec, dense_spec, prefill  # noqa: E402
+from lit_gpt.generate import GPTRunner, prefill  # noqa: E402
+from lit_gpt.streaming import StreamingSpec, dense_spec  # noqa: E402
 from lit_gpt.utils import atomic_write_text, parse_dtype  # noqa: E402
 
 

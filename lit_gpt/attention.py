@@ -24,6 +24,7 @@ Columns placed before the token keys, seen by every query and carrying no positi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -148,26 +149,58 @@ def repeat_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
     return x.repeat_interleave(n_head // x.shape[1], dim=1)
 
 
-def _with_slots(q, k, v, scale, bias, mask, slot_k, slot_v, slot_logit):
-    """Scores and values with the extra-slot columns prepended (eager path). Returns (scores, mask, values)."""
-    B, H, Tq, _ = q.shape
-    scores = (q @ k.transpose(-1, -2)) * scale
-    if bias is not None:
-        scores = scores + bias.to(scores.dtype)
-    cols, vals, n_slot = [], [], 0
+@dataclass(frozen=True)
+class AttentionOp:
+    """What one layer's attention computes besides masks and positions, handed explicitly to whatever runs it (the
+    eager / SDPA / Flex / Triton paths of the model, the caches of :mod:`lit_gpt.streaming`).
+
+    ``feature_map`` is phi of the kernel operations (elu_kernel, mlp_kernel); the slots are the extra columns of
+    the module docstring (slot_k/slot_v (1|B, H, S, d), slot_logit (H,)), read from the layer's parameters at
+    every forward (:meth:`lit_gpt.model.CausalSelfAttention.operation`)."""
+
+    op: str = "softmax"
+    normalize: bool = True
+    alpha: float = 1.0
+    scale: Optional[float] = None
+    feature_map: Optional[Callable] = None
+    slot_k: Optional[torch.Tensor] = None
+    slot_v: Optional[torch.Tensor] = None
+    slot_logit: Optional[torch.Tensor] = None
+
+    def slots(self) -> dict:
+        return {"slot_k": self.slot_k, "slot_v": self.slot_v, "slot_logit": self.slot_logit}
+
+
+def prepend_slots(k, v, mask, bias, slot_k=None, slot_v=None, slot_logit=None):
+    """The extra-slot columns put before the token keys, as keys every query sees (the one place they are built).
+
+    k, v (B, H, Tk, d) with the heads already repeated for GQA; mask bool (..., Tq, Tk); bias additive scores
+    (..., H|1, Tq, Tk) or None. A sink logit becomes a zero key with a zero value whose score is its logit (a bias
+    column); a k* slot the key k* with the value v*. Returns (k, v, mask, bias, n_slot): columns
+    [sink logit][k* slots][tokens], the slot columns always visible, with bias 0 except the sink logit's."""
+    if slot_k is None and slot_logit is None:
+        return k, v, mask, bias, 0
+    B, H, _, d = k.shape
+    keys, vals, n_slot = [], [], 0
     if slot_logit is not None:
-        cols.append(slot_logit.to(scores.dtype).view(1, H, 1, 1).expand(B, H, Tq, 1))
+        keys.append(k.new_zeros(B, H, 1, d))
         vals.append(v.new_zeros(B, H, 1, v.shape[-1]))
         n_slot += 1
     if slot_k is not None:
-        cols.append((q @ slot_k.to(q.dtype).transpose(-1, -2)) * scale)
+        keys.append(slot_k.to(k.dtype).expand(B, H, -1, -1))
         vals.append(slot_v.to(v.dtype).expand(B, H, -1, -1))
         n_slot += slot_k.shape[-2]
-    if n_slot:
-        scores = torch.cat(cols + [scores], dim=-1)
-        v = torch.cat(vals + [v], dim=-2)
-        mask = torch.cat([mask.new_ones(mask.shape[:-1] + (n_slot,)), mask], dim=-1)
-    return scores, mask, v
+    k = torch.cat(keys + [k], dim=-2)
+    v = torch.cat(vals + [v], dim=-2)
+    mask = torch.cat([mask.new_ones(mask.shape[:-1] + (n_slot,)), mask], dim=-1)
+    if bias is not None:
+        bias = torch.cat([bias.new_zeros(bias.shape[:-1] + (n_slot,)), bias], dim=-1)
+    if slot_logit is not None:
+        bdt = torch.float64 if k.dtype == torch.float64 else torch.float32
+        col = slot_logit.to(bdt).view(1, H, 1, 1)
+        lead = torch.cat([col, torch.zeros(1, H, 1, k.shape[-2] - 1, device=k.device, dtype=bdt)], dim=-1)
+        bias = lead if bias is None else bias + lead
+    return k, v, mask, bias, n_slot
 
 
 def eager_attention(
@@ -190,7 +223,10 @@ def eager_attention(
         q, k = kernel(q), kernel(k)
         if slot_k is not None:
             slot_k = kernel(slot_k)
-    scores, mask, v = _with_slots(q, k, v, scale, bias, mask, slot_k, slot_v, slot_logit)
+    k, v, mask, bias, _ = prepend_slots(k, v, mask, bias, slot_k, slot_v, slot_logit)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     if op == "softmax":
         w = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
         y = w @ v
@@ -237,26 +273,7 @@ def sdpa_attention(
         k, v = repeat_kv(k, H), repeat_kv(v, H)
         gqa = False
     if has_slots:
-        keys, vals, n_slot = [], [], 0
-        if slot_logit is not None:
-            keys.append(k.new_zeros(B, H, 1, d))
-            vals.append(v.new_zeros(B, H, 1, v.shape[-1]))
-            n_slot += 1
-        if slot_k is not None:
-            keys.append(slot_k.to(k.dtype).expand(B, H, -1, -1))
-            vals.append(slot_v.to(v.dtype).expand(B, H, -1, -1))
-            n_slot += slot_k.shape[-2]
-        k = torch.cat(keys + [k], dim=-2)
-        v = torch.cat(vals + [v], dim=-2)
-        mask = torch.cat([mask.new_ones(mask.shape[:-1] + (n_slot,)), mask], dim=-1)
-        if bias is not None:
-            bias = torch.cat([bias.new_zeros(bias.shape[:-1] + (n_slot,)), bias], dim=-1)
-        if slot_logit is not None:
-            bdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-            col = slot_logit.to(bdt).view(1, H, 1, 1)
-            lead = torch.zeros(1, H, 1, k.shape[-2], device=q.device, dtype=bdt)
-            lead = torch.cat([col, lead[..., 1:]], dim=-1)
-            bias = lead if bias is None else bias + lead
+        k, v, mask, bias, _ = prepend_slots(k, v, mask, bias, slot_k, slot_v, slot_logit)
         is_causal = False
     # SDPA's is_causal aligns top-left: only use it when queries and keys are the same positions
     attn_mask = None if (is_causal and bias is None and Tq == k.shape[-2]) else mask

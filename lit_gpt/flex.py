@@ -1,9 +1,10 @@
 """FlexAttention path: block-sparse masks, ALiBi / T5 relative bias as score_mods, extra slots via the LSE.
 
 Sliding windows and prefix masks are expressed with the same mask functions as everywhere else
-(:mod:`lit_gpt.attention`) and turned into a block mask once per (mask, length, device), so a window of w
-tokens costs about T*w instead of T^2 work. k*/v* slots and sink logits are merged exactly through the
-log-normaliser that FlexAttention returns (:func:`merge_slots`), so no variant needs a dense T x T float mask.
+(:mod:`lit_gpt.attention`) and turned into a block mask once per (mask, length, device) (a small LRU keyed by
+value, :func:`block_mask_for`), so a window of w tokens costs about T*w instead of T^2 work. k*/v* slots and sink
+logits are merged exactly through the log-normaliser that FlexAttention returns (:func:`merge_slots`), so no
+variant needs a dense T x T float mask.
 FlexAttention has no CPU backward: training with it needs a GPU; it is compiled on first use on CUDA.
 ``attn_impl='auto'`` picks it on CUDA where it measured faster (see ``lit_gpt.model.use_flex``).
 
@@ -15,11 +16,13 @@ raises. Each attention layer records the path it ran (``CausalSelfAttention.last
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from collections import OrderedDict
+from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
-_BLOCK_MASKS: Dict[Tuple, object] = {}
+BLOCK_MASK_CACHE_SIZE = 8       # block masks kept per process (a training run uses one or two: train and eval length)
+_BLOCK_MASKS: "OrderedDict[Tuple, object]" = OrderedDict()    # LRU: mask_key(mask_fn), T, device -> block mask
 _COMPILED: Dict[str, Callable] = {}
 
 
@@ -96,15 +99,30 @@ def flex_failed(config, error: Exception) -> None:
                              f"{hint}") from error
 
 
+def mask_key(mask_fn: Callable) -> Hashable:
+    """A value key for a mask: the band (window, n_sink, prefix) of the masks of :mod:`lit_gpt.attention` (two
+    models with a window of 64 share one block mask, windows of 64 and 128 never do); any other mask function is
+    keyed by itself (the cache holds a reference, so its identity cannot be reused while it is cached)."""
+    band = getattr(mask_fn, "band", None)
+    return ("band",) + tuple(band) if band is not None else ("fn", mask_fn)
+
+
 def block_mask_for(mask_fn: Callable, T: int, device: torch.device):
+    """The block mask of ``mask_fn`` over T x T positions, from a small LRU (:data:`BLOCK_MASK_CACHE_SIZE` entries)
+    keyed by (:func:`mask_key`, T, device)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (mask_fn, T, str(device))
-    if key not in _BLOCK_MASKS:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return mask_fn(q_idx, kv_idx)
-        block = 128 if T >= 128 else max(16, 1 << (T - 1).bit_length())
-        _BLOCK_MASKS[key] = create_block_mask(mask_mod, None, None, T, T, device=str(device), BLOCK_SIZE=block)
+    key = (mask_key(mask_fn), T, str(device))
+    if key in _BLOCK_MASKS:
+        _BLOCK_MASKS.move_to_end(key)
+        return _BLOCK_MASKS[key]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask_fn(q_idx, kv_idx)
+    block = 128 if T >= 128 else max(16, 1 << (T - 1).bit_length())
+    _BLOCK_MASKS[key] = create_block_mask(mask_mod, None, None, T, T, device=str(device), BLOCK_SIZE=block)
+    while len(_BLOCK_MASKS) > BLOCK_MASK_CACHE_SIZE:
+        _BLOCK_MASKS.popitem(last=False)
     return _BLOCK_MASKS[key]
 
 

@@ -37,7 +37,7 @@ then re-rotate by position offsets with those frequencies.
 The cache keyword follows the installed transformers (:func:`cache_kwarg`): ``cache`` where ``forward`` takes it
 (``past_key_values`` is deprecated there and removed in 6.0), ``past_key_values`` before.
 
-Use :class:`HFRunner` (the interface of ``streaming.GPTRunner``; on a model that cannot stream it still runs
+Use :class:`HFRunner` (the interface of ``generate.GPTRunner``; on a model that cannot stream it still runs
 dense attention through the model's own cache), the drop-in loader (the ``attention_sinks`` package's API)::
 
     from lit_gpt.hf_streaming import AutoModelForCausalLM
@@ -629,7 +629,7 @@ class AutoModelForCausalLM:
 
 # ---------------------------------------------------------------------------- runner
 class HFRunner:
-    """``streaming.GPTRunner``'s interface for a Hugging Face causal LM (enables streaming on construction).
+    """``generate.GPTRunner``'s interface for a Hugging Face causal LM (enables streaming on construction).
 
     A model that cannot stream (:func:`streaming_support` refuses it) still runs dense attention through its own
     attention and cache (any causal LM: ``--methods dense``, recompute); a streaming spec then raises the refusal.

@@ -3,8 +3,9 @@
 A single forward serves training, evaluation and generation:
 
 * ``model(idx)``                              full causal forward (the training path), logits (B, T, V)
-* ``model(idx, input_pos=pos)``               uses the KV caches set by :meth:`GPT.set_kv_cache`
-                                              (or any cache object, see :class:`KVCache`), indexed by position
+* ``model(idx, input_pos=pos)``               uses the per-layer caches set by :meth:`GPT.set_kv_cache` (dense)
+                                              or :func:`lit_gpt.streaming.install_streaming` (sinks + window):
+                                              one protocol, :class:`lit_gpt.streaming.StreamingCache`
 * ``model(idx, return_analysis=True)``        returns ``(logits, Analysis)`` with per-layer attention maps,
                                               hidden states and q/k/v after positional encoding
 
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_gpt.attention import (
-    MaskFn, causal_mask, dense_mask, eager_attention, mask_from_config, sdpa_attention,
+    AttentionOp, MaskFn, causal_mask, dense_mask, eager_attention, mask_from_config, sdpa_attention,
 )
 from lit_gpt.config import RELATIVE_POSITIONS, Config
 from lit_gpt.positional import (
@@ -158,46 +159,6 @@ def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x) + 1.0
 
 
-# ---------------------------------------------------------------------------- KV cache
-class KVCache(nn.Module):
-    """Dense cache indexed by input position: slot p holds the key/value of position p.
-
-    Every cache object (this one, the streaming caches) is called as
-    ``cache(k, v, pos) -> (keys, values, key_positions)`` with k, v (B, G, T, d) and pos (B|1, T); it returns
-    all keys it holds and their positions ((B|1, S); negative = empty slot, masked out).
-    """
-
-    def __init__(self, batch_size: int, n_kv: int, max_seq_length: int, head_size: int,
-                 device=None, dtype=None) -> None:
-        super().__init__()
-        shape = (batch_size, n_kv, max_seq_length, head_size)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("pos", torch.full((batch_size, max_seq_length), -1, device=device, dtype=torch.long),
-                             persistent=False)
-
-    @property
-    def max_seq_length(self) -> int:
-        return self.k.shape[2]
-
-    def reset(self) -> None:
-        self.pos.fill_(-1)
-
-    def forward(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
-        B, G, T, d = k.shape
-        if B != self.k.shape[0]:
-            raise ValueError(f"batch size {B} does not match the cache's {self.k.shape[0]} (set_kv_cache again)")
-        idx = pos.expand(B, T).long()
-        if int(idx.max()) >= self.max_seq_length or int(idx.min()) < 0:
-            raise ValueError(f"input_pos out of range: max {int(idx.max())}, cache holds positions "
-                             f"[0, {self.max_seq_length})")
-        gidx = idx[:, None, :, None].expand(B, G, T, d)
-        self.k.scatter_(2, gidx, k.to(self.k.dtype))
-        self.v.scatter_(2, gidx, v.to(self.v.dtype))
-        self.pos.scatter_(1, idx, idx)
-        return self.k, self.v, self.pos
-
-
 # ---------------------------------------------------------------------------- attention
 def use_flex(cfg: Config, q: torch.Tensor, full_causal: bool) -> bool:
     """FlexAttention for a full-sequence softmax forward: always with attn_impl='flex' (on CUDA, or on CPU
@@ -244,8 +205,9 @@ class CausalSelfAttention(nn.Module):
             self.sink_logit = nn.Parameter(torch.zeros(H))
         if config.attn_op == "mlp_kernel":
             self.kernel = KernelMLP(d, config.bias)
-        self.kv_cache: Optional[nn.Module] = None
+        self.kv_cache: Optional[nn.Module] = None    # a lit_gpt.streaming.StreamingCache (set_kv_cache, set_caches)
         self.last_impl: Optional[str] = None        # the attention path of the last forward (see attend)
+        self._select_path()
 
     # -- pieces reusable by streaming code
     def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -281,52 +243,95 @@ class CausalSelfAttention(nn.Module):
             return self.kernel
         return None
 
-    def attend(self, q, k, v, q_pos, k_pos, ctx: ForwardContext, need_weights: bool,
-               full_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Attention core over already position-encoded q (B,H,Tq,d), k/v (B,G,Tk,d) with their positions.
-
-        Path: eager when maps are requested or the operation is not softmax; FlexAttention when
-        :func:`use_flex` says so (a full forward); otherwise SDPA. Sigmoid / elu on a full forward: the fused Triton
-        kernel on CUDA where it supports the layout (lit_gpt.kernels.sim_attention). The path taken is recorded in
-        ``last_impl``. A Flex failure raises, except a Triton resource limit under ``attn_impl='auto'``, which warns
-        and uses SDPA for that layout from then on (:func:`lit_gpt.flex.flex_failed`)."""
+    def operation(self) -> AttentionOp:
+        """This layer's attention operation with its current slot tensors, as every path and cache takes it."""
         cfg = self.config
-        slots = self.slots()
-        if (not need_weights and ctx.no_cache and cfg.attn_op in ("sigmoid", "elu")
-                and (q.is_cuda or cfg.attn_impl == "triton")):
+        return AttentionOp(op=cfg.attn_op, normalize=cfg.attn_normalize, alpha=cfg.softmax_alpha, scale=self.scale,
+                           feature_map=self.feature_map(), **self.slots())
+
+    # -- the attention paths of a cache-free forward, one picked per layer by _select_path
+    def _select_path(self) -> None:
+        """Pick the path from attn_op and attn_impl once: at construction, and again only when ``config.attn_impl``
+        is reassigned (tests and benchmarks switch paths on a built model). What is left per call depends on the
+        call: maps requested (eager), the device, the mask, a cache."""
+        cfg, cls = self.config, type(self)
+        if cfg.attn_op in ("sigmoid", "elu") and cfg.attn_impl in ("auto", "triton"):
+            path = cls._triton_or_eager
+        elif cfg.attn_op != "softmax" or cfg.attn_impl == "eager":
+            path = cls._eager
+        elif cfg.attn_impl == "sdpa":
+            path = cls._sdpa
+        else:                                   # softmax, attn_impl auto | flex
+            path = cls._flex_or_sdpa
+        # the function, not a bound method: a bound method would make the module a reference cycle, freed (with its
+        # GPU memory) only when the cycle collector runs
+        self._path, self._path_impl = path, cfg.attn_impl
+
+    def attend(self, q, k, v, ctx: ForwardContext, op: AttentionOp, need_weights: bool,
+               full_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Attention of this call's position-encoded q (B,H,T,d) over its k/v (B,G,T,d) at positions ``ctx.pos``.
+
+        Paths (:meth:`_select_path`): eager when maps are requested or the operation is not softmax; softmax on
+        FlexAttention when :func:`use_flex` says so (a full forward), otherwise SDPA; sigmoid / elu on a full
+        forward: the fused Triton kernel on CUDA where it supports the layout (lit_gpt.kernels.sim_attention). The
+        path taken is recorded in ``last_impl``. A Flex failure raises, except a Triton resource limit under
+        ``attn_impl='auto'``, which warns and uses SDPA for that layout from then on
+        (:func:`lit_gpt.flex.flex_failed`)."""
+        if self._path_impl != self.config.attn_impl:
+            self._select_path()
+        return self._path(self, q, k, v, ctx, op, need_weights, full_causal)
+
+    def _triton_or_eager(self, q, k, v, ctx, op, need_weights, full_causal):
+        cfg = self.config
+        if not need_weights and ctx.no_cache and (q.is_cuda or cfg.attn_impl == "triton"):
             from lit_gpt.kernels import sim_attention as sim
             if sim.supports(cfg, q, ctx.mask_fn):
                 self._record("triton")
                 return sim.sim_attention(
-                    q, k, v, ctx.mask_fn, op=cfg.attn_op, normalize=cfg.attn_normalize, scale=self.scale,
+                    q, k, v, ctx.mask_fn, op=op.op, normalize=op.normalize, scale=op.scale,
                     alibi_slopes=alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None,
-                    slot_k=slots["slot_k"], slot_v=slots["slot_v"]), None
-        eager = need_weights or cfg.attn_op != "softmax" or cfg.attn_impl == "eager"
-        if not eager and ctx.no_cache and use_flex(cfg, q, full_causal):
+                    slot_k=op.slot_k, slot_v=op.slot_v), None
+        return self._eager(q, k, v, ctx, op, need_weights, full_causal)
+
+    def _flex_or_sdpa(self, q, k, v, ctx, op, need_weights, full_causal):
+        cfg = self.config
+        if not need_weights and ctx.no_cache and use_flex(cfg, q, full_causal):
             from lit_gpt.flex import flex_attention_forward, flex_failed
             try:
                 y = flex_attention_forward(
-                    q, k, v, ctx.mask_fn, scale=self.scale, alpha=cfg.softmax_alpha,
+                    q, k, v, ctx.mask_fn, scale=op.scale, alpha=op.alpha,
                     alibi_slopes=alibi_slopes(cfg.n_head) if cfg.pos_encoding == "alibi" else None,
-                    rel_bias=ctx.rel_bias, **slots)
+                    rel_bias=ctx.rel_bias, **op.slots())
                 self._record("flex")
                 return y, None
             except Exception as e:
                 flex_failed(cfg, e)      # re-raises unless it is a resource limit that 'auto' may route to SDPA
-        pin = (q_pos, k_pos)
-        bias = ctx.cached("bias", lambda: ctx.bias_fn(q_pos, k_pos), pin) if ctx.bias_fn is not None else None
-        make_mask = lambda: dense_mask(ctx.mask_fn, q_pos, k_pos)
-        if eager:
-            self._record("eager")
-            mask = ctx.cached("mask", make_mask, pin)
-            return eager_attention(q, k, v, mask=mask, op=cfg.attn_op, normalize=cfg.attn_normalize,
-                                   alpha=cfg.softmax_alpha, scale=self.scale, bias=bias,
-                                   kernel=self.feature_map(), need_weights=need_weights, **slots)
+        return self._sdpa(q, k, v, ctx, op, need_weights, full_causal)
+
+    def _sdpa(self, q, k, v, ctx, op, need_weights, full_causal):
+        if need_weights:
+            return self._eager(q, k, v, ctx, op, need_weights, full_causal)
         self._record("sdpa")
-        mask = None if full_causal else ctx.cached("mask", make_mask, pin)
-        y = sdpa_attention(q, k, v, mask=mask, is_causal=full_causal, alpha=cfg.softmax_alpha,
-                           scale=self.scale, bias=bias, **slots)
+        mask = None if full_causal else self._mask(ctx)
+        y = sdpa_attention(q, k, v, mask=mask, is_causal=full_causal, alpha=op.alpha, scale=op.scale,
+                           bias=self._bias(ctx), **op.slots())
         return y, None
+
+    def _eager(self, q, k, v, ctx, op, need_weights, full_causal):
+        self._record("eager")
+        return eager_attention(q, k, v, mask=self._mask(ctx), op=op.op, normalize=op.normalize, alpha=op.alpha,
+                               scale=op.scale, bias=self._bias(ctx), kernel=op.feature_map,
+                               need_weights=need_weights, **op.slots())
+
+    @staticmethod
+    def _mask(ctx: ForwardContext) -> torch.Tensor:
+        return ctx.cached("mask", lambda: dense_mask(ctx.mask_fn, ctx.pos, ctx.pos), (ctx.pos, ctx.pos))
+
+    @staticmethod
+    def _bias(ctx: ForwardContext) -> Optional[torch.Tensor]:
+        if ctx.bias_fn is None:
+            return None
+        return ctx.cached("bias", lambda: ctx.bias_fn(ctx.pos, ctx.pos), (ctx.pos, ctx.pos))
 
     def _record(self, impl: str) -> None:
         """Remember which attention path this layer ran last (flex, sdpa, eager, triton, streaming); skipped while
@@ -352,17 +357,14 @@ class CausalSelfAttention(nn.Module):
                 if name in ctx.need:
                     getattr(rec, name).append(t[:, :, s].detach())
         cache = None if ctx.no_cache else self.kv_cache       # a full forward leaves the caches untouched
-        if cache is not None and getattr(cache, "attend", None) is not None:
-            # a streaming cache may compute attention itself (e.g. LM-Infinite's two position systems)
+        op, need_weights = self.operation(), "attn" in ctx.need
+        if cache is not None:
+            # the cache computes attention itself (LM-Infinite's two position systems need it), dense or streaming
             self._record("streaming")
-            y, w = cache.attend(self, q, k, v, ctx, need_weights="attn" in ctx.need)
+            y, w = cache.attend(q, k, v, ctx.pos, op, mask_fn=ctx.mask_fn, bias_fn=ctx.bias_fn,
+                                need_weights=need_weights)
         else:
-            if cache is not None:
-                k_all, v_all, k_pos = cache(k, v, ctx.pos)
-            else:
-                k_all, v_all, k_pos = k, v, ctx.pos
-            y, w = self.attend(q, k_all, v_all, ctx.pos, k_pos, ctx, need_weights="attn" in ctx.need,
-                               full_causal=ctx.full_causal and cache is None)
+            y, w = self.attend(q, k, v, ctx, op, need_weights, full_causal=ctx.full_causal)
         if rec is not None and "attn" in ctx.need:
             w = w[:, :, 1:] if ctx.drop_first else w
             rec.attn.append((w if w.dtype in (torch.float32, torch.float64) else w.float()).detach())
@@ -450,19 +452,21 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
 
     # ------------------------------------------------------------------ caches
-    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None,
-                     dtype: Optional[torch.dtype] = None) -> None:
-        """Dense per-layer caches holding positions [0, max_seq_length) (default block_size)."""
+    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None) -> None:
+        """Dense per-layer caches holding positions [0, max_seq_length) (default block_size): streaming caches whose
+        ring never wraps (:func:`lit_gpt.streaming.dense_spec`), allocated here for ``batch_size`` rows; a position
+        past the end is refused, nothing is evicted. A prefix LM's prefix must come in one call (as before)."""
+        from lit_gpt.streaming import StreamingCache, dense_spec
         cfg = self.config
         n = (max_seq_length or cfg.block_size) + int(cfg.sink_token)
         p = next(self.parameters())
-        device = device or p.device
-        dtype = dtype or p.dtype
-        for block in self.blocks:
-            block.attn.kv_cache = KVCache(batch_size, cfg.n_query_groups, n, cfg.head_size, device, dtype)
+        caches = [StreamingCache(dense_spec(n), cfg, i, max_positions=n) for i in range(len(self.blocks))]
+        for c in caches:
+            c.kv.allocate(batch_size, cfg.n_query_groups, cfg.head_size, cfg.head_size, p.dtype, p.device)
+        self.set_caches(caches)
 
     def set_caches(self, caches: Sequence[nn.Module]) -> None:
-        """Install one cache object per layer (e.g. a streaming sink + window cache)."""
+        """Install one cache per layer: :class:`lit_gpt.streaming.StreamingCache` or any object with its ``attend``."""
         if len(caches) != len(self.blocks):
             raise ValueError(f"got {len(caches)} caches for {len(self.blocks)} layers")
         for block, cache in zip(self.blocks, caches):

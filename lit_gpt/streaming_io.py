@@ -18,7 +18,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from lit_gpt.streaming import GPTRunner, StreamingSpec, stream_generate
+from lit_gpt.generate import GPTRunner, stream_generate
+from lit_gpt.streaming import StreamingSpec
 from lit_gpt.utils import atomic_write_text
 
 

@@ -322,6 +322,69 @@ def test_rows_with_different_positions_stay_independent():
     torch.testing.assert_close(step[1, 0], ref_b[0, 3], rtol=1e-9, atol=1e-9)
 
 
+def test_dense_cache_is_a_streaming_cache_that_never_evicts():
+    """GPT.set_kv_cache installs the model's one cache protocol (lit_gpt.streaming.StreamingCache) over a ring that
+    never wraps; a position past its end is refused and nothing held is overwritten."""
+    from lit_gpt.streaming import StreamingCache
+    model = build()
+    model.set_kv_cache(2, max_seq_length=8)
+    caches = [b.attn.kv_cache for b in model.blocks]
+    assert all(isinstance(c, StreamingCache) for c in caches)
+    assert [(c.spec.start_size, c.spec.recent_size, c.spec.policy) for c in caches] == [(0, 8, "original")] * 2
+    idx = torch.randint(0, V, (2, 9))
+    full = model(idx[:, :8])
+    torch.testing.assert_close(model(idx[:, :8], input_pos=torch.arange(8)), full, rtol=1e-9, atol=1e-9)
+    assert model.attention_paths() == ["streaming", "streaming"]
+    held = caches[0].kv.pos.clone()
+    with pytest.raises(ValueError, match=r"input_pos out of range: max 8, cache holds positions \[0, 8\)"):
+        model(idx[:, 8:], input_pos=torch.tensor([8]))
+    assert torch.equal(caches[0].kv.pos, held) and held[0].tolist() == list(range(8))
+    model.clear_kv_cache()
+
+
+@pytest.mark.parametrize("op", [dict(), dict(alpha=2.0), dict(op="sigmoid", normalize=False)], ids=variant_id)
+@torch.no_grad()
+def test_the_cache_protocol_takes_the_operation_explicitly(op):
+    """StreamingCache.attend needs no attention module: q/k/v at their positions and an AttentionOp (here with a
+    sink logit and a k* slot, grouped heads) give the float64 loop's output, for a prefill chunk then decoding."""
+    from lit_gpt.attention import AttentionOp, causal_mask
+    from lit_gpt.streaming import StreamingCache, dense_spec
+    torch.manual_seed(0)
+    B, H, G, T, d = 2, 4, 2, 7, 8
+    q = torch.randn(B, H, T, d, dtype=torch.float64)
+    k, v = torch.randn(B, G, T, d, dtype=torch.float64), torch.randn(B, G, T, d, dtype=torch.float64)
+    slot_k, slot_v = torch.randn(1, H, 1, d, dtype=torch.float64), torch.randn(1, H, 1, d, dtype=torch.float64)
+    slot_logit = torch.randn(H, dtype=torch.float64)
+    spec = AttentionOp(scale=0.3, slot_k=slot_k, slot_v=slot_v, slot_logit=slot_logit, **op)
+    cache = StreamingCache(dense_spec(16), tiny(pos_encoding="nope"))
+    outs = [cache.attend(q[:, :, :4], k[:, :, :4], v[:, :, :4], torch.arange(4), spec, mask_fn=causal_mask)[0]]
+    for t in range(4, T):
+        s = slice(t, t + 1)
+        outs.append(cache.attend(q[:, :, s], k[:, :, s], v[:, :, s], torch.tensor([t]), spec, mask_fn=causal_mask)[0])
+    want, _ = attention_loop(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), lambda i, j: j <= i,
+                             op=spec.op, normalize=spec.normalize, alpha=spec.alpha, scale=0.3,
+                             slot_keys=slot_k[0, :, 0], slot_values=slot_v[0, :, 0], slot_logits=slot_logit)
+    torch.testing.assert_close(torch.cat(outs, 2), want, rtol=1e-10, atol=1e-10)
+
+
+def test_the_attention_path_is_picked_at_construction():
+    """attn_op and attn_impl choose a layer's path once (not per call); reassigning config.attn_impl re-picks it."""
+    cases = {("softmax", "auto"): "_flex_or_sdpa", ("softmax", "flex"): "_flex_or_sdpa", ("softmax", "sdpa"): "_sdpa",
+             ("softmax", "eager"): "_eager", ("sigmoid", "auto"): "_triton_or_eager",
+             ("elu", "triton"): "_triton_or_eager", ("sigmoid", "eager"): "_eager", ("elu_kernel", "auto"): "_eager",
+             ("identity", "eager"): "_eager"}
+    for (op, impl), name in cases.items():
+        attn = GPT(tiny(attn_op=op, attn_impl=impl)).blocks[0].attn
+        assert attn._path is getattr(type(attn), name), (op, impl)
+    model = build(attn_impl="sdpa")
+    idx = torch.randint(0, V, (2, 6))
+    want = model(idx)
+    assert model.attention_paths() == ["sdpa", "sdpa"]
+    model.config.attn_impl = "eager"
+    torch.testing.assert_close(model(idx), want, rtol=1e-9, atol=1e-9)
+    assert model.attention_paths() == ["eager", "eager"]
+
+
 # ---------------------------------------------------------------------------- returned maps
 def test_softmax_maps_sum_to_one_with_slot_columns():
     for ov in ({}, dict(kv_bias="k"), dict(sink_logit=True), dict(sink_token=True),
@@ -605,6 +668,43 @@ def test_flex_failures_are_visible(monkeypatch):
     assert model.attention_paths() == ["sdpa", "sdpa"] and len(flex._FAILED) == 1
     assert not flex.flex_available(model.config)                  # this layout stays on SDPA, no retry per call
     assert flex.is_resource_limit(limit) and not flex.is_resource_limit(bug)
+
+
+@torch.no_grad()
+def test_flex_block_masks_are_a_bounded_cache_keyed_by_value(monkeypatch):
+    """Block masks live in a small LRU keyed by (mask band, length, device): two models with different windows get
+    their own entries (each the mask of its own window, by loops), two models with the same window share one, and
+    however many lengths pass, at most BLOCK_MASK_CACHE_SIZE entries stay, the least recently used leaving first."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    import warnings
+    from collections import OrderedDict
+    import lit_gpt.flex as flex
+    from lit_gpt.attention import causal_mask
+    monkeypatch.setattr(flex, "_BLOCK_MASKS", OrderedDict())
+    T = 20
+    idx = torch.randint(0, V, (2, T))
+    models = {w: build(dtype=torch.float32, attn_impl="flex", attn_mask="window", window_size=w) for w in (3, 5)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outs = {w: m(idx) for w, m in models.items()}
+        again = build(dtype=torch.float32, attn_impl="flex", attn_mask="window", window_size=3)
+        torch.testing.assert_close(again(idx), outs[3])
+    assert len(flex._BLOCK_MASKS) == 2
+    grid = torch.arange(T)
+    for (key, n, device), bm in flex._BLOCK_MASKS.items():
+        w = key[1]
+        got = bm.mask_mod(0, 0, grid[:, None], grid[None, :])
+        assert got.tolist() == [[j <= i and i - j < w for j in range(T)] for i in range(T)], key
+    for w, m in models.items():
+        m.config.attn_impl = "eager"
+        torch.testing.assert_close(outs[w], m(idx), rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(flex, "BLOCK_MASK_CACHE_SIZE", 4)
+    first = flex.block_mask_for(causal_mask, 16, torch.device("cpu"))
+    for n in range(17, 24):
+        flex.block_mask_for(causal_mask, n, torch.device("cpu"))
+        assert flex.block_mask_for(causal_mask, 16, torch.device("cpu")) is first    # used: stays
+        assert len(flex._BLOCK_MASKS) <= 4
+    assert [k[1] for k in flex._BLOCK_MASKS] == [21, 22, 23, 16]              # the two window masks left first
 
 
 def test_gpu_checks_fail_a_flex_case_that_did_not_run_flex():

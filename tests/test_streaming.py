@@ -13,9 +13,8 @@ import torch
 
 from lit_gpt import GPT, Config
 from lit_gpt.attention import sink_window_mask, window_mask
-from lit_gpt.streaming import (
-    GPTRunner, StreamSession, StreamingSpec, install_streaming, recompute_nll, stream_generate, stream_nll,
-)
+from lit_gpt.generate import GPTRunner, StreamSession, recompute_nll, stream_generate, stream_nll
+from lit_gpt.streaming import StreamingSpec, install_streaming
 from streaming_reference import lminfinite_middle, lminfinite_plan, ref_gpt_logits, streamingllm_plan
 from conftest import variant_id
 
@@ -264,7 +263,7 @@ def test_graph_safe_decoding_equals_token_by_token_streaming(overrides, policy):
     runner = GPTRunner(model)
     runner.start(2, spec)
     runner.step(idx[:, :3], torch.arange(3))                # prefill past the sinks
-    from lit_gpt.streaming import GraphDecoder
+    from lit_gpt.generate import GraphDecoder
     dec = GraphDecoder(model, 2)
     assert not dec.use_graph                                # CPU: the same static step, no graph
     outs = {}

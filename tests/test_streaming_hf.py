@@ -38,7 +38,8 @@ from lit_gpt.hf_streaming import (  # noqa: E402
     HFRunner, SinkCache, cache_kwarg, cache_of, disable_streaming, enable_streaming, layer_position_ops,
     streaming_support,
 )
-from lit_gpt.streaming import StreamingSpec, stream_generate, stream_nll  # noqa: E402
+from lit_gpt.generate import stream_generate, stream_nll  # noqa: E402
+from lit_gpt.streaming import StreamingSpec  # noqa: E402
 from streaming_reference import (  # noqa: E402
     lminfinite_middle, lminfinite_plan, original_plan, ref_hf_llama_logits, ref_hf_neox_logits, ref_hf_plan_logits,
     streamingllm_plan,
