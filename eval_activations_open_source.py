@@ -12,7 +12,6 @@ Writes <out>/<model>/activations_<input>.json, norms_<input>.png, cos_norm_<inpu
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,11 +21,11 @@ from lit_gpt.analysis import batched, evaluate_model
 from lit_gpt.plots import plot_cos_norm, plot_norms
 from lit_gpt.results import write_record
 from lit_gpt.sweep import add_common_args, common_meta, run_hf_sweep, write_table
-from lit_gpt.utils import atomic_write_text
+from lit_gpt.utils import ArgumentParser, atomic_write_text
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     add_common_args(ap, "results/activations_open_source", ("natural",))
     args = ap.parse_args(argv)
 

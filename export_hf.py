@@ -7,14 +7,13 @@ eval_activations_open_source.py and any transformers tool can load it.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from lit_gpt.utils import DTYPES
+from lit_gpt.utils import DTYPES, ArgumentParser
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("checkpoint", help="checkpoint folder or run folder")
     ap.add_argument("out", help="output folder (must be empty or absent unless --overwrite)")
     ap.add_argument("--tokenizer", default=None,

@@ -12,7 +12,6 @@ work, with exit code 2.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,12 +22,13 @@ from lit_gpt.data import DataError  # noqa: E402
 from lit_gpt.packed import ShardError  # noqa: E402
 from lit_gpt.run_config import RunConfigError, load_run_config  # noqa: E402
 from lit_gpt.trainer import PreflightError, fit, preflight  # noqa: E402
+from lit_gpt.utils import ArgumentParser  # noqa: E402
 
 INPUT_ERRORS = (RunConfigError, PreflightError, ConfigError, DataError, ShardError)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, help="run YAML (configs/...)")
     ap.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("--profile", nargs="?", type=int, const=40, default=None, metavar="STEPS",

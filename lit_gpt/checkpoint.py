@@ -28,7 +28,6 @@ reason (post-norm models no longer have one, as in the seed, so no config comput
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 
 from lit_gpt.config import Config
-from lit_gpt.utils import atomic_write_dir
+from lit_gpt.utils import ArgumentParser, atomic_write_dir
 
 if TYPE_CHECKING:
     from lit_gpt.model import GPT
@@ -463,7 +462,7 @@ def convert_legacy(src: Union[str, Path], out: Union[str, Path, None] = None, tr
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description="lit_gpt checkpoints: convert old pickle (.pth) checkpoints to "
+    ap = ArgumentParser(description="lit_gpt checkpoints: convert old pickle (.pth) checkpoints to "
                                              "safetensors checkpoint folders")
     sub = ap.add_subparsers(dest="cmd", required=True)
     cv = sub.add_parser("convert", help="OLD.pth -> OLD/ (or every *.pth of a run folder); the old files are kept")

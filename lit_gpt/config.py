@@ -8,7 +8,6 @@ the allowed values.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import yaml
+
+from lit_gpt.utils import did_you_mean, invalid_choice
 
 # allowed values of the categorical fields, in one place
 CHOICES: Dict[str, tuple] = {
@@ -124,7 +125,7 @@ class Config:
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
-                raise _bad(name, value, ", ".join(allowed))
+                raise ConfigError(invalid_choice(f"Config.{name}", value, allowed))
         for name in ("block_size", "vocab_size", "padding_multiple", "n_layer", "n_head", "n_embd",
                      "head_size", "n_query_groups", "intermediate_size", "relative_buckets",
                      "relative_max_distance"):
@@ -219,9 +220,8 @@ class Config:
         known = set(cls.field_names())
         for key in keys:
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=3)
-                hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise ConfigError(f"{where}: unknown field {key!r}{hint}; allowed: {', '.join(sorted(known))}")
+                raise ConfigError(f"{where}: unknown field {key!r}{did_you_mean(key, known)}; allowed: "
+                                  f"{', '.join(sorted(known))}")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], where: str = "Config") -> "Config":
@@ -231,8 +231,7 @@ class Config:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":
         if name not in NAMED_CONFIGS:
-            close = difflib.get_close_matches(name, NAMED_CONFIGS, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            hint = did_you_mean(name, NAMED_CONFIGS)
             raise ConfigError(f"Config.name={name!r} is not a known config{hint}; allowed: "
                               f"{', '.join(sorted(NAMED_CONFIGS))}")
         d = dict(NAMED_CONFIGS[name])

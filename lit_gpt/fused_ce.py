@@ -21,13 +21,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from lit_gpt.utils import invalid_choice
 
 IMPLS = ("auto", "fused", "plain")
 CHUNK_BYTES = 1 << 30          # logits of one chunk of rows (compute dtype): 1 GiB
 
 
 def _bad_impl(impl) -> ValueError:
-    return ValueError(f"loss_impl={impl!r} is invalid; allowed: {', '.join(IMPLS)}")
+    return ValueError(invalid_choice("loss_impl", impl, IMPLS))
 
 
 # ---------------------------------------------------------------------------- the per-chunk pass

@@ -12,7 +12,6 @@ file (appended at the end of the file, under a heading, when the markers are not
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lit_gpt.repro import emergence_step, load_records  # noqa: E402
-from lit_gpt.utils import atomic_write_text  # noqa: E402
+from lit_gpt.utils import ArgumentParser, atomic_write_text  # noqa: E402
 
 ROWS = REPO / "scripts" / "repro_rows.yaml"
 RESULTS = REPO / "docs" / "results" / "repro"
@@ -380,7 +379,7 @@ def plots(spec: dict, records: Dict[Tuple[str, str], dict], root: Path = REPO) -
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--check", action="store_true", help="compare the tables with the records; write nothing")
     ap.add_argument("--rows", default=str(ROWS), help="the row registry (YAML)")
     ap.add_argument("--results", default=str(RESULTS), help="records: <results>/<regime>/<row>.json")
