@@ -120,9 +120,15 @@ def check_writable_dir(path: Union[str, Path]) -> None:
 
 # ---------------------------------------------------------------------------- unknown names
 def did_you_mean(word: Any, choices: Iterable[Any], n: int = 3) -> str:
-    """`` (did you mean a, b?)`` naming up to ``n`` of ``choices`` closest to ``word`` (difflib's ratio >= 0.6),
-    ``""`` when none is close: the hint every unknown-name error of the repo carries."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n)
+    """`` (did you mean a, b?)`` naming up to ``n`` of ``choices`` closest to ``word`` (difflib's similarity ratio
+    >= 0.6, as ``difflib.get_close_matches``; best first, ties in the given order), ``""`` when none is close: the
+    hint every unknown-name error of the repo carries."""
+    word, scored = str(word), []
+    for i, c in enumerate(dict.fromkeys(str(c) for c in choices)):
+        ratio = difflib.SequenceMatcher(None, c, word).ratio()
+        if ratio >= 0.6:
+            scored.append((-ratio, i, c))
+    close = [c for _, _, c in sorted(scored)[:n]]
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
