@@ -66,11 +66,13 @@ def summarize(out: Path, record: Optional[str] = None) -> None:
             rows.append({
                 "model": folder.name, "input": d["meta"]["input"],
                 "massive_ratio_max": ratio[peak], "at_layer_input": peak,
-                "h1_norm_at_peak": s["hidden_norm"]["first"][peak], "h_rest_norm_at_peak": s["hidden_norm"]["rest_mean"][peak],
+                "h1_norm_at_peak": s["hidden_norm"]["first"][peak],
+                "h_rest_norm_at_peak": s["hidden_norm"]["rest_mean"][peak],
                 "k1_norm": mean(s["key_norm"]["first"]), "k_rest_norm": mean(s["key_norm"]["rest_mean"]),
                 "v1_norm": mean(s["value_norm"]["first"]), "v_rest_norm": mean(s["value_norm"]["rest_mean"]),
                 "cos_q_k1": mean(s["cos_first_per_layer"]), "cos_q_krest": mean(s["cos_rest_per_layer"]),
-                "qk1_normprod": mean(s["normprod_first_per_layer"]), "qkrest_normprod": mean(s["normprod_rest_per_layer"]),
+                "qk1_normprod": mean(s["normprod_first_per_layer"]),
+                "qkrest_normprod": mean(s["normprod_rest_per_layer"]),
                 "sink_1": d.get("sink_1"),
             })
     if rows:

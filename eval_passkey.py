@@ -66,7 +66,8 @@ def main(argv=None) -> None:
                          "filler, e.g. 0.1,0.5,0.9")
     ap.add_argument("--samples", type=int, default=10, help="prompts per length (per length and depth with --depths)")
     add_method_args(ap, allowed=PASSKEY_METHODS, methods="dense,sink,lminfinite", cache_size=None)
-    ap.add_argument("--new-tokens", type=int, default=PASSKEY_NEW_TOKENS, help="greedy tokens generated (LM-Infinite: 7)")
+    ap.add_argument("--new-tokens", type=int, default=PASSKEY_NEW_TOKENS,
+                    help="greedy tokens generated (LM-Infinite: 7)")
     ap.add_argument("--batch", type=int, default=8, help="prompts per forward")
     ap.add_argument("--bos", action="store_true")
     ap.add_argument("--seed", type=int, default=0)

@@ -2,7 +2,8 @@
 causal mask, no extra key/value slots; GQA and tied embeddings are fine), so that eval_sink_open_source.py,
 eval_activations_open_source.py and any transformers tool can load it.
 
-    python export_hf.py checkpoints/tinyllama_60M/final exported/tinyllama_60M --tokenizer ../shared/tokenizers/gpt-neox-20b
+    python export_hf.py checkpoints/tinyllama_60M/final exported/tinyllama_60M \\
+        --tokenizer ../shared/tokenizers/gpt-neox-20b
     python eval_sink_open_source.py --models exported/tinyllama_60M --device cpu
 """
 from __future__ import annotations

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
         return 0
     final = summary["final"]
     print(f"done: step {summary['step']}, train_loss {final.get('train_loss', float('nan')):.4f}, "
-          f"val_loss {final.get('val_loss', float('nan')):.4f} ({summary.get('val_loss_domain')}), Sink_1 {final.get('sink_1', float('nan')):.2f}%; "
+          f"val_loss {final.get('val_loss', float('nan')):.4f} ({summary.get('val_loss_domain')}), "
+          f"Sink_1 {final.get('sink_1', float('nan')):.2f}%; "
           f"{summary['out_dir']}/summary.json, curves.png")
     return 0
 

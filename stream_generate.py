@@ -76,7 +76,7 @@ class Display:
 
     def write_log(self, path: Path) -> None:
         head = "step,row,position,token,latency_ms,cache_bytes,rss_bytes,cuda_bytes\n"
-        body = "".join(f"{s},{r},{p},{t},{l:.3f},{c},{m},{g}\n" for s, r, p, t, l, c, m, g in self.rows)
+        body = "".join(f"{s},{r},{p},{t},{ms:.3f},{c},{m},{g}\n" for s, r, p, t, ms, c, m, g in self.rows)
         atomic_write_text(path, head + body)
 
 

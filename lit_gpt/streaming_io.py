@@ -441,7 +441,7 @@ def plot_log_ppl(path: Path, curves: Dict[str, torch.Tensor], *, width: int = 64
         axes[1, 0].set_ylabel(f"minus {reference}\n(nats/token)")
         axes[1, 0].axhline(0.0, color="black", lw=0.6)
     for ax in axes[:, 0]:
-        for pos, text in markers:
+        for pos, _text in markers:
             ax.axvline(pos, color="grey", lw=0.7, ls="--")
         ax.grid(alpha=0.3)
     for i, (pos, text) in enumerate(markers):

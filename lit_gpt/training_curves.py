@@ -112,7 +112,7 @@ def plot_compare(runs: Sequence[Tuple[str, Union[str, Path, Series]]], out_png: 
         if per_step is None:
             raise ValueError(f"{label}: no 'tokens' column to plot against")
 
-        def xs_of(points):
+        def xs_of(points, per_step=per_step):
             return [s * per_step for s, _ in points], [v for _, v in points]
 
         loss_key = "val_loss" if "val_loss" in m else "train_loss"

@@ -268,7 +268,7 @@ def prepare(sources: Sequence[str], tokenizer: str, out: str, block_size: int = 
             s["dropped_tokens"] += r.dropped.get(p, 0)
             s["shards"] += [Path(x).name for x in r.shards.get(p, [])]
             s["sources"].append(r.path)
-    for p, s in summary.items():
+    for s in summary.values():
         s["shards"].sort()
         s["sources"].sort()
     empty = [p for p, s in summary.items() if s["chunks"] == 0]

@@ -137,7 +137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--note", default="", help="a note stored with the hardware (e.g. 'shared machine')")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--import", dest="import_dir", default=None,
-                    help="record runs made elsewhere (e.g. the GPU box): DIR/<row>/{summary.json,metrics.csv} or a .tar.gz of them")
+                    help="record runs made elsewhere (e.g. the GPU box): DIR/<row>/{summary.json,metrics.csv} or a "
+                         ".tar.gz of them")
     ap.add_argument("--command", default=None, help="with --import: the command that made those runs")
     ap.add_argument("--rerecord", action="store_true",
                     help="no training: rebuild the records of the given rows from their run folders under --runs "
