@@ -3,8 +3,8 @@
 Methods: dense (full cache), window (recent tokens only), sink (sinks + window, positions re-indexed in the
 cache), sink_original (sinks + window at original positions), lminfinite (Λ mask + distance ceiling, optional
 top-k middle tokens), recompute (sliding window re-encoded from scratch every ``--stride`` tokens). Every
-streaming method is fed in chunks of ``--chunk`` tokens (1 = token by token; any chunk gives the same result,
-see tests/test_streaming.py).
+streaming method is fed in chunks of ``--chunk`` tokens (default 256; 1 = token by token; any chunk gives the same
+result, see tests/test_streaming.py).
 
 Writes to --out: results.json (per method: mean NLL / PPL overall, over the first window and after it, per-bin
 sums and counts, time), nll.pt (per-position NLL per method), log_ppl.png (rolling log-PPL vs position), and

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lit_gpt.repro import emergence_step, load_records  # noqa: E402
-from lit_gpt.utils import ArgumentParser, atomic_write_text  # noqa: E402
+from lit_gpt.utils import ArgumentParser, atomic_write_text, invalid_choice  # noqa: E402
 
 ROWS = REPO / "scripts" / "repro_rows.yaml"
 RESULTS = REPO / "docs" / "results" / "repro"
@@ -41,7 +41,7 @@ def load_rows(path: Path = ROWS) -> dict:
         if bad:
             raise ValueError(f"{path}: row {rid!r} names unknown sections {bad}")
         if r.get("expect") is not None and r["expect"] not in EXPECT:
-            raise ValueError(f"{path}: row {rid!r} expect={r.get('expect')!r} is invalid; allowed: {', '.join(EXPECT)}")
+            raise ValueError(f"{path}: row {rid!r} {invalid_choice('expect', r.get('expect'), EXPECT)}")
     return d
 
 
