@@ -34,7 +34,8 @@ class Display:
     def __init__(self, tokenizer, every: int = 100, quiet: bool = False, total: Optional[int] = None) -> None:
         self.tok, self.every, self.quiet = tokenizer, every, quiet
         self.rows, self.ids, self.text_len = [], [], 0
-        self.bar = progress_bar(total, "generate", quiet=not (quiet or not sys.stdout.isatty()), unit="tok")
+        self.bar = progress_bar(total, "generate", quiet=not (quiet or not sys.stdout.isatty()), unit="tok",
+                                leave=True)
 
     def __call__(self, ev: TokenEvent) -> None:
         for r, (t, p) in enumerate(zip(ev.tokens, ev.positions)):

@@ -212,9 +212,11 @@ def add_method_args(ap, *, allowed: Sequence[str] = METHODS, methods: str = "den
     else:
         ap.add_argument("--methods", default=method_names(allowed)(methods), type=method_names(allowed),
                         metavar="A,B,...", help=f"comma-separated, of {', '.join(allowed)} (default: {methods})")
+    default = f"{cache_size}" if cache_size else "the model's training window"
     ap.add_argument("--cache-size", type=int, default=cache_size,
-                    help="keys each query attends to, sinks included (window: all recent; recompute: the re-encoded "
-                         "window) (default: " + (f"{cache_size})" if cache_size else "the model's training window)"))
+                    help="keys each query attends to, sinks included" + (
+                        " (recompute: the re-encoded window)" if "recompute" in allowed else "") +
+                         f" (default: {default})")
     ap.add_argument("--start-size", type=int, default=START_SIZE,
                     help=f"attention sinks kept at the front of the cache (default: {START_SIZE})")
     ap.add_argument("--chunk", type=int, default=CHUNK,
