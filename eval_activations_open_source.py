@@ -12,7 +12,6 @@ Writes <out>/<model>/activations_<input>.json, norms_<input>.png, cos_norm_<inpu
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,11 +21,11 @@ from lit_gpt.evaluate import batched, evaluate_model
 from lit_gpt.plots import plot_cos_norm, plot_norms
 from lit_gpt.results import write_record
 from lit_gpt.sweep import add_common_args, common_meta, run_hf_sweep, write_table
-from lit_gpt.utils import atomic_write_text
+from lit_gpt.utils import ArgumentParser, atomic_write_text
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     add_common_args(ap, "results/activations_open_source", ("natural",))
     args = ap.parse_args(argv)
 
@@ -67,11 +66,13 @@ def summarize(out: Path, record: Optional[str] = None) -> None:
             rows.append({
                 "model": folder.name, "input": d["meta"]["input"],
                 "massive_ratio_max": ratio[peak], "at_layer_input": peak,
-                "h1_norm_at_peak": s["hidden_norm"]["first"][peak], "h_rest_norm_at_peak": s["hidden_norm"]["rest_mean"][peak],
+                "h1_norm_at_peak": s["hidden_norm"]["first"][peak],
+                "h_rest_norm_at_peak": s["hidden_norm"]["rest_mean"][peak],
                 "k1_norm": mean(s["key_norm"]["first"]), "k_rest_norm": mean(s["key_norm"]["rest_mean"]),
                 "v1_norm": mean(s["value_norm"]["first"]), "v_rest_norm": mean(s["value_norm"]["rest_mean"]),
                 "cos_q_k1": mean(s["cos_first_per_layer"]), "cos_q_krest": mean(s["cos_rest_per_layer"]),
-                "qk1_normprod": mean(s["normprod_first_per_layer"]), "qkrest_normprod": mean(s["normprod_rest_per_layer"]),
+                "qk1_normprod": mean(s["normprod_first_per_layer"]),
+                "qkrest_normprod": mean(s["normprod_rest_per_layer"]),
                 "sink_1": d.get("sink_1"),
             })
     if rows:

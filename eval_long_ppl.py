@@ -3,8 +3,8 @@
 Methods: dense (full cache), window (recent tokens only), sink (sinks + window, positions re-indexed in the
 cache), sink_original (sinks + window at original positions), lminfinite (Λ mask + distance ceiling, optional
 top-k middle tokens), recompute (sliding window re-encoded from scratch every ``--stride`` tokens). Every
-streaming method is fed in chunks of ``--chunk`` tokens (1 = token by token; any chunk gives the same result,
-see tests/test_streaming.py).
+streaming method is fed in chunks of ``--chunk`` tokens (default 256; 1 = token by token; any chunk gives the same
+result, see tests/test_streaming.py).
 
 Writes to --out: results.json (per method: mean NLL / PPL overall, over the first window and after it, per-bin
 sums and counts, time), nll.pt (per-position NLL per method), log_ppl.png (rolling log-PPL vs position), and
@@ -21,7 +21,6 @@ Examples:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -31,27 +30,14 @@ import torch
 from lit_gpt.results import write_record
 from lit_gpt.generate import recompute_nll, stream_nll
 from lit_gpt.streaming_io import (
-    METHODS, add_model_args, add_topk_args, book_stream, lm_from_args, make_method, markdown_table, plot_log_ppl,
-    sampled_stream, shared_dir, topk_kwargs, write_json,
+    MethodArgs, add_method_args, add_model_args, book_stream, lm_from_args, markdown_table, plot_log_ppl,
+    sampled_stream, shared_dir, write_json,
 )
-from lit_gpt.utils import atomic_torch_save
+from lit_gpt.utils import ArgumentParser, atomic_torch_save, progress_bar
 
 
 def parse_ints(s: str):
     return [int(x) for x in s.split(",") if x.strip()]
-
-
-def progress_printer(label: str, every_s: float = 20.0):
-    t0, last = time.perf_counter(), [0.0]
-
-    def show(done: int, total: int) -> None:
-        now = time.perf_counter() - t0
-        if now - last[0] >= every_s or done >= total:
-            last[0] = now
-            rate = done / max(now, 1e-9)
-            eta = (total - done) / max(rate, 1e-9)
-            print(f"  [{label}] {done}/{total} tokens  {rate:.1f} tok/s  eta {eta:.0f}s", file=sys.stderr, flush=True)
-    return show
 
 
 def summarize(nll: torch.Tensor, window: int, bin_width: int = 128) -> dict:
@@ -88,7 +74,7 @@ def compare_with(folder: Path, results: list, curves: dict) -> list:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--text", default="books", choices=("books", "sampled", "file"),
                     help="books: concatenated books from ../shared/corpus validation files; sampled: the model's "
                          "own stories after one BOS; file: --text-file")
@@ -97,15 +83,7 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-books", type=int, default=0)
     ap.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS to the stream")
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--methods", default="dense,window,sink,recompute")
-    ap.add_argument("--cache-size", type=int, default=256, help="keys per query: sinks + recent (window: recent)")
-    ap.add_argument("--start-size", type=int, default=4, help="sinks for method sink")
-    ap.add_argument("--chunk", type=int, default=1, help="tokens per forward for streaming methods (1 = token by token)")
-    ap.add_argument("--stride", type=int, default=1, help="recompute: targets per re-encoded window")
-    ap.add_argument("--lminf-global", type=int, default=None, help="LM-Infinite n_global (default --start-size)")
-    ap.add_argument("--lminf-local", type=int, default=None, help="LM-Infinite n_local (default --cache-size minus n_global)")
-    ap.add_argument("--lminf-ceiling", type=int, default=None, help="LM-Infinite L_pretrain (default n_local)")
-    add_topk_args(ap)
+    add_method_args(ap)
     ap.add_argument("--sink-ablation", default=None, help="e.g. 0,1,2,4,8: sinks in a cache of --cache-size")
     ap.add_argument("--cache-sweep", default=None, help="e.g. 128,256,512: window vs sinks at each cache size")
     ap.add_argument("--plot-width", type=int, default=128, help="tokens in the rolling mean of the plot")
@@ -119,23 +97,17 @@ def main(argv=None) -> None:
     add_model_args(ap)
     args = ap.parse_args(argv)
     out = Path(args.out)
-    kw = dict(start_size=args.start_size, lminf_global=args.lminf_global, lminf_local=args.lminf_local,
-              lminf_ceiling=args.lminf_ceiling, stride=args.stride, **topk_kwargs(args))
+    opts = MethodArgs.from_args(args)
     if args.sink_ablation:
-        methods = [make_method("window" if s == 0 else "sink", **dict(kw, cache_size=args.cache_size, start_size=s))
-                   for s in parse_ints(args.sink_ablation)]
+        methods = [opts.make("window" if s == 0 else "sink", start_size=s) for s in parse_ints(args.sink_ablation)]
         for m, s in zip(methods, parse_ints(args.sink_ablation)):
             m.label = f"{s} + {args.cache_size - s}"
     elif args.cache_sweep:
         methods = []
         for c in parse_ints(args.cache_sweep):
-            methods += [make_method("window", **dict(kw, cache_size=c)), make_method("sink", **dict(kw, cache_size=c))]
+            methods += [opts.make("window", cache_size=c), opts.make("sink", cache_size=c)]
     else:
-        names = [m.strip() for m in args.methods.split(",") if m.strip()]
-        bad = [m for m in names if m not in METHODS]
-        if bad:
-            ap.error(f"--methods {bad} invalid; allowed: {', '.join(METHODS)}")
-        methods = [make_method(m, **dict(kw, cache_size=args.cache_size)) for m in names]
+        methods = opts.methods()
 
     t_load = time.perf_counter()
     lm = lm_from_args(args, methods=[m.name for m in methods])      # refuses what the model cannot stream first
@@ -161,13 +133,15 @@ def main(argv=None) -> None:
 
     results, curves = [], {}
     for m in methods:
-        print(f"{m.label} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        show = progress_printer(m.label)
-        if m.name == "recompute":
-            nll = recompute_nll(lm.runner, tokens, m.window, m.stride, progress=show)[0]
-        else:
-            nll = stream_nll(lm.runner, tokens, m.spec, chunk_size=args.chunk, progress=show)[0]
+        with progress_bar(None, m.label, unit="tok") as bar:
+            def show(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+            if m.name == "recompute":
+                nll = recompute_nll(lm.runner, tokens, m.window, m.stride, progress=show)[0]
+            else:
+                nll = stream_nll(lm.runner, tokens, m.spec, chunk_size=args.chunk, progress=show)[0]
         dt = time.perf_counter() - t0
         # "after the cache": after this method's own key budget (a --cache-sweep has one per method)
         keys = m.spec.start_size + m.spec.recent_size if m.spec is not None else (m.window or args.cache_size)

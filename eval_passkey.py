@@ -21,19 +21,18 @@ Example (CPU, a pretend 256-token window for SmolLM2 whose real window is 8192):
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-
+from lit_gpt.results import write_record
 from lit_gpt.generate import stream_generate
 from lit_gpt.streaming import dense_spec
-from lit_gpt.results import write_record
 from lit_gpt.streaming_io import (
-    PASSKEY_NEW_TOKENS, add_model_args, add_topk_args, draw_passkeys, lm_from_args, make_method, markdown_table,
-    parse_passkey, passkey_fillers, passkey_prompt, topk_kwargs, write_json,
+    PASSKEY_NEW_TOKENS, MethodArgs, add_method_args, add_model_args, draw_passkeys, lm_from_args, markdown_table,
+    parse_passkey, passkey_fillers, passkey_prompt, write_json,
 )
+from lit_gpt.utils import ArgumentParser, progress_bar
 
 PASSKEY_METHODS = ("dense", "window", "sink", "lminfinite")
 
@@ -59,7 +58,7 @@ def plot_accuracy(path: Path, table, lengths, title: str) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--train-window", type=int, default=None, help="default: the model's block size / max positions")
     ap.add_argument("--multiples", default="1,2,4,8", help="prompt lengths as multiples of the training window")
     ap.add_argument("--lengths", default=None, help="explicit prompt lengths in tokens (overrides --multiples)")
@@ -67,12 +66,9 @@ def main(argv=None) -> None:
                     help="'random' (LM-Infinite: the key's slot uniform among the fillers) or fractions of the "
                          "filler, e.g. 0.1,0.5,0.9")
     ap.add_argument("--samples", type=int, default=10, help="prompts per length (per length and depth with --depths)")
-    ap.add_argument("--methods", default="dense,sink,lminfinite")
-    ap.add_argument("--cache-size", type=int, default=None, help="default: the training window")
-    ap.add_argument("--start-size", type=int, default=4, help="sinks / LM-Infinite n_global")
-    add_topk_args(ap)
-    ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--new-tokens", type=int, default=PASSKEY_NEW_TOKENS, help="greedy tokens generated (LM-Infinite: 7)")
+    add_method_args(ap, allowed=PASSKEY_METHODS, methods="dense,sink,lminfinite", cache_size=None)
+    ap.add_argument("--new-tokens", type=int, default=PASSKEY_NEW_TOKENS,
+                    help="greedy tokens generated (LM-Infinite: 7)")
     ap.add_argument("--batch", type=int, default=8, help="prompts per forward")
     ap.add_argument("--bos", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -80,19 +76,16 @@ def main(argv=None) -> None:
     ap.add_argument("--record", default=None, help="compact raw record (JSON) for the docs, e.g. docs/results/...")
     add_model_args(ap)
     args = ap.parse_args(argv)
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in names if m not in PASSKEY_METHODS]
-    if bad:
-        ap.error(f"--methods {bad} invalid; allowed: {', '.join(PASSKEY_METHODS)}")
-    lm = lm_from_args(args, methods=names)
+    lm = lm_from_args(args, methods=args.methods)
     window = args.train_window or lm.train_window
     if not window:
         ap.error("the model does not say its training window: give --train-window")
-    cache = args.cache_size or window
+    opts = MethodArgs.from_args(args).with_cache_size(window)
+    cache = opts.cache_size
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else \
         [int(float(m) * window) for m in args.multiples.split(",")]
     depths = None if args.depths == "random" else [float(x) for x in args.depths.split(",")]
-    methods = [make_method(m, cache_size=cache, start_size=args.start_size, **topk_kwargs(args)) for m in names]
+    methods = opts.methods()
     cases = []
     for n in lengths:
         n_fill = passkey_fillers(lm.tokenizer, n, bos=args.bos)
@@ -103,21 +96,24 @@ def main(argv=None) -> None:
     out = Path(args.out)
     records, t_all = [], time.perf_counter()
     for m in methods:
-        for i in range(0, len(cases), args.batch):
-            group = cases[i: i + args.batch]
-            t0 = time.perf_counter()
-            prompts = [c["ids"] for c in group]
-            spec = m.spec if m.spec is not None else dense_spec(max(map(len, prompts)) + args.new_tokens)
-            gen = stream_generate(lm.runner, prompts, spec, args.new_tokens, chunk_size=args.chunk)
-            for c, g in zip(group, gen):
-                text = lm.tokenizer.decode(g)
-                got = parse_passkey(text)
-                records.append(dict({k: v for k, v in c.items() if k != "ids"}, method=m.label, answer=text,
-                                    parsed=got, correct=got == c["key"]))
-            print(f"  {m.label}: cases {i + len(group)}/{len(cases)} ({time.perf_counter() - t0:.0f}s)",
-                  file=sys.stderr, flush=True)
-            write_json(out / "results.json", dict(model=args.model, train_window=window, cache_size=cache,
-                                                  command=" ".join(sys.argv), records=records))
+        t0 = time.perf_counter()
+        with progress_bar(len(cases), m.label, unit="prompt") as bar:
+            for i in range(0, len(cases), args.batch):
+                group = cases[i: i + args.batch]
+                prompts = [c["ids"] for c in group]
+                spec = m.spec if m.spec is not None else dense_spec(max(map(len, prompts)) + args.new_tokens)
+                gen = stream_generate(lm.runner, prompts, spec, args.new_tokens, chunk_size=opts.chunk)
+                for c, g in zip(group, gen):
+                    text = lm.tokenizer.decode(g)
+                    got = parse_passkey(text)
+                    records.append(dict({k: v for k, v in c.items() if k != "ids"}, method=m.label, answer=text,
+                                        parsed=got, correct=got == c["key"]))
+                write_json(out / "results.json", dict(model=args.model, train_window=window, cache_size=cache,
+                                                      command=" ".join(sys.argv), records=records))
+                bar.update(len(group))
+        done = [r for r in records if r["method"] == m.label]
+        print(f"  {m.label}: {sum(r['correct'] for r in done)}/{len(done)} correct in "
+              f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     table, rows, summary = {}, [], []
     for m in methods:
         accs = []

@@ -2,19 +2,19 @@
 causal mask, no extra key/value slots; GQA and tied embeddings are fine), so that eval_sink_open_source.py,
 eval_activations_open_source.py and any transformers tool can load it.
 
-    python export_hf.py checkpoints/tinyllama_60M/final exported/tinyllama_60M --tokenizer ../shared/tokenizers/gpt-neox-20b
+    python export_hf.py checkpoints/tinyllama_60M/final exported/tinyllama_60M \\
+        --tokenizer ../shared/tokenizers/gpt-neox-20b
     python eval_sink_open_source.py --models exported/tinyllama_60M --device cpu
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from lit_gpt.utils import DTYPES
+from lit_gpt.utils import DTYPES, ArgumentParser
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("checkpoint", help="checkpoint folder or run folder")
     ap.add_argument("out", help="output folder (must be empty or absent unless --overwrite)")
     ap.add_argument("--tokenizer", default=None,

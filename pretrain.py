@@ -12,7 +12,6 @@ work, with exit code 2.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,12 +22,13 @@ from lit_gpt.data import DataError  # noqa: E402
 from lit_gpt.packed import ShardError  # noqa: E402
 from lit_gpt.run_config import RunConfigError, load_run_config  # noqa: E402
 from lit_gpt.trainer import PreflightError, fit, preflight  # noqa: E402
+from lit_gpt.utils import ArgumentParser  # noqa: E402
 
 INPUT_ERRORS = (RunConfigError, PreflightError, ConfigError, DataError, ShardError)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True, help="run YAML (configs/...)")
     ap.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("--profile", nargs="?", type=int, const=40, default=None, metavar="STEPS",
@@ -58,7 +58,8 @@ def main(argv=None) -> int:
         return 0
     final = summary["final"]
     print(f"done: step {summary['step']}, train_loss {final.get('train_loss', float('nan')):.4f}, "
-          f"val_loss {final.get('val_loss', float('nan')):.4f} ({summary.get('val_loss_domain')}), Sink_1 {final.get('sink_1', float('nan')):.2f}%; "
+          f"val_loss {final.get('val_loss', float('nan')):.4f} ({summary.get('val_loss_domain')}), "
+          f"Sink_1 {final.get('sink_1', float('nan')):.2f}%; "
           f"{summary['out_dir']}/summary.json, curves.png")
     return 0
 

@@ -1,5 +1,5 @@
 """Streaming generation / chat past the training window with a sink + window cache (or LM-Infinite, a plain
-window, or dense attention for comparison), with a live progress line and a per-token latency + memory log.
+window, or dense attention for comparison), with a live status bar and a per-token latency + memory log.
 
 Generate (prompts from --prompt, repeatable for a batch of ragged rows):
   python stream_generate.py --model ../shared/models/stories260K --prompt "Once upon a time" \\
@@ -13,29 +13,30 @@ latency_ms (step 0 includes the prefill), cache_bytes (the streaming cache), rss
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from lit_gpt.generate import StreamSession, TokenEvent
 from lit_gpt.streaming import dense_spec
-from lit_gpt.streaming_io import add_model_args, lm_from_args, make_method
-from lit_gpt.utils import atomic_write_text
+from lit_gpt.streaming_io import MethodArgs, add_method_args, add_model_args, lm_from_args
+from lit_gpt.utils import ArgumentParser, atomic_write_text, progress_bar
 
 GEN_METHODS = ("sink", "window", "lminfinite", "dense", "sink_original")
 
 
 class Display:
-    """Prints row 0's text as it comes and a status line on stderr every ``every`` tokens."""
+    """Prints row 0's text as it comes (unless ``quiet``) and keeps a tqdm status bar on stderr (tokens, position,
+    cache and RSS MiB, ms per step over the last ``every`` steps). The bar is shown only on a terminal and only
+    when the text is not streaming to that same terminal (``--quiet``, or stdout redirected)."""
 
-    def __init__(self, tokenizer, cache_size, every: int = 100, quiet: bool = False) -> None:
-        self.tok, self.cache_size, self.every, self.quiet = tokenizer, cache_size, every, quiet
-        self.rows, self.prev, self.t0 = [], None, time.perf_counter()
-        self.text_len = 0
-        self.ids = []
+    def __init__(self, tokenizer, every: int = 100, quiet: bool = False, total: Optional[int] = None) -> None:
+        self.tok, self.every, self.quiet = tokenizer, every, quiet
+        self.rows, self.ids, self.text_len = [], [], 0
+        self.bar = progress_bar(total, "generate", quiet=not (quiet or not sys.stdout.isatty()), unit="tok",
+                                leave=True)
 
     def __call__(self, ev: TokenEvent) -> None:
         for r, (t, p) in enumerate(zip(ev.tokens, ev.positions)):
@@ -47,11 +48,14 @@ class Display:
             sys.stdout.flush()
             self.text_len = len(text)
         if (ev.step + 1) % self.every == 0:
-            dt = time.perf_counter() - self.t0
             recent = [r[4] for r in self.rows[-self.every * len(ev.tokens):]]
-            print(f"\n[step {ev.step + 1} | pos {max(ev.positions)} | cache {ev.cache_bytes / 2**20:.2f} MiB | "
-                  f"RSS {ev.rss_bytes / 2**20:.0f} MiB | {1000 * dt / (ev.step + 1):.1f} ms/step avg, "
-                  f"{sum(recent) / max(1, len(recent)):.1f} ms last {self.every}]", file=sys.stderr, flush=True)
+            self.bar.set_postfix_str(f"pos {max(ev.positions)} | cache {ev.cache_bytes / 2**20:.2f} MiB | "
+                                     f"RSS {ev.rss_bytes / 2**20:.0f} MiB | "
+                                     f"{sum(recent) / max(1, len(recent)):.1f} ms last {self.every}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
     def summary(self, every: int) -> dict:
         """Median step latency per stretch of ``every`` steps (step 0, which includes the prefill, left out) and the
@@ -74,44 +78,43 @@ class Display:
 
     def write_log(self, path: Path) -> None:
         head = "step,row,position,token,latency_ms,cache_bytes,rss_bytes,cuda_bytes\n"
-        body = "".join(f"{s},{r},{p},{t},{l:.3f},{c},{m},{g}\n" for s, r, p, t, l, c, m, g in self.rows)
+        body = "".join(f"{s},{r},{p},{t},{ms:.3f},{c},{m},{g}\n" for s, r, p, t, ms, c, m, g in self.rows)
         atomic_write_text(path, head + body)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--prompt", action="append", default=None, help="repeat for a batch (rows may differ in length)")
     ap.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
-    ap.add_argument("--method", default="sink", choices=GEN_METHODS)
-    ap.add_argument("--cache-size", type=int, default=256)
-    ap.add_argument("--start-size", type=int, default=4)
+    add_method_args(ap, allowed=GEN_METHODS, methods="sink", single=True)
     ap.add_argument("--max-new-tokens", type=int, default=1000)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--stop-at-eos", action="store_true", help="(generation mode) stop a row at EOS")
     ap.add_argument("--bos", action="store_true", help="prepend BOS to the first prompt (llama2.c models: on)")
-    ap.add_argument("--chunk", type=int, default=256, help="prefill chunk")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log", default=None, help="CSV of per-token latency and memory")
-    ap.add_argument("--status-every", type=int, default=100)
+    ap.add_argument("--status-every", type=int, default=100,
+                    help="steps per stretch: the status bar's ms/step and the record's median latency per stretch")
     ap.add_argument("--record", default=None,
                     help="compact raw record (JSON: latency per --status-every stretch, cache bytes, the text) for "
                          "the docs, e.g. docs/results/...")
     ap.add_argument("--quiet", action="store_true", help="no text on stdout (benchmarks)")
     add_model_args(ap)
     args = ap.parse_args(argv)
-    lm = lm_from_args(args, methods=[args.method])
+    lm = lm_from_args(args, methods=args.methods)
     tok = lm.tokenizer
     from lit_gpt.llama2c import Llama2cTokenizer
     bos = args.bos or isinstance(tok, Llama2cTokenizer)
-    method = make_method(args.method, cache_size=args.cache_size, start_size=args.start_size)
+    opts = MethodArgs.from_args(args)
+    method = opts.make()
     gen = torch.Generator().manual_seed(args.seed)
-    display = Display(tok, args.cache_size, args.status_every, args.quiet)
+    display = Display(tok, args.status_every, args.quiet, total=None if args.chat else args.max_new_tokens)
     print(f"{lm.name}: {method.label}, training window {lm.train_window}", file=sys.stderr)
     spec = method.spec
     try:
         if args.chat:
-            session = StreamSession(lm.runner, 1, spec or dense_spec(1 << 16), args.chunk)
+            session = StreamSession(lm.runner, 1, spec or dense_spec(1 << 16), opts.chunk)
             first = True
             while True:
                 try:
@@ -135,7 +138,7 @@ def main(argv=None) -> None:
             prompts = [tok.encode(p, bos=bos) for p in (args.prompt or [""])]
             prompts = [p if p else [tok.bos_id] for p in prompts]
             session = StreamSession(lm.runner, len(prompts), spec or dense_spec(max(map(len, prompts))
-                                                                                 + args.max_new_tokens), args.chunk)
+                                                                                 + args.max_new_tokens), opts.chunk)
             session.feed(prompts)
             if not args.quiet:
                 sys.stdout.write(tok.decode(prompts[0]))
@@ -149,6 +152,7 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)
     finally:
+        display.close()
         if args.record and display.rows:
             from lit_gpt.results import write_record
 

@@ -2,15 +2,16 @@
 on any device; also checks on that device that chunked prefill equals token-by-token streaming.
 
 For each stream position P in --positions: fill the cache to P with chunked prefill, then time --steps decoding
-steps (median ms/step) for dense attention (a never-wrapping ring of P + steps keys) and for sinks + window.
+steps (median ms/step) for each of --methods: dense attention (a never-wrapping ring of P + steps keys) and
+sinks + window by default.
 
-  python benchmarks/streaming_speed.py --model tinyllama_demo --positions 1024,4096 --out out/bench_cpu.json
+  python benchmarks/streaming_speed.py --model tinyllama_demo --positions 1024,4096 --cache-size 256 --chunk 512 \\
+      --out out/bench_cpu.json
   python benchmarks/streaming_speed.py --model tinyllama_60M --device cuda --dtype bfloat16 \\
-      --positions 4096,16384,65536 --out $OUT/streaming_speed.json         # (GPU)
+      --positions 4096,16384,65536 --cache-size 1024 --chunk 2048 --out $OUT/streaming_speed.json         # (GPU)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -25,7 +26,8 @@ from lit_gpt import GPT, Config  # noqa: E402
 from lit_gpt.results import environment  # noqa: E402
 from lit_gpt.generate import GPTRunner, prefill  # noqa: E402
 from lit_gpt.streaming import StreamingSpec, dense_spec  # noqa: E402
-from lit_gpt.utils import atomic_write_text, parse_dtype  # noqa: E402
+from lit_gpt.streaming_io import MethodArgs, add_method_args  # noqa: E402
+from lit_gpt.utils import ArgumentParser, atomic_write_text, parse_dtype  # noqa: E402
 
 
 def sync(device):
@@ -67,13 +69,11 @@ def chunk_equals_tokens(runner, spec, n, chunk, vocab, device):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="tinyllama_demo", help="a named lit_gpt config (random weights)")
     ap.add_argument("--positions", default="1024,4096")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--start-size", type=int, default=4)
-    ap.add_argument("--cache-size", type=int, default=1024)
-    ap.add_argument("--chunk", type=int, default=512)
+    add_method_args(ap, allowed=("dense", "window", "sink", "sink_original", "lminfinite"), methods="dense,sink")
     ap.add_argument("--check-tokens", type=int, default=300, help="stream length of the chunk == token check")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
@@ -87,12 +87,12 @@ def main(argv=None):
     model = GPT(Config.from_name(args.model)).to(device=device, dtype=parse_dtype(args.dtype)).eval()
     runner = GPTRunner(model)
     V = model.config.vocab_size
-    sink = StreamingSpec(args.start_size, args.cache_size - args.start_size)
+    opts = MethodArgs.from_args(args)
     rows = []
     for P in (int(x) for x in args.positions.split(",")):
-        for name, spec in (("dense", dense_spec(P + args.steps + 1)), (f"{args.start_size} sinks + "
-                                                                        f"{args.cache_size - args.start_size}", sink)):
-            ms, tps, nbytes = decode_ms(runner, spec, P, args.steps, args.chunk, V, device)
+        for m in opts.methods():
+            name, spec = m.label, m.spec if m.spec is not None else dense_spec(P + args.steps + 1)
+            ms, tps, nbytes = decode_ms(runner, spec, P, args.steps, opts.chunk, V, device)
             rows.append(dict(position=P, method=name, decode_ms=ms, prefill_tok_s=tps, cache_mib=nbytes / 2**20))
             print(f"P={P:>6} {name:>18}: decode {ms:7.2f} ms/step, prefill {tps:9.0f} tok/s, cache {nbytes / 2**20:8.2f} MiB",
                   flush=True)

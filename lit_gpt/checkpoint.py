@@ -28,7 +28,6 @@ reason (post-norm models no longer have one, as in the seed, so no config comput
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 
 from lit_gpt.config import Config
-from lit_gpt.utils import atomic_write_dir
+from lit_gpt.utils import ArgumentParser, atomic_write_dir
 
 if TYPE_CHECKING:
     from lit_gpt.model import GPT
@@ -99,7 +98,8 @@ def _encode(obj: Any, tensors: Dict[str, torch.Tensor], path: Tuple[str, ...]) -
     if isinstance(obj, list):
         return [_encode(v, tensors, path + (str(i),)) for i, v in enumerate(obj)]
     if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj) and not (len(obj) == 1 and next(iter(obj)) in (_TENSOR, _TUPLE, _ITEMS)):
+        tagged = len(obj) == 1 and next(iter(obj)) in (_TENSOR, _TUPLE, _ITEMS)
+        if all(isinstance(k, str) for k in obj) and not tagged:
             return {k: _encode(v, tensors, path + (k,)) for k, v in obj.items()}
         return {_ITEMS: [[_encode(k, tensors, path + ("key",)), _encode(v, tensors, path + (str(k),))]
                          for k, v in obj.items()]}
@@ -319,10 +319,13 @@ def find_checkpoint(path: Union[str, Path]) -> Path:
 def _upgrade_legacy(payload: Dict[str, Any]) -> None:
     """Rename what an older version called the variant a checkpoint was trained as (see the module docstring)."""
     mc = payload["model_config"]
-    if isinstance(mc, dict) and mc.get("pos_encoding") == "relative" and "rel_bias.embedding.weight" in payload["model"]:
+    learned_table = "rel_bias.embedding.weight" in payload["model"]
+    if isinstance(mc, dict) and mc.get("pos_encoding") == "relative" and learned_table:
         mc["pos_encoding"] = "relative_learned"
-        warnings.warn(f"{payload['_path']}: pos_encoding='relative' with a learned bucket table is what is now called "
-                      "'relative_learned' ('relative' is the paper's fixed bucket bias); loading it as relative_learned")
+        warnings.warn(f"{payload['_path']}: pos_encoding='relative' with a learned bucket table is what is now "
+                      "called 'relative_learned' ('relative' is the paper's fixed bucket bias); loading it as "
+                      "relative_learned",
+                      stacklevel=2)
 
 
 def check_state_keys(config: Config, missing, unexpected, where: str) -> Optional[str]:
@@ -463,7 +466,7 @@ def convert_legacy(src: Union[str, Path], out: Union[str, Path, None] = None, tr
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description="lit_gpt checkpoints: convert old pickle (.pth) checkpoints to "
+    ap = ArgumentParser(description="lit_gpt checkpoints: convert old pickle (.pth) checkpoints to "
                                              "safetensors checkpoint folders")
     sub = ap.add_subparsers(dest="cmd", required=True)
     cv = sub.add_parser("convert", help="OLD.pth -> OLD/ (or every *.pth of a run folder); the old files are kept")

@@ -8,7 +8,6 @@ the allowed values.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import yaml
+
+from lit_gpt.utils import did_you_mean, invalid_choice
 
 # allowed values of the categorical fields, in one place
 CHOICES: Dict[str, tuple] = {
@@ -124,7 +125,7 @@ class Config:
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
-                raise _bad(name, value, ", ".join(allowed))
+                raise ConfigError(invalid_choice(f"Config.{name}", value, allowed))
         for name in ("block_size", "vocab_size", "padding_multiple", "n_layer", "n_head", "n_embd",
                      "head_size", "n_query_groups", "intermediate_size", "relative_buckets",
                      "relative_max_distance"):
@@ -158,14 +159,16 @@ class Config:
             if not isinstance(self.window_size, int) or isinstance(self.window_size, bool) or self.window_size < 1:
                 raise _bad("window_size", self.window_size, "a positive integer when attn_mask='window'")
         elif self.window_size is not None:
-            raise _bad("window_size", self.window_size, f"null unless attn_mask='window' (attn_mask={self.attn_mask!r})")
+            raise _bad("window_size", self.window_size,
+                       f"null unless attn_mask='window' (attn_mask={self.attn_mask!r})")
         if self.attn_mask == "prefix":
             if (not isinstance(self.prefix_size, int) or isinstance(self.prefix_size, bool)
                     or not 1 <= self.prefix_size <= self.block_size):
                 raise _bad("prefix_size", self.prefix_size, f"an integer in [1, block_size={self.block_size}] "
                                                             "when attn_mask='prefix'")
         elif self.prefix_size is not None:
-            raise _bad("prefix_size", self.prefix_size, f"null unless attn_mask='prefix' (attn_mask={self.attn_mask!r})")
+            raise _bad("prefix_size", self.prefix_size,
+                       f"null unless attn_mask='prefix' (attn_mask={self.attn_mask!r})")
         # attention operation
         if self.attn_op == "softmax" and not self.attn_normalize:
             raise _bad("attn_normalize", self.attn_normalize,
@@ -175,11 +178,13 @@ class Config:
         if self.attn_impl in ("sdpa", "flex") and self.attn_op != "softmax":
             raise _bad("attn_impl", self.attn_impl, f"auto or eager with attn_op={self.attn_op!r} "
                                                    "(fused kernels only compute softmax attention)")
-        if self.attn_impl == "triton" and (self.attn_op not in ("sigmoid", "elu") or self.pos_encoding in RELATIVE_POSITIONS):
+        if self.attn_impl == "triton" and (self.attn_op not in ("sigmoid", "elu")
+                                           or self.pos_encoding in RELATIVE_POSITIONS):
             raise _bad("attn_impl", self.attn_impl, f"auto, sdpa, flex or eager with attn_op={self.attn_op!r}, "
                        f"pos_encoding={self.pos_encoding!r} (the Triton kernel computes sigmoid / elu without T5 bias)")
         if self.pos_encoding in SCORE_BIAS_POSITIONS and self.attn_op not in ("softmax", "sigmoid", "elu"):
-            raise _bad("pos_encoding", self.pos_encoding, f"rope, nope, sinusoidal or learned with attn_op={self.attn_op!r} "
+            raise _bad("pos_encoding", self.pos_encoding,
+                       f"rope, nope, sinusoidal or learned with attn_op={self.attn_op!r} "
                        "(an additive score bias needs a score-based operation: softmax, sigmoid, elu)")
         # extra slots
         if self.kv_bias_value != "zero" and self.kv_bias != "k":
@@ -219,9 +224,8 @@ class Config:
         known = set(cls.field_names())
         for key in keys:
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=3)
-                hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise ConfigError(f"{where}: unknown field {key!r}{hint}; allowed: {', '.join(sorted(known))}")
+                raise ConfigError(f"{where}: unknown field {key!r}{did_you_mean(key, known)}; allowed: "
+                                  f"{', '.join(sorted(known))}")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], where: str = "Config") -> "Config":
@@ -231,8 +235,7 @@ class Config:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":
         if name not in NAMED_CONFIGS:
-            close = difflib.get_close_matches(name, NAMED_CONFIGS, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            hint = did_you_mean(name, NAMED_CONFIGS)
             raise ConfigError(f"Config.name={name!r} is not a known config{hint}; allowed: "
                               f"{', '.join(sorted(NAMED_CONFIGS))}")
         d = dict(NAMED_CONFIGS[name])
@@ -262,7 +265,8 @@ class Config:
         """A copy with ``changes``; derived defaults (head_size, n_query_groups) follow the change."""
         self.check_keys(changes.keys(), "Config.replace")
         d = self.to_dict()
-        default = Config(**{k: d[k] for k in ("n_layer", "n_head", "n_embd", "head_output")}, block_size=self.block_size)
+        shape = {k: d[k] for k in ("n_layer", "n_head", "n_embd", "head_output")}
+        default = Config(**shape, block_size=self.block_size)
         for derived in ("head_size", "n_query_groups"):
             if derived not in changes and d[derived] == getattr(default, derived):
                 d[derived] = None

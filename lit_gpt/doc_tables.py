@@ -41,7 +41,6 @@ numbers converted.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import difflib
 import json
@@ -54,6 +53,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
+from lit_gpt.utils import ArgumentParser, did_you_mean
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW_DIRS = ("docs/results", "benchmarks/results")
@@ -78,7 +78,8 @@ class Obj(dict):
         try:
             return self[name]
         except KeyError:
-            raise AttributeError(f"no key {name!r} (keys: {', '.join(map(str, list(self)[:12]))})") from None
+            raise AttributeError(f"no key {name!r}{did_you_mean(name, self)} (keys: "
+                                 f"{', '.join(map(str, list(self)[:12]))})") from None
 
 
 def _wrap(x: Any) -> Any:
@@ -436,7 +437,7 @@ def audit(text: str) -> List[Tuple[int, str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*", help=f"markdown files (default: {' '.join(DEFAULT_FILES)})")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="change nothing; exit 1 when a file differs")

@@ -21,20 +21,21 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from lit_gpt.utils import invalid_choice
 
 IMPLS = ("auto", "fused", "plain")
 CHUNK_BYTES = 1 << 30          # logits of one chunk of rows (compute dtype): 1 GiB
 
 
 def _bad_impl(impl) -> ValueError:
-    return ValueError(f"loss_impl={impl!r} is invalid; allowed: {', '.join(IMPLS)}")
+    return ValueError(invalid_choice("loss_impl", impl, IMPLS))
 
 
 # ---------------------------------------------------------------------------- the per-chunk pass
 def ce_grad_inplace_torch(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
                           ignore_index: int = -100) -> torch.Tensor:
-    """Row losses lse - x[t] (float32, float64 for float64 logits; 0 for ignored rows); ``logits`` (n, V) is overwritten with
-    ``(softmax - onehot) * scale`` (0 for ignored rows). ``scale`` is a 0-dim float tensor."""
+    """Row losses lse - x[t] (float32, float64 for float64 logits; 0 for ignored rows); ``logits`` (n, V) is
+    overwritten with ``(softmax - onehot) * scale`` (0 for ignored rows). ``scale`` is a 0-dim float tensor."""
     lf = logits if logits.dtype == torch.float64 else logits.float()
     lse = torch.logsumexp(lf, dim=-1)
     valid = targets != ignore_index

@@ -198,7 +198,8 @@ def attention_modules(model) -> list:
 
 
 def _module_position_ops(model, support: StreamingSupport) -> PositionOps:
-    """Falcon / BLOOM (either route): ALiBi with the model's own slopes, or RoPE with its rotary embedding's inv_freq."""
+    """Falcon / BLOOM (either route): ALiBi with the model's own slopes, or RoPE with its rotary embedding's
+    inv_freq."""
     cfg = model.config
     if support.positions == "alibi":
         n_head = cfg.num_attention_heads if support.model_type == "falcon" else cfg.n_head

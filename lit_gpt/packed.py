@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
-from lit_gpt.utils import atomic_write_bytes
+from lit_gpt.utils import atomic_write_bytes, invalid_choice
 
 MAGIC = b"ASLPACK1"
 FORMAT_VERSION = 1
@@ -60,7 +60,7 @@ def write_shard(path: Union[str, Path], chunks: np.ndarray, meta: Dict[str, Any]
         raise ShardError(f"{path}: chunks must be a non-empty (n_chunks, seq_len) array, got {chunks.shape}")
     dtype = meta.get("dtype") or dtype_for_vocab(int(meta["vocab_size"]))
     if dtype not in DTYPES:
-        raise ShardError(f"{path}: dtype={dtype!r} is invalid; allowed: {', '.join(DTYPES)}")
+        raise ShardError(f"{path}: {invalid_choice('dtype', dtype, DTYPES)}")
     full = dict(meta, format="lit_gpt.packed", version=FORMAT_VERSION, dtype=dtype,
                 n_chunks=int(chunks.shape[0]), seq_len=int(chunks.shape[1]))
     data = np.ascontiguousarray(chunks, dtype=np.dtype(DTYPES[dtype]).newbyteorder("<"))
@@ -89,7 +89,7 @@ def read_header(path: Union[str, Path]) -> Dict[str, Any]:
         raise ShardError(f"{path}: shard format version {meta.get('version')!r} is not supported; "
                          f"allowed: {FORMAT_VERSION}")
     if meta.get("dtype") not in DTYPES:
-        raise ShardError(f"{path}: dtype={meta.get('dtype')!r} is invalid; allowed: {', '.join(DTYPES)}")
+        raise ShardError(f"{path}: {invalid_choice('dtype', meta.get('dtype'), DTYPES)}")
     expected = header_len + meta["n_chunks"] * meta["seq_len"] * np.dtype(DTYPES[meta["dtype"]]).itemsize
     if size != expected:
         raise ShardError(f"{path}: file has {size} bytes but its header announces {expected} "

@@ -155,9 +155,10 @@ def build_record(run_dir: Union[str, Path], *, row: str, regime: str, config: st
 
 
 def final_checks(run_dir: Union[str, Path]) -> Dict[str, Any]:
-    """What the training log does not hold, measured on the run's ``final/`` checkpoint over its own probe: Sink_1 and the
-    mean α_1 per layer (and Sink_1* per layer for extra slots), and for a sliding-window run the share of (sample, layer, head) whose
-    attention on the first token of each query's own window exceeds ε (``sink_metrics.window_start_scores``).
+    """What the training log does not hold, measured on the run's ``final/`` checkpoint over its own probe: Sink_1
+    and the mean α_1 per layer (and Sink_1* per layer for extra slots), and for a sliding-window run the share of
+    (sample, layer, head) whose attention on the first token of each query's own window exceeds ε
+    (``sink_metrics.window_start_scores``).
     Empty when the run kept no final checkpoint."""
     from lit_gpt.checkpoint import FINAL, META_FILE, load_model
 

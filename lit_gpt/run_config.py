@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import yaml
 
 from lit_gpt.config import Config, ConfigError
+from lit_gpt.utils import did_you_mean, invalid_choice
 
 SECTIONS = ("model", "data", "train", "probe", "logging")
 REPLACED_WHOLE = {("data", "train"), ("data", "valid"), ("data", "random_tokens"), ("data", "fixed_token")}
@@ -158,9 +158,8 @@ class RunConfig:
 
 # ---------------------------------------------------------------------------- loading
 def _unknown(key: str, allowed: Sequence[str], where: str) -> RunConfigError:
-    close = difflib.get_close_matches(key, list(allowed), n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return RunConfigError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(sorted(allowed))}")
+    return RunConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, allowed)}; allowed: "
+                          f"{', '.join(sorted(allowed))}")
 
 
 _SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -335,7 +334,7 @@ def _positive_int(where: str, v: Any, allow_zero: bool = False) -> None:
 
 def _choice(where: str, v: Any, allowed: Sequence) -> None:
     if v not in allowed:
-        raise RunConfigError(f"{where}={v!r} is invalid; allowed: {', '.join(map(str, allowed))}")
+        raise RunConfigError(invalid_choice(where, v, allowed))
 
 
 def validate(cfg: RunConfig) -> None:

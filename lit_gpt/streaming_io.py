@@ -1,6 +1,7 @@
 """What the streaming scripts share: loading a model behind a runner (our GPT or Hugging Face), building long
 token streams (books from the shared corpus, a model's own sampled stories, a text file), passkey prompts,
-method specs from command-line options, and the log-PPL plot.
+the method options every streaming script shares (:func:`add_method_args`, one set of defaults) and the
+methods they build, and the log-PPL plot.
 
 Model sources (:func:`load_lm`):
 * a folder with a llama2.c ``*.bin`` + ``tok*.bin`` (e.g. ../shared/models/stories260K);
@@ -10,9 +11,10 @@ Model sources (:func:`load_lm`):
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -20,7 +22,7 @@ import torch
 
 from lit_gpt.generate import GPTRunner, stream_generate
 from lit_gpt.streaming import StreamingSpec
-from lit_gpt.utils import atomic_write_text
+from lit_gpt.utils import atomic_write_text, invalid_choice
 
 
 # ---------------------------------------------------------------------------- models
@@ -121,20 +123,6 @@ def add_model_args(ap) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
 
-def add_topk_args(ap) -> None:
-    """LM-Infinite's optional top-k middle tokens (--topk, --topk-from-layer, --topk-insert-at), shared by the
-    drivers; :func:`topk_kwargs` turns the parsed values into :func:`make_method` arguments."""
-    ap.add_argument("--topk", type=int, default=0, help="LM-Infinite top-k middle tokens per query and head (0 = off)")
-    ap.add_argument("--topk-from-layer", type=int, default=4, help="top-k in layers with index >= this (0-based)")
-    ap.add_argument("--topk-insert-at", type=int, default=None,
-                    help="distance at which the top-k tokens are scored and attended (LM-Infinite's top_k_insert_at; "
-                         "default L_pretrain // 2, the LM-Infinite ceiling halved)")
-
-
-def topk_kwargs(args) -> dict:
-    return dict(topk=args.topk, topk_from_layer=args.topk_from_layer, topk_insert_at=args.topk_insert_at)
-
-
 def lm_from_args(args, methods: Sequence[str] = ()) -> LoadedLM:
     """The model of the command line; a ValueError (a refused method, a bad path) ends the script in one line."""
     if args.threads:
@@ -147,6 +135,10 @@ def lm_from_args(args, methods: Sequence[str] = ()) -> LoadedLM:
 
 # ---------------------------------------------------------------------------- methods
 METHODS = ("dense", "window", "sink", "sink_original", "lminfinite", "recompute")
+# The one set of defaults of the streaming scripts' method options (add_method_args):
+CACHE_SIZE = 256     # keys each query attends to, sinks included (StreamingLLM's 4 + 252 style budgets)
+START_SIZE = 4       # StreamingLLM's 4 attention sinks (also LM-Infinite's n_global unless --lminf-global)
+CHUNK = 256          # tokens per forward when a known sequence is fed (any chunk gives the token-by-token result)
 
 
 @dataclass
@@ -159,7 +151,7 @@ class Method:
     stride: int = 1
 
 
-def make_method(name: str, *, cache_size: int, start_size: int = 4, lminf_global: Optional[int] = None,
+def make_method(name: str, *, cache_size: int, start_size: int = START_SIZE, lminf_global: Optional[int] = None,
                 lminf_local: Optional[int] = None, lminf_ceiling: Optional[int] = None, topk: int = 0,
                 topk_from_layer: int = 4, topk_insert_at: Optional[int] = None, stride: int = 1) -> Method:
     if name == "dense":
@@ -182,7 +174,108 @@ def make_method(name: str, *, cache_size: int, start_size: int = 4, lminf_global
         return Method(name, label, spec)
     if name == "recompute":
         return Method(name, f"recompute {cache_size} (stride {stride})", window=cache_size, stride=stride)
-    raise ValueError(f"method={name!r} is invalid; allowed: {', '.join(METHODS)}")
+    raise ValueError(invalid_choice("method", name, METHODS))
+
+
+def method_names(allowed: Sequence[str], *, single: bool = False):
+    """argparse ``type`` of ``--methods`` (comma-separated; a list) or ``--method`` (``single``; a list of one):
+    every name must be one of ``allowed`` (one-line error with the closest names)."""
+    def parse(text: str) -> List[str]:
+        names = [m.strip() for m in text.split(",") if m.strip()]
+        if single and len(names) != 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: one of {', '.join(allowed)}")
+        for m in names:
+            if m not in allowed:
+                raise argparse.ArgumentTypeError(invalid_choice("method", m, allowed))
+        if not names:
+            raise argparse.ArgumentTypeError(f"no method given; allowed: {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def add_method_args(ap, *, allowed: Sequence[str] = METHODS, methods: str = "dense,window,sink,recompute",
+                    single: bool = False, cache_size: Optional[int] = CACHE_SIZE) -> None:
+    """The streaming scripts' one set of method options, with one set of defaults (:data:`CACHE_SIZE`,
+    :data:`START_SIZE`, :data:`CHUNK`); :meth:`MethodArgs.from_args` reads them back.
+
+    * ``allowed``: the methods this script offers; ``methods``: the ones it runs by default (comma-separated).
+    * ``single``: one ``--method NAME`` (a generation session) instead of ``--methods A,B,...``.
+    * ``cache_size``: the ``--cache-size`` default. ``None`` means "the model's training window" and is for a
+      script that sizes each cache to the window itself (eval_passkey.py, as LM-Infinite's passkey runs do);
+      it must then call :meth:`MethodArgs.with_cache_size`.
+
+    The LM-Infinite options (--lminf-*, --topk*) are added when ``lminfinite`` is allowed, ``--stride`` when
+    ``recompute`` is."""
+    if single:
+        ap.add_argument("--method", dest="methods", default=[methods], type=method_names(allowed, single=True),
+                        metavar="NAME", help=f"attention over the stream, one of {', '.join(allowed)} "
+                                             f"(default: {methods})")
+    else:
+        ap.add_argument("--methods", default=method_names(allowed)(methods), type=method_names(allowed),
+                        metavar="A,B,...", help=f"comma-separated, of {', '.join(allowed)} (default: {methods})")
+    default = f"{cache_size}" if cache_size else "the model's training window"
+    ap.add_argument("--cache-size", type=int, default=cache_size,
+                    help="keys each query attends to, sinks included" + (
+                        " (recompute: the re-encoded window)" if "recompute" in allowed else "") +
+                         f" (default: {default})")
+    ap.add_argument("--start-size", type=int, default=START_SIZE,
+                    help=f"attention sinks kept at the front of the cache (default: {START_SIZE})")
+    ap.add_argument("--chunk", type=int, default=CHUNK,
+                    help="tokens per forward when a known sequence is fed (the stream, a prompt); any chunk gives "
+                         f"the token-by-token result, 1 = token by token (default: {CHUNK})")
+    if "recompute" in allowed:
+        ap.add_argument("--stride", type=int, default=1,
+                        help="recompute: targets scored per re-encoded window (default: 1)")
+    if "lminfinite" in allowed:
+        ap.add_argument("--lminf-global", type=int, default=None,
+                        help="LM-Infinite n_global (default: --start-size)")
+        ap.add_argument("--lminf-local", type=int, default=None,
+                        help="LM-Infinite n_local (default: --cache-size minus n_global)")
+        ap.add_argument("--lminf-ceiling", type=int, default=None,
+                        help="LM-Infinite L_pretrain, its distance ceiling (default: n_local)")
+        ap.add_argument("--topk", type=int, default=0,
+                        help="LM-Infinite top-k middle tokens per query and head (default: 0 = off)")
+        ap.add_argument("--topk-from-layer", type=int, default=4,
+                        help="top-k in layers with index >= this, 0-based (default: 4)")
+        ap.add_argument("--topk-insert-at", type=int, default=None,
+                        help="distance at which the top-k tokens are scored and attended (LM-Infinite's "
+                             "top_k_insert_at; default: L_pretrain // 2, the LM-Infinite ceiling halved)")
+
+
+@dataclass
+class MethodArgs:
+    """The parsed method options of :func:`add_method_args`; :meth:`make` builds a :class:`Method` from them."""
+    names: List[str]
+    cache_size: Optional[int] = CACHE_SIZE
+    start_size: int = START_SIZE
+    chunk: int = CHUNK
+    stride: int = 1
+    lminf_global: Optional[int] = None
+    lminf_local: Optional[int] = None
+    lminf_ceiling: Optional[int] = None
+    topk: int = 0
+    topk_from_layer: int = 4
+    topk_insert_at: Optional[int] = None
+
+    @classmethod
+    def from_args(cls, args) -> "MethodArgs":
+        names = {f.name for f in fields(cls)} - {"names"}
+        return cls(names=list(args.methods), **{k: getattr(args, k) for k in names if hasattr(args, k)})
+
+    def with_cache_size(self, cache_size: int) -> "MethodArgs":
+        """These options with ``cache_size`` filled in where none was given (``--cache-size`` default None)."""
+        return self if self.cache_size else replace(self, cache_size=cache_size)
+
+    def make(self, name: Optional[str] = None, **overrides) -> Method:
+        """The :class:`Method` ``name`` (default: the first given) with these options; ``overrides`` (e.g.
+        ``cache_size``, ``start_size`` of an ablation) replace single options."""
+        if self.cache_size is None and "cache_size" not in overrides:
+            raise ValueError("--cache-size is unset: call with_cache_size(the training window) first")
+        kw = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("names", "chunk")}
+        return make_method(name or self.names[0], **dict(kw, **overrides))
+
+    def methods(self) -> List[Method]:
+        return [self.make(m) for m in self.names]
 
 
 # ---------------------------------------------------------------------------- token streams
@@ -351,7 +444,7 @@ def plot_log_ppl(path: Path, curves: Dict[str, torch.Tensor], *, width: int = 64
         axes[1, 0].set_ylabel(f"minus {reference}\n(nats/token)")
         axes[1, 0].axhline(0.0, color="black", lw=0.6)
     for ax in axes[:, 0]:
-        for pos, text in markers:
+        for pos, _text in markers:
             ax.axvline(pos, color="grey", lw=0.7, ls="--")
         ax.grid(alpha=0.3)
     for i, (pos, text) in enumerate(markers):

@@ -26,7 +26,8 @@ def add_common_args(ap: argparse.ArgumentParser, default_out: str, default_input
     ap.add_argument("--inputs", nargs="+", default=list(default_inputs), choices=INPUT_KINDS)
     ap.add_argument("--probe", default=str(DEFAULT_PROBE), help="natural-text JSONL probe file")
     ap.add_argument("--n", type=int, default=100, help="samples per input")
-    ap.add_argument("--T", type=int, default=64, help="tokens per sample (natural text: BOS included when the tokenizer adds one; random / "
+    ap.add_argument("--T", type=int, default=64,
+                    help="tokens per sample (natural text: BOS included when the tokenizer adds one; random / "
                          "repeated: T tokens, no BOS)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random / repeated inputs")

@@ -8,11 +8,11 @@ validation loss, and Sink_1 with Sink_1* of the extra slots where a run has them
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
+from lit_gpt.utils import ArgumentParser, invalid_choice
 
 
 def read_metrics(path: Union[str, Path]) -> Dict[str, List[tuple]]:
@@ -100,7 +100,7 @@ def plot_compare(runs: Sequence[Tuple[str, Union[str, Path, Series]]], out_png: 
     from lit_gpt.plots import _save
 
     if x not in ("step", "tokens"):
-        raise ValueError(f"x={x!r} is invalid; allowed: step, tokens")
+        raise ValueError(invalid_choice("x", x, ("step", "tokens")))
     fig, (ax2, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
     top = 0.0
     palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
@@ -112,7 +112,7 @@ def plot_compare(runs: Sequence[Tuple[str, Union[str, Path, Series]]], out_png: 
         if per_step is None:
             raise ValueError(f"{label}: no 'tokens' column to plot against")
 
-        def xs_of(points):
+        def xs_of(points, per_step=per_step):
             return [s * per_step for s, _ in points], [v for _, v in points]
 
         loss_key = "val_loss" if "val_loss" in m else "train_loss"
@@ -142,7 +142,7 @@ def plot_compare(runs: Sequence[Tuple[str, Union[str, Path, Series]]], out_png: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description="Plot loss and Sink_k curves from pretraining metrics.csv files "
+    ap = ArgumentParser(description="Plot loss and Sink_k curves from pretraining metrics.csv files "
                                              "(one: loss + Sink_k; several: side by side)")
     ap.add_argument("metrics_csv", nargs="+")
     ap.add_argument("--labels", nargs="*", default=None, help="one label per CSV (default: the run folders' names)")

@@ -1,11 +1,15 @@
-"""Small shared helpers: atomic writes, seeding, device/dtype parsing, the environment a result came from."""
+"""Small shared helpers: atomic writes, device/dtype parsing, the "did you mean" hint of every unknown-name error,
+an argument parser that gives it, and the progress bar of the command-line drivers."""
 from __future__ import annotations
 
+import argparse
+import difflib
 import os
+import sys
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
@@ -97,7 +101,7 @@ def parse_dtype(name: Union[str, torch.dtype]) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        raise ValueError(f"dtype={name!r} is invalid; allowed: {', '.join(DTYPES)}")
+        raise ValueError(invalid_choice("dtype", name, DTYPES))
     return DTYPES[name]
 
 
@@ -112,3 +116,51 @@ def check_writable_dir(path: Union[str, Path]) -> None:
     probe = path / f".write-test-{os.getpid()}"
     probe.write_bytes(b"")
     probe.unlink()
+
+
+# ---------------------------------------------------------------------------- unknown names
+def did_you_mean(word: Any, choices: Iterable[Any], n: int = 3) -> str:
+    """`` (did you mean a, b?)`` naming up to ``n`` of ``choices`` closest to ``word`` (difflib's similarity ratio
+    >= 0.6, as ``difflib.get_close_matches``; best first, ties in the given order), ``""`` when none is close: the
+    hint every unknown-name error of the repo carries."""
+    word, scored = str(word), []
+    for i, c in enumerate(dict.fromkeys(str(c) for c in choices)):
+        ratio = difflib.SequenceMatcher(None, c, word).ratio()
+        if ratio >= 0.6:
+            scored.append((-ratio, i, c))
+    close = [c for _, _, c in sorted(scored)[:n]]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def invalid_choice(name: str, value: Any, allowed: Iterable[Any]) -> str:
+    """The one-line error for a value outside a fixed set: ``name=value is invalid (did you mean ...); allowed:
+    a, b, c`` (the allowed values in their given order)."""
+    allowed = [str(a) for a in allowed]
+    return f"{name}={value!r} is invalid{did_you_mean(value, allowed)}; allowed: {', '.join(allowed)}"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the repo's error for a value outside ``choices``: ``argument --x: invalid choice 'snk' (did
+    you mean sink?); allowed: ...`` instead of argparse's bare list. Raw-description help by default (the
+    drivers' docstrings are their examples)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def _check_value(self, action, value) -> None:
+        if action.choices is not None and value not in action.choices:
+            allowed = [str(c) for c in action.choices]
+            raise argparse.ArgumentError(action, f"invalid choice {value!r}{did_you_mean(value, allowed)}; "
+                                                 f"allowed: {', '.join(allowed)}")
+
+
+# ---------------------------------------------------------------------------- progress
+def progress_bar(total: Optional[int] = None, desc: str = "", *, quiet: bool = False, unit: str = "it", **kwargs):
+    """The drivers' progress bar (tqdm on stderr): off with ``quiet`` and whenever stderr is not a terminal (logs
+    and CI get the drivers' summary lines only). Closes itself when used as a context manager."""
+    from tqdm import tqdm
+
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=True if quiet else None, **kwargs)

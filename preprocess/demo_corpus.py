@@ -13,7 +13,6 @@ Every document goes to the domain ``demo`` (``train_demo`` / ``valid_demo``, 5% 
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import sys
@@ -25,7 +24,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_gpt.probe import SHARED_VALID, shared_dir
-from lit_gpt.utils import atomic_write_text
+from lit_gpt.utils import ArgumentParser, atomic_write_text
 from preprocess.prepare import PrepareError, prepare
 
 
@@ -83,7 +82,7 @@ def build(out: str, source: str = "auto", block_size: int = 64, valid_fraction: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="datasets/demo_cpu")
     ap.add_argument("--source", default="auto", choices=["auto", "shared", "stdlib"])
     ap.add_argument("--tokenizer", default="auto", choices=["auto", "bytes"],

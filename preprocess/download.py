@@ -6,10 +6,10 @@ Needs internet (and ``huggingface-cli login`` for gated sets). The folder then f
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+from lit_gpt.utils import ArgumentParser
 
 
 def download(repo: str, out: str, allow_patterns: Optional[Sequence[str]] = None) -> Path:
@@ -23,7 +23,7 @@ def download(repo: str, out: str, allow_patterns: Optional[Sequence[str]] = None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--repo", default="sail/regmix-data-sample", help="dataset repo id on the Hugging Face Hub")
     ap.add_argument("--out", default=None, help="local folder (default datasets/raw/<repo name>)")
     ap.add_argument("--include", nargs="*", default=None, help="glob patterns to fetch (default: everything)")

@@ -23,7 +23,6 @@ A ``manifest.json`` in the output folder lists prefixes, shards, documents and t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -41,7 +40,7 @@ if __package__ in (None, ""):   # `python preprocess/prepare.py` from the repo r
 from lit_gpt.packed import SHARD_SUFFIX, ShardWriter, dtype_for_vocab, read_header
 from lit_gpt.textio import JSONL_SUFFIXES, iter_texts, list_text_files
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import atomic_write_text, check_writable_dir
+from lit_gpt.utils import ArgumentParser, atomic_write_text, check_writable_dir, progress_bar
 
 VALID_WORDS = ("valid", "validation", "val", "dev", "test")
 SPLIT_WORDS = VALID_WORDS + ("train",)
@@ -246,9 +245,7 @@ def prepare(sources: Sequence[str], tokenizer: str, out: str, block_size: int = 
     n_cpu = os.cpu_count() or 1
     workers = min(len(tasks), workers or n_cpu)
     results: List[FileResult] = []
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(tasks), desc="tokenise+pack", unit="file", disable=not progress)
+    bar = progress_bar(len(tasks), "tokenise+pack", quiet=not progress, unit="file", leave=True)
     if workers <= 1:
         for t in tasks:
             results.append(process_file(t))
@@ -271,7 +268,7 @@ def prepare(sources: Sequence[str], tokenizer: str, out: str, block_size: int = 
             s["dropped_tokens"] += r.dropped.get(p, 0)
             s["shards"] += [Path(x).name for x in r.shards.get(p, [])]
             s["sources"].append(r.path)
-    for p, s in summary.items():
+    for s in summary.values():
         s["shards"].sort()
         s["sources"].sort()
     empty = [p for p, s in summary.items() if s["chunks"] == 0]
@@ -307,7 +304,7 @@ def describe(folder: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--source", nargs="+", required=True, help="JSONL files or folders")
     ap.add_argument("--tokenizer", required=True, help="folder with tokenizer.json / tokenizer.model, or 'bytes'")
     ap.add_argument("--out", required=True, help="output folder for the shards")

@@ -16,4 +16,7 @@ if ! python -c "import lit_gpt, transformers, lightning, tokenizers, sentencepie
   python -m pip install -q -r requirements.txt
   python -m pip install -q -e . --no-deps
 fi
+# the linter CI runs, at the version requirements.txt pins (also upgrades an older one in an existing .venv)
+RUFF=$(grep -E '^ruff==' requirements.txt)
+[ "$(python -m ruff --version 2>/dev/null)" = "ruff ${RUFF#ruff==}" ] || python -m pip install -q "$RUFF"
 python -c "import torch, transformers, lightning; print(f'torch {torch.__version__}  transformers {transformers.__version__}  lightning {lightning.__version__}')"

@@ -13,7 +13,6 @@ side, which is faster than one two-threaded run for these tiny models.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import shutil
@@ -27,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lit_gpt.repro import RecordError, build_record, final_checks, write_record  # noqa: E402
+from lit_gpt.utils import ArgumentParser  # noqa: E402
 
 CONFIGS = REPO / "configs" / "repro"
 
@@ -123,7 +123,7 @@ def import_runs(folder: Path, regime: str, configs: Path, results: str, command:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("rows", nargs="*", help="row ids (configs/repro/<regime>/<row>.yaml)")
     ap.add_argument("--regime", default="cpu")
     ap.add_argument("--configs", default=str(CONFIGS), help="row configs: <configs>/<regime>/<row>.yaml")
@@ -137,7 +137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--note", default="", help="a note stored with the hardware (e.g. 'shared machine')")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--import", dest="import_dir", default=None,
-                    help="record runs made elsewhere (e.g. the GPU box): DIR/<row>/{summary.json,metrics.csv} or a .tar.gz of them")
+                    help="record runs made elsewhere (e.g. the GPU box): DIR/<row>/{summary.json,metrics.csv} or a "
+                         ".tar.gz of them")
     ap.add_argument("--command", default=None, help="with --import: the command that made those runs")
     ap.add_argument("--rerecord", action="store_true",
                     help="no training: rebuild the records of the given rows from their run folders under --runs "

@@ -12,13 +12,12 @@ file (appended at the end of the file, under a heading, when the markers are not
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lit_gpt.repro import emergence_step, load_records  # noqa: E402
-from lit_gpt.utils import atomic_write_text  # noqa: E402
+from lit_gpt.utils import ArgumentParser, atomic_write_text, invalid_choice  # noqa: E402
 
 ROWS = REPO / "scripts" / "repro_rows.yaml"
 RESULTS = REPO / "docs" / "results" / "repro"
@@ -42,7 +41,7 @@ def load_rows(path: Path = ROWS) -> dict:
         if bad:
             raise ValueError(f"{path}: row {rid!r} names unknown sections {bad}")
         if r.get("expect") is not None and r["expect"] not in EXPECT:
-            raise ValueError(f"{path}: row {rid!r} expect={r.get('expect')!r} is invalid; allowed: {', '.join(EXPECT)}")
+            raise ValueError(f"{path}: row {rid!r} {invalid_choice('expect', r.get('expect'), EXPECT)}")
     return d
 
 
@@ -214,9 +213,10 @@ def section_table(section: str, regime: str, spec: dict, records: Dict[Tuple[str
     if len(lines) == 2:
         return f"No {regime.upper()} run of this section has been recorded yet."
     out = "\n".join(lines)
-    out += (f"\n\nD = Sink_1 of the default row of the same regime. Sink_1: % of heads (all layers) whose mean attention "
-            f"on token 1 exceeds ε = 0.3 over the probe ({describe_probe(default)}); operations without normalisation "
-            f"use the paper's proxy \\|sim\\| / Σ\\|sim\\|. Sink_1*: the same for the extra key slot. \"sink from step\": "
+    out += (f"\n\nD = Sink_1 of the default row of the same regime. Sink_1: % of heads (all layers) whose mean "
+            f"attention on token 1 exceeds ε = 0.3 over the probe ({describe_probe(default)}); operations without "
+            f"normalisation use the paper's proxy \\|sim\\| / Σ\\|sim\\|. Sink_1*: the same for the extra key slot. "
+            f"\"sink from step\": "
             f"the first evaluation after which Sink_1 (or Sink_1*) stays ≥ {EMERGE_AT:g}%. Raw records: "
             f"`docs/results/repro/{regime}/<row>.json`.")
     if not_run:
@@ -301,10 +301,12 @@ def headline(records: Dict[Tuple[str, str], dict], demo: Optional[dict],
         slots = {int(k["seed"]): k["final"]["sink_extra"][0]}
         for r in (exploration or {}).get("runs", []):
             if r["name"].startswith("kbias_seed") and r["ended"] == "finished":
-                slots.setdefault(int(r["settings"]["seed"]), [v for v in r["curve"]["sink_extra_0"] if v is not None][-1])
+                last = [v for v in r["curve"]["sink_extra_0"] if v is not None][-1]
+                slots.setdefault(int(r["settings"]["seed"]), last)
         taken = [sd for sd, v in slots.items() if v >= EMERGE_AT]
         out.append(f"With a learned key slot k* (value 0): Sink_1 = {k['final']['sink'][0]:.1f}%, "
-                   f"Sink_1* = {k['final']['sink_extra'][0]:.1f}%; the slot takes a sink (Sink_1* >= {EMERGE_AT:g}%) in "
+                   f"Sink_1* = {k['final']['sink_extra'][0]:.1f}%; the slot takes a sink "
+                   f"(Sink_1* >= {EMERGE_AT:g}%) in "
                    f"{len(taken)} of the {len(slots)} seeds tried (final Sink_1* "
                    + ", ".join(f"{slots[sd]:.1f}%" for sd in sorted(slots)) + ").")
     if demo is not None:
@@ -328,10 +330,12 @@ def exploration_table(doc: dict) -> str:
         extra = [v for v in r["curve"].get("sink_extra_0", []) if v is not None]
         cells = [r["name"], f"{st['n_layer']} x {st['n_head']} x {st['n_embd']}", str(st["block_size"]),
                  "yes" if st["first_token_fixed"] else "no", f"{st['lr']:g}", f"{st['weight_decay']:g}",
-                 str(st["tokens_per_step"]), str(st.get("seed", "-")), other, str(r["steps"]), fmt_pct(r["sink_1_max"]), fmt_pct(r["sink_1_last"]),
+                 str(st["tokens_per_step"]), str(st.get("seed", "-")), other, str(r["steps"]),
+                 fmt_pct(r["sink_1_max"]), fmt_pct(r["sink_1_last"]),
                  fmt_pct(max(extra)) if extra else "-", r["ended"]]
         lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
-    return "\n".join(lines) + f"\n\nHow: {doc['how']}. Machine: {doc['machine']}. Raw: `docs/results/repro/exploration.json`."
+    return "\n".join(lines) + (f"\n\nHow: {doc['how']}. Machine: {doc['machine']}. "
+                               "Raw: `docs/results/repro/exploration.json`.")
 
 
 def render(spec: dict, records: Dict[Tuple[str, str], dict], root: Path = REPO,
@@ -380,7 +384,7 @@ def plots(spec: dict, records: Dict[Tuple[str, str], dict], root: Path = REPO) -
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)
     ap.add_argument("--check", action="store_true", help="compare the tables with the records; write nothing")
     ap.add_argument("--rows", default=str(ROWS), help="the row registry (YAML)")
     ap.add_argument("--results", default=str(RESULTS), help="records: <results>/<regime>/<row>.json")

@@ -95,10 +95,12 @@ def attention_loop(
                 qi = f(q[b, h, i].double())
                 raw, vals, cols = [], [], []
                 if slot_logits is not None:
-                    raw.append(float(slot_logits[h])); vals.append(torch.zeros(v.shape[-1], dtype=torch.float64))
+                    raw.append(float(slot_logits[h]))
+                    vals.append(torch.zeros(v.shape[-1], dtype=torch.float64))
                     cols.append(0)
                 if slot_keys is not None:
-                    raw.append(float(qi @ f(slot_keys[h].double())) * scale); vals.append(slot_values[h].double())
+                    raw.append(float(qi @ f(slot_keys[h].double())) * scale)
+                    vals.append(slot_values[h].double())
                     cols.append(len(cols))
                 for j in range(Tk):
                     if k_pos[j] < 0 or not allowed(q_pos[i], k_pos[j]):
@@ -106,10 +108,13 @@ def attention_loop(
                     s = float(qi @ f(k[b, h, j].double())) * scale
                     if bias is not None:
                         s += bias(h, q_pos[i], k_pos[j])
-                    raw.append(s); vals.append(v[b, h, j].double()); cols.append(n_slots + j)
+                    raw.append(s)
+                    vals.append(v[b, h, j].double())
+                    cols.append(n_slots + j)
                 raw_t = torch.tensor(raw, dtype=torch.float64)
                 if op == "softmax":
-                    p = torch.exp(raw_t - raw_t.max()); p = p / p.sum()
+                    p = torch.exp(raw_t - raw_t.max())
+                    p = p / p.sum()
                     w = p * alpha                     # rows of the output weights sum to alpha
                     proxy = p                         # the map: the distribution before the alpha scaling
                 else:

@@ -185,7 +185,7 @@ def ref_hf_neox_logits(model, idx: torch.Tensor, plan: Plan) -> torch.Tensor:
         q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
         y = plan_attention(q, k, v, plan, n_rot=n_rot, base=cfg.rope_parameters["rope_theta"])
         attn_out = lin(y.reshape(B, T, H * d), a.dense)
-        mlp = lambda t: lin(gelu(lin(t, layer.mlp.dense_h_to_4h)), layer.mlp.dense_4h_to_h)
+        mlp = lambda t, layer=layer: lin(gelu(lin(t, layer.mlp.dense_h_to_4h)), layer.mlp.dense_4h_to_h)
         if cfg.use_parallel_residual:
             x = x + attn_out + mlp(layer_norm(x, layer.post_attention_layernorm))
         else:

@@ -48,7 +48,8 @@ def test_training_checkpoint_round_trips_exactly_without_pickle(tmp_path):
     expect = draws()
     osd = opt.state_dict()
     path = save_checkpoint(tmp_path / "run" / "step-0000007", model, cfg, optimizer=osd, rng=rng, step=7,
-                           data_state={"n": 28, "counts": {"a": 20, "b": 8}}, run_config={"data": {"tokenizer": "bytes"}},
+                           data_state={"n": 28, "counts": {"a": 20, "b": 8}},
+                           run_config={"data": {"tokenizer": "bytes"}},
                            scheduler={"kind": "cosine", "next_lr": 1e-3}, nothing=None, pair=(1, "x"))
     assert sorted(p.name for p in path.iterdir()) == ["checkpoint.json", "model.safetensors",
                                                       "train_state.safetensors"]

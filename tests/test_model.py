@@ -155,7 +155,8 @@ VARIANTS = [
     dict(kv_bias="k", kv_bias_key_dims=1), dict(sink_logit=True), dict(sink_logit=True, kv_bias="kv"),
     dict(softmax_alpha=2.5),
     dict(attn_op="sigmoid", attn_normalize=False), dict(attn_op="sigmoid"), dict(attn_op="elu"),
-    dict(attn_op="elu", attn_normalize=False), dict(attn_op="elu_kernel"), dict(attn_op="elu_kernel", attn_normalize=False),
+    dict(attn_op="elu", attn_normalize=False), dict(attn_op="elu_kernel"),
+    dict(attn_op="elu_kernel", attn_normalize=False),
     dict(attn_op="identity"), dict(attn_op="identity", attn_normalize=False), dict(attn_op="mlp_kernel"),
     dict(attn_op="mlp_kernel", attn_normalize=False), dict(attn_op="sigmoid", attn_normalize=False, kv_bias="k"),
     dict(attn_op="sigmoid", attn_normalize=False, pos_encoding="alibi"),
@@ -406,7 +407,8 @@ def first_token_sink_model(**overrides):
     H, d = cfg.n_head, cfg.head_size
     with torch.no_grad():
         W, b = model.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.bias
-        W.zero_(); b.zero_()
+        W.zero_()
+        b.zero_()
         b[: H * d] = 1.0                                   # q = (1, ..., 1) in every head
         model.wte.weight[:, 0] = torch.where(torch.arange(V) == 7, 10.0, 0.0).double()
         W[H * d:2 * H * d, 0] = 5.0                        # keys of token 7 align with q
@@ -603,9 +605,11 @@ def test_checkpoints_of_the_former_variants_load_or_are_refused_clearly(tmp_path
 
 
 FLEX_VARIANTS = [{}, dict(attn_mask="window", window_size=3), dict(attn_mask="prefix", prefix_size=5),
-                 dict(pos_encoding="alibi", attn_mask="window", window_size=4), dict(n_query_groups=2, softmax_alpha=2.0),
+                 dict(pos_encoding="alibi", attn_mask="window", window_size=4),
+                 dict(n_query_groups=2, softmax_alpha=2.0),
                  dict(sink_token=True, attn_mask="window", window_size=2), dict(pos_encoding="relative"),
-                 dict(pos_encoding="relative_learned"), dict(pos_encoding="relative", attn_mask="prefix", prefix_size=6),
+                 dict(pos_encoding="relative_learned"),
+                 dict(pos_encoding="relative", attn_mask="prefix", prefix_size=6),
                  dict(kv_bias="kv"), dict(kv_bias="k", kv_bias_shared=True, kv_bias_value="one_hot"),
                  dict(sink_logit=True), dict(sink_logit=True, kv_bias="kv", n_query_groups=2, softmax_alpha=0.5)]
 

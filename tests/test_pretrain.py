@@ -194,7 +194,8 @@ def test_headline_resolution():
     with_cc = dict(base, data=dict(base["data"], valid={"valid_a": 1.0, "valid_the_pile_pile_cc": 1.0}))
     assert from_dict(with_cc).data.headline == "valid_the_pile_pile_cc"
     assert resolve_headline(from_dict(with_cc).data) == "valid_the_pile_pile_cc"
-    with pytest.raises(RunConfigError, match="data.headline='valid_c' is invalid; allowed: mean, valid_a, valid_b"):
+    with pytest.raises(RunConfigError, match=r"data.headline='valid_c' is invalid \(did you mean valid_a, valid_b\?\); "
+                                             r"allowed: mean, valid_a, valid_b"):
         from_dict(dict(base, data=dict(base["data"], headline="valid_c")))
 
 

@@ -25,10 +25,12 @@ def test_every_config_loads(path):
 
 def test_there_is_a_config_for_every_seed_experiment():
     names = {str(p.relative_to(REPO / "configs")) for p in CONFIGS}
-    expected = (["tinyllama_60m.yaml", "tinyllama_1b.yaml", "tinyllama_1b_sigmoid.yaml", "postln/tinyllama_60m_postln.yaml"]
+    expected = (["tinyllama_60m.yaml", "tinyllama_1b.yaml", "tinyllama_1b_sigmoid.yaml",
+                 "postln/tinyllama_60m_postln.yaml"]
                 + [f"lr/tinyllama_60m_lr{x}.yaml" for x in ("1e-3", "1e-4", "1e-5")]
                 + [f"batch/tinyllama_60m_batch{x}.yaml" for x in (128, 256, 1024)]
-                + [f"decay/tinyllama_60m_decay{x}.yaml" for x in ("0", "1e-2", "1e-3", "1e0", "1e1", "2e0", "5e0", "5e-1")]
+                + [f"decay/tinyllama_60m_decay{x}.yaml"
+                   for x in ("0", "1e-2", "1e-3", "1e0", "1e1", "2e0", "5e0", "5e-1")]
                 + [f"prefix/tinyllama_60m_prefix{x}.yaml" for x in (2, 3, 4, 5, 10)]
                 + [f"window/tinyllama_60m_window{x}.yaml" for x in (32, 64, 128, 256, 512, 1024)]
                 + [f"pos/tinyllama_60m_{x}.yaml" for x in ("nope", "absolute", "learnable", "relative", "alibi")]
@@ -37,7 +39,8 @@ def test_there_is_a_config_for_every_seed_experiment():
                 + [f"kv_bias/tinyllama_60m_{x}.yaml" for x in ("k_bias", "k_head_bias", "kv_bias", "kv_head_bias",
                                                                "v_bias", "v_head_bias", "sink_token", "sink_logit")]
                 + [f"attnsim/tinyllama_60m_sim_{s}_{n}.yaml" for s in ("sigmoid", "elu") for n in ("norm", "no_norm")]
-                + [f"attnkernel/tinyllama_60m_{k}_{n}.yaml" for k in ("elu", "linear", "mlp") for n in ("norm", "no_norm")]
+                + [f"attnkernel/tinyllama_60m_{k}_{n}.yaml"
+                   for k in ("elu", "linear", "mlp") for n in ("norm", "no_norm")]
                 + [f"fix/tinyllama_60m_fix_position{p}.yaml" for p in (0, 1, 2)])
     missing = [e for e in expected if e not in names]
     assert not missing, missing
@@ -49,11 +52,13 @@ def test_there_is_a_config_for_every_seed_experiment():
                                          len(c.data.train), round(sum(c.data.train.values()), 4))
      == (10, 768, 4e-4, 4e-4, 512, 20000, 100, 0.1, 17, 0.7868)),    # the seed's weights (they sum to 0.79)
     ("window/tinyllama_60m_window256.yaml", lambda c, m: (m.attn_mask, m.window_size) == ("window", 256)),
-    ("prefix/tinyllama_60m_prefix5.yaml", lambda c, m: (m.attn_mask, m.prefix_size, loss_skip(c, m)) == ("prefix", 5, 4)),
+    ("prefix/tinyllama_60m_prefix5.yaml",
+     lambda c, m: (m.attn_mask, m.prefix_size, loss_skip(c, m)) == ("prefix", 5, 4)),
     ("kv_bias/tinyllama_60m_k_bias.yaml", lambda c, m: (m.kv_bias, m.kv_bias_shared) == ("k", True)),
     ("kv_bias/tinyllama_60m_v_head_bias.yaml", lambda c, m: (m.kv_bias, m.kv_bias_shared) == ("v", False)),
     ("attnkernel/tinyllama_60m_linear_no_norm.yaml", lambda c, m: (m.attn_op, m.attn_normalize) == ("identity", False)),
-    ("attnsim/tinyllama_60m_sim_sigmoid_no_norm.yaml", lambda c, m: (m.attn_op, m.attn_normalize) == ("sigmoid", False)),
+    ("attnsim/tinyllama_60m_sim_sigmoid_no_norm.yaml",
+     lambda c, m: (m.attn_op, m.attn_normalize) == ("sigmoid", False)),
     ("pos/tinyllama_60m_learnable.yaml", lambda c, m: m.pos_encoding == "learned"),
     ("pos/tinyllama_60m_relative.yaml", lambda c, m: (m.pos_encoding, m.relative_buckets, m.relative_max_distance)
      == ("relative", 32, 128)),                                      # the paper's fixed bucket index
@@ -64,7 +69,8 @@ def test_there_is_a_config_for_every_seed_experiment():
     ("batch/tinyllama_60m_batch128.yaml", lambda c, m: c.train.global_batch_size == 128),
     ("lr/tinyllama_60m_lr1e-5.yaml", lambda c, m: c.train.lr == c.train.min_lr == 1e-5),
     ("fix/tinyllama_60m_fix_position1.yaml", lambda c, m: c.data.fixed_token == {"position": 1, "token_id": 1}),
-    ("random/tinyllama_60m_random0_1.yaml", lambda c, m: c.data.random_tokens == {"start": 0, "end": 1, "vocab_size": 50432}),
+    ("random/tinyllama_60m_random0_1.yaml",
+     lambda c, m: c.data.random_tokens == {"start": 0, "end": 1, "vocab_size": 50432}),
     ("data_amount/tinyllama_60m_downsample0.1.yaml", lambda c, m: c.data.downsample_ratio == 0.1),
     ("tinyllama_1b_sigmoid.yaml", lambda c, m: (m.n_layer, m.attn_op, c.train.micro_batch_size, c.train.max_steps)
      == (22, "sigmoid", 2, 40000)),
@@ -126,7 +132,8 @@ def test_composition_and_overrides(tmp_path):
     assert cfg.data.train == {"c": 1.0}                                      # a mixture is replaced whole
     assert (cfg.train.lr, cfg.train.min_lr, cfg.train.max_steps, cfg.data.seed) == (2e-3, 1e-4, 7, 9)
     assert cfg.run_name == "child"
-    mixed = write_yaml(tmp_path / "sub" / "m.yaml", {"base": "../base.yaml", "data": {"train": {}, "mixture": "mix.yaml"}})
+    mixed = write_yaml(tmp_path / "sub" / "m.yaml",
+                       {"base": "../base.yaml", "data": {"train": {}, "mixture": "mix.yaml"}})
     cfg = load_run_config(mixed)
     assert cfg.data.train == {"m": 1.0} and cfg.data.valid == {"v": 1.0}     # mixture path relative to its YAML
 
@@ -137,9 +144,11 @@ def test_composition_and_overrides(tmp_path):
     ({"model": {"name": "tinyllama_6M"}, "data": {"train": {"a": 1}}}, [], "not a known config"),
     ({"model": {"name": "tiny"}, "data": {"train": {}}}, [], "data.train is empty"),
     ({"model": {"name": "tiny"}, "data": {"train": {"a": -1}}}, [], "data.train.a=-1"),
-    ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["train.strategy=deepspeed"], "allowed: auto, ddp, fsdp"),
+    ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["train.strategy=deepspeed"],
+     "allowed: auto, ddp, fsdp"),
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["train.min_lr=1"], "min_lr"),
-    ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["data.random_tokens={start: 3, end: 2}"], "start < end"),
+    ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["data.random_tokens={start: 3, end: 2}"],
+     "start < end"),
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["probe.T=4096"], "probe.T=4096"),
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["--train.lr"], "no value"),
     ({"model": {"name": "tiny"}, "data": {"train": {"a": 1}}}, ["data.mixture_mode=natural"],

@@ -48,7 +48,8 @@ def run_chunks(model, idx, spec, chunk):
 
 VARIANTS = [
     {}, dict(n_query_groups=2), dict(rotary_percentage=0.5, n_embd=32), dict(pos_encoding="alibi"),
-    dict(pos_encoding="relative"), dict(pos_encoding="relative_learned"), dict(pos_encoding="nope"), dict(pos_encoding="sinusoidal"),
+    dict(pos_encoding="relative"), dict(pos_encoding="relative_learned"), dict(pos_encoding="nope"),
+    dict(pos_encoding="sinusoidal"),
     dict(pos_encoding="learned"), dict(kv_bias="k"), dict(kv_bias="kv"), dict(sink_logit=True),
     dict(sink_token=True), dict(attn_op="sigmoid"), dict(attn_op="elu_kernel"), dict(attn_op="mlp_kernel"),
     dict(softmax_alpha=2.0), dict(attn_mask="window", window_size=4), dict(head_output="sum"),

@@ -37,20 +37,21 @@ def test_topk_options_of_the_drivers_reach_the_spec(capsys):
 
     import eval_long_ppl
     import eval_passkey
-    from lit_gpt.streaming_io import add_topk_args, topk_kwargs
+    import stream_generate
+    from lit_gpt.streaming_io import MethodArgs, add_method_args
 
-    for main in (eval_long_ppl.main, eval_passkey.main):
+    for main in (eval_long_ppl.main, eval_passkey.main, stream_generate.main):
         with pytest.raises(SystemExit):
             main(["--help"])
         assert "--topk-insert-at" in capsys.readouterr().out
     ap = argparse.ArgumentParser()
-    add_topk_args(ap)
-    spec = make_method("lminfinite", cache_size=256, **topk_kwargs(ap.parse_args(["--topk", "5"]))).spec
+    add_method_args(ap)
+    spec = MethodArgs.from_args(ap.parse_args(["--topk", "5"])).make("lminfinite").spec
     assert (spec.topk, spec.topk_from_layer, spec.insert_at) == (5, 4, 126)
     args = ap.parse_args(["--topk", "3", "--topk-from-layer", "2", "--topk-insert-at", "100"])
-    spec = make_method("lminfinite", cache_size=256, **topk_kwargs(args)).spec
+    spec = MethodArgs.from_args(args).make("lminfinite").spec
     assert (spec.topk, spec.topk_from_layer, spec.insert_at) == (3, 2, 100)
-    assert "top-3 at 100" in make_method("lminfinite", cache_size=256, **topk_kwargs(args)).label
+    assert "top-3 at 100" in MethodArgs.from_args(args).make("lminfinite").label
 
 
 def lminfinite_text(n_fill, insert_at, key):
