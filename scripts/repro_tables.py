@@ -25,8 +25,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lit_gpt.doc_tables import region_markers, splice_region, update_files  # noqa: E402
 from lit_gpt.repro import emergence_step, load_records  # noqa: E402
-from lit_gpt.utils import atomic_write_text  # noqa: E402
 
 ROWS = REPO / "scripts" / "repro_rows.yaml"
 RESULTS = REPO / "docs" / "results" / "repro"
@@ -43,6 +43,10 @@ def load_rows(path: Path = ROWS) -> dict:
             raise ValueError(f"{path}: row {rid!r} names unknown sections {bad}")
         if r.get("expect") is not None and r["expect"] not in EXPECT:
             raise ValueError(f"{path}: row {rid!r} expect={r.get('expect')!r} is invalid; allowed: {', '.join(EXPECT)}")
+        field = NEEDS.get(r.get("expect"))
+        if field and not (isinstance(r.get(field), int) and r[field] >= 1):
+            raise ValueError(f"{path}: row {rid!r} {field}={r.get(field)!r} is invalid; allowed: an integer >= 1 "
+                             f"(expect: {r['expect']})")
     return d
 
 
@@ -87,6 +91,12 @@ def _rule_in_prefix(rec, D, row):
     return max(sk[:p]) >= 0.5 * D and all(v <= _small(D) for v in sk[p:])
 
 
+def _rule_at_position(rec, D, row):
+    s1, sk, _ = _sinks(rec)
+    k = int(row["position"])
+    return len(sk) >= k and sk[k - 1] >= 0.5 * D and s1 <= _small(D)
+
+
 EXPECT = {
     "sink": ("Sink_1 >= 5%", _rule_sink),
     "no_sink": ("Sink_1 <= max(1, 0.1 D)", _rule_no_sink),
@@ -95,7 +105,9 @@ EXPECT = {
     "similar": ("0.5 D <= Sink_1 <= 2 D", _rule_similar),
     "slot": ("Sink_1* >= 0.5 D, Sink_1 <= max(1, 0.1 D)", _rule_slot),
     "in_prefix": ("max Sink_1..p >= 0.5 D, Sink_k <= max(1, 0.1 D) for k > p", _rule_in_prefix),
+    "at_position": ("Sink_{position} >= 0.5 D, Sink_1 <= max(1, 0.1 D)", _rule_at_position),
 }
+NEEDS = {"in_prefix": "prefix", "at_position": "position"}      # the row field each rule reads
 
 
 def agreement(rec: dict, default: Optional[dict], row: dict) -> str:
@@ -129,6 +141,9 @@ def other_sinks(rec: dict, row: dict) -> str:
         return " / ".join(f"Sink_1* {v:.1f}" for v in extra)
     if rec["final"].get("sink_window_start") is not None:
         return f"each window's first token: {rec['final']['sink_window_start']:.1f}"
+    if "position" in row and len(sk) >= int(row["position"]):
+        k = int(row["position"])
+        return f"Sink_{k} {sk[k - 1]:.1f}"
     lo, hi = (1, int(row["prefix"])) if "prefix" in row else (1, len(sk))
     k = max(range(lo, hi), key=lambda i: sk[i]) if hi > lo else 1
     return f"Sink_{k + 1} {sk[k]:.1f}"
@@ -192,7 +207,7 @@ def row_cells(rid: str, row: dict, rec: dict, default: Optional[dict], columns: 
         "other": other_sinks(rec, row), "val loss": fmt_loss(f["val_loss"]), "tokens": fmt_tokens(rec["tokens"]),
         "steps": str(rec["steps"]), "sink from step": emerges(rec), "tokens then": emergence_tokens(rec),
         "train s": f"{rec['train_seconds']:.0f}", "hardware": hardware_cell(rec), "paper": row["paper"],
-        "expected": EXPECT[row["expect"]][0] if row.get("expect") else "-", "agrees": agreement(rec, default, row),
+        "expected": EXPECT[row["expect"]][0].format(**row) if row.get("expect") else "-", "agrees": agreement(rec, default, row),
         "command": run_command(rec),
     }
     return [cell(values[c]) for c in columns]
@@ -235,17 +250,10 @@ def describe_probe(rec: Optional[dict]) -> str:
     return f"{p.get('n')} sequences of T = {p.get('T')} tokens, {p.get('where')}"
 
 
-def marker(section: str, regime: str, end: bool) -> str:
-    return f"<!-- repro:{section}:{regime}:{'end' if end else 'begin'} -->"
-
-
-def splice(text: str, section: str, regime: str, body: str, heading: str) -> str:
-    b, e = marker(section, regime, False), marker(section, regime, True)
-    block = f"{b}\n{body}\n{e}"
-    if b in text and e in text:
-        i, j = text.index(b), text.index(e) + len(e)
-        return text[:i] + block + text[j:]
-    return text.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
+def splice(text: str, section: str, regime: str, body: str, heading: str = "") -> str:
+    """The region ``<!-- repro:<section>:<regime>:begin/end -->`` of ``text`` filled with ``body``
+    (:func:`lit_gpt.doc_tables.splice_region`, the one mechanism for rendered regions)."""
+    return splice_region(text, "repro", f"{section}:{regime}", body, heading)
 
 
 EXPLORATION_MD = Path("docs") / "repro.md"
@@ -342,8 +350,8 @@ def render(spec: dict, records: Dict[Tuple[str, str], dict], root: Path = REPO,
     if head is not None:
         for rel in HEADLINE_MDS:
             path = root / rel
-            if path.is_file() and marker("headline", "cpu", False) in path.read_text():
-                out[path] = splice(out.get(path, path.read_text()), "headline", "cpu", head, "")
+            if path.is_file() and region_markers("repro", "headline:cpu")[0] in path.read_text():
+                out[path] = splice(out.get(path, path.read_text()), "headline", "cpu", head)
     if exploration is not None:
         path = root / EXPLORATION_MD
         text = out.get(path, path.read_text() if path.is_file() else "# Reproduction regimes\n")
@@ -393,17 +401,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     expl, demo = Path(a.results) / "exploration.json", Path(a.results) / "demo_cpu.json"
     texts = render(spec, records, root, json.loads(expl.read_text()) if expl.is_file() else None,
                    json.loads(demo.read_text()) if demo.is_file() else None)
+    differ = update_files(texts, a.check, root)
     if a.check:
-        stale = [str(p.relative_to(root)) for p, t in texts.items() if not p.is_file() or p.read_text() != t]
-        if stale:
-            print(f"tables out of date in: {', '.join(stale)} (run python scripts/repro_tables.py)", file=sys.stderr)
+        if differ:
+            print(f"tables out of date in {differ} file(s) (run python scripts/repro_tables.py)", file=sys.stderr)
             return 1
         print(f"tables up to date ({len(records)} records)")
         return 0
-    for p, t in texts.items():
-        if not p.is_file() or p.read_text() != t:
-            atomic_write_text(p, t)
-            print(f"wrote {p.relative_to(root)}")
     if not a.no_plots:
         for p in plots(spec, records, root):
             print(f"wrote {p.relative_to(root)}")

@@ -129,10 +129,42 @@ def test_verdicts_follow_the_rules():
         ({"expect": "in_prefix", "prefix": 5}, _with_final(base, "x", 0, sinks=[0, 0, 12, 0, 0, 0, 0, 0, 0, 0]), "yes"),
         ({"expect": "in_prefix", "prefix": 5}, _with_final(base, "x", 0, sinks=[0, 0, 12, 0, 0, 3, 0, 0, 0, 0]),
          "**no**"),
+        # the fixed token at the third position: Sink_3 >= 0.5 D = 10 and Sink_1 <= max(1, 0.1 D) = 2
+        ({"expect": "at_position", "position": 3}, _with_final(base, "x", 0, sinks=[2, 0, 10, 0, 0, 0, 0, 0, 0, 0]),
+         "yes"),
+        ({"expect": "at_position", "position": 3}, _with_final(base, "x", 0, sinks=[0, 0, 9.9, 0, 0, 0, 0, 0, 0, 0]),
+         "**no**"),
+        ({"expect": "at_position", "position": 3}, _with_final(base, "x", 0, sinks=[2.1, 0, 60, 0, 0, 0, 0, 0, 0, 0]),
+         "**no**"),                                                                       # token 1 keeps a sink
+        ({"expect": "at_position", "position": 2}, _with_final(base, "x", 0, sinks=[0, 0, 60, 0, 0, 0, 0, 0, 0, 0]),
+         "**no**"),                                                                       # the sink is elsewhere
+        ({"expect": "at_position", "position": 12}, _with_final(base, "x", 0, sinks=[0] * 10), "**no**"),  # not measured
     ]
     for row, rec, want in cases:
         assert repro_tables.agreement(rec, default, row) == want, (row, rec["final"])
     assert repro_tables.agreement(cases[0][1], None, {"expect": "sink"}).startswith("no default")
+
+
+def test_a_row_whose_rule_needs_a_field_is_refused_without_it(tmp_path):
+    spec = {"sections": {"d": {"md": "d.md", "title": "D"}},
+            "rows": {"fixed": {"sections": ["d"], "what": "w", "paper": "p", "expect": "at_position"}}}
+    path = tmp_path / "rows.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="position=None is invalid"):
+        repro_tables.load_rows(path)
+    spec["rows"]["fixed"]["position"] = 3
+    path.write_text(yaml.safe_dump(spec))
+    assert repro_tables.load_rows(path)["rows"]["fixed"]["position"] == 3
+
+
+def test_the_registry_rows_name_their_fields():
+    spec = repro_tables.load_rows()
+    fixed = spec["rows"]["fixed_pos2"]
+    assert fixed["expect"] == "at_position" and fixed["position"] == 3          # 0-indexed position 2 = Sink_3
+    cfg = yaml.safe_load((REPO / "configs" / "repro" / "gpu" / "fixed_pos2.yaml").read_text())
+    assert cfg["data"]["fixed_token"]["position"] + 1 == fixed["position"]
+    rec = {"final": {"sink": [0.5, 0.0, 33.0, 0.1], "sink_extra": []}}
+    assert repro_tables.other_sinks(rec, fixed) == "Sink_3 33.0"
 
 
 def test_tables_are_rendered_from_records_and_checked(recorded, tmp_path):
