@@ -96,6 +96,9 @@ def main(argv=None) -> None:
     ap.add_argument("--corpus", default=None, help="JSONL(.xz) files for --text books (default: gutenberg-val)")
     ap.add_argument("--skip-books", type=int, default=0)
     ap.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS to the stream")
+    ap.add_argument("--first-token", type=int, default=None,
+                    help="prepend this token id to the stream (a model trained with a fixed first token, e.g. 256: "
+                         "the byte tokenizer's EOS of configs/repro)")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--methods", default="dense,window,sink,recompute")
     ap.add_argument("--cache-size", type=int, default=256, help="keys per query: sinks + recent (window: recent)")
@@ -156,6 +159,8 @@ def main(argv=None) -> None:
         if not args.text_file:
             ap.error("--text file needs --text-file")
         ids = lm.tokenizer.encode(Path(args.text_file).read_text(), bos=args.bos)[: args.tokens]
+    if args.first_token is not None:
+        ids = [args.first_token] + ids[: args.tokens - 1]
     tokens = torch.tensor([ids])
     print(f"stream: {tokens.shape[1]} tokens; start: {lm.tokenizer.decode(ids[:24])!r}", file=sys.stderr)
 

@@ -43,6 +43,7 @@ def recorded(tmp_path_factory):
     write_yaml(conf / "default.yaml", base)
     write_yaml(conf / "k_bias.yaml", {"base": "default.yaml", "model": {"kv_bias": "k", "kv_bias_shared": True}})
     write_yaml(conf / "window.yaml", {"base": "default.yaml", "model": {"attn_mask": "window", "window_size": 8}})
+    write_yaml(conf / "fixed.yaml", {"base": "default.yaml", "data": {"fixed_token": {"position": 0, "token_id": 1}}})
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "repro_run.py"), "--regime", "t", "--all",
                           "--configs", str(tmp / "configs"), "--runs", str(tmp / "runs"),
                           "--results", str(tmp / "results"), "--set", "train.warmup_steps=1", "--note", "test"],
@@ -53,7 +54,7 @@ def recorded(tmp_path_factory):
 
 def test_records_hold_what_the_runs_logged(recorded):
     recs = load_records(recorded / "results")
-    assert sorted(recs) == [("t", "default"), ("t", "k_bias"), ("t", "window")]
+    assert sorted(recs) == [("t", "default"), ("t", "fixed"), ("t", "k_bias"), ("t", "window")]
     for (_, row), rec in recs.items():
         check_record(rec)
         run = recorded / "runs" / "t" / row
@@ -74,6 +75,10 @@ def test_records_hold_what_the_runs_logged(recorded):
         assert summary["environment"]["torch"] and summary["environment"]["cpu_count"] >= 1
         assert rec["hardware"]["cpu_cores"] == summary["environment"]["cpu_count"]
         assert len(rec["final"]["sink_1_per_layer"]) == 2                   # final/ checked: one value per layer
+        # the final/ check probes as the trainer does (a fixed token in place): same heads per layer, so the
+        # mean over layers is the curve's last Sink_1 (before, the fixed-token run's check probed without it)
+        per_layer = rec["final"]["sink_1_per_layer"]
+        assert sum(per_layer) / len(per_layer) == pytest.approx(rows[-1] and float(rows[-1]["sink_1"]), abs=1e-6)
     assert recs[("t", "default")]["final"]["sink_extra"] == []
     extra = recs[("t", "k_bias")]["final"]["sink_extra"]
     assert len(extra) == 1 and 0.0 <= extra[0] <= 100.0
