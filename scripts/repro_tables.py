@@ -41,6 +41,8 @@ def load_rows(path: Path = ROWS) -> dict:
         bad = [s for s in r["sections"] if s not in d["sections"]]
         if bad:
             raise ValueError(f"{path}: row {rid!r} names unknown sections {bad}")
+        if "baseline" in r and r["baseline"] not in d["rows"]:
+            raise ValueError(f"{path}: row {rid!r} baseline={r['baseline']!r} is invalid; allowed: a row of the registry")
         if r.get("expect") is not None and r["expect"] not in EXPECT:
             raise ValueError(f"{path}: row {rid!r} expect={r.get('expect')!r} is invalid; allowed: {', '.join(EXPECT)}")
         field = NEEDS.get(r.get("expect"))
@@ -225,11 +227,13 @@ def section_table(section: str, regime: str, spec: dict, records: Dict[Tuple[str
         if rec is None:
             not_run.append(rid)
             continue
-        lines.append("| " + " | ".join(row_cells(rid, row, rec, default, columns)) + " |")
+        base = records.get((regime, row["baseline"])) if "baseline" in row else default
+        lines.append("| " + " | ".join(row_cells(rid, row, rec, base, columns)) + " |")
     if len(lines) == 2:
         return f"No {regime.upper()} run of this section has been recorded yet."
     out = "\n".join(lines)
-    out += (f"\n\nD = Sink_1 of the default row of the same regime. Sink_1: % of heads (all layers) whose mean attention "
+    out += (f"\n\nD = Sink_1 of the default row of the same regime (of the row's `baseline` where it names one: a "
+            f"seed twin against the default of that seed). Sink_1: % of heads (all layers) whose mean attention "
             f"on token 1 exceeds ε = 0.3 over the probe ({describe_probe(default)}); operations without normalisation "
             f"use the paper's proxy \\|sim\\| / Σ\\|sim\\|. Sink_1*: the same for the extra key slot. \"sink from step\": "
             f"the first evaluation after which Sink_1 (or Sink_1*) stays ≥ {EMERGE_AT:g}%. Raw records: "

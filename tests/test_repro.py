@@ -238,3 +238,23 @@ def test_window_start_scores_match_a_hand_loop():
             assert abs(float(got[b, h]) - sum(vals) / len(vals)) < 1e-6
     with pytest.raises(ValueError, match="window"):
         window_start_scores(attn, T, n_extra=S)
+
+
+def test_a_row_with_a_baseline_is_judged_against_that_row(recorded):
+    rec = load_records(recorded / "results")[("t", "default")]
+
+    def with_sink1(row, v):
+        r = _with_final(dict(rec, regime="gpu"), row, v)
+        r["curve"] = dict(r["curve"], sink_1=[v] * len(r["curve"]["step"]))
+        return r
+
+    records = {("gpu", "default"): with_sink1("default", 20.0), ("gpu", "seed2"): with_sink1("seed2", 60.0),
+               ("gpu", "x"): with_sink1("x", 25.0), ("gpu", "x_seed2"): with_sink1("x_seed2", 25.0)}
+    rows = {"default": {"sections": ["s"], "what": "d", "paper": "-"},
+            "seed2": {"sections": ["s"], "what": "d2", "paper": "-"},
+            "x": {"sections": ["s"], "what": "x", "paper": "P", "expect": "lower"},
+            "x_seed2": {"sections": ["s"], "what": "x2", "paper": "P", "expect": "lower", "baseline": "seed2"}}
+    table = repro_tables.section_table("s", "gpu", {"sections": {"s": {}}, "rows": rows}, records)
+    line = {ln.split(" | ")[0][2:]: ln for ln in table.splitlines() if ln.startswith("| x")}
+    assert "| Sink_1 <= 0.75 D | **no** |" in line["x"]                                      # 25 > 0.75 x 20
+    assert "| Sink_1 <= 0.75 D | yes |" in line["x_seed2"]                                   # 25 <= 0.75 x 60
