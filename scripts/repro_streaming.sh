@@ -59,3 +59,5 @@ $PY eval_long_ppl.py --model "$RUNS/cpu/default/final" "${common[@]}" --sink-abl
     --out "$OUT/default_ablation" --record "$REC/repro_default_ablation.json"
 $PY eval_long_ppl.py --model "$RUNS/cpu/sink_token/final" "${common[@]}" --sink-ablation 0,1,4 \
     --out "$OUT/sink_token_ablation" --record "$REC/repro_sink_token_ablation.json"
+# the rolling log-PPL plots of the two main runs, for the doc
+for row in default sink_token; do cp "$OUT/${row}_main/log_ppl.png" "docs/img/repro_streaming_${row}_log_ppl.png"; done

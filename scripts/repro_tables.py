@@ -328,6 +328,37 @@ def headline(records: Dict[Tuple[str, str], dict], demo: Optional[dict],
     return " ".join(out)
 
 
+def regime_headline(regime: str, spec: dict, records: Dict[Tuple[str, str], dict]) -> Optional[str]:
+    """A few sentences on a regime's records: the default's seeds, then which contrast rows agree with the paper."""
+    mine = {row: rec for (g, row), rec in records.items() if g == regime}
+    d = mine.get("default")
+    if d is None:
+        return None
+    seeds = {row: rec for row, rec in mine.items() if row == "default" or (row.startswith("seed") and row[4:].isdigit())}
+    formed = [r for r, rec in seeds.items() if rec["final"]["sink"][0] >= EMERGE_AT]
+    per_seed = "; ".join(f"seed {rec['seed']}: Sink_1 {rec['final']['sink'][0]:.1f}% (sink from step {emerges(rec)})"
+                         for _, rec in sorted(seeds.items(), key=lambda kv: kv[1]["seed"]))
+    hw = sorted({hardware_cell(rec) for rec in mine.values()})
+    steps = [rec["steps"] for rec in mine.values()]
+    out = [f"Measured (`docs/results/repro/{regime}/`, {len(mine)} records, {', '.join(hw)}): the default forms a sink "
+           f"(final Sink_1 >= {EMERGE_AT:g}%) in {len(formed)} of the {len(seeds)} seeds run ({per_seed}), at "
+           f"{fmt_tokens(d['tokens'])} tokens ({d['steps']:,} steps, {d['train_seconds']:.0f} s of training); rows ran "
+           f"{min(steps):,}-{max(steps):,} steps."]
+    judged = [(rid, agreement(mine[rid], mine.get(row.get("baseline", "default")), row))
+              for rid, row in spec["rows"].items()
+              if rid in mine and row.get("expect") and rid != "default" and regime in row.get("regimes", REGIMES)]
+    yes = [rid for rid, v in judged if v == "yes"]
+    no = [rid for rid, v in judged if v != "yes"]
+    if judged:
+        out.append(f"Of the {len(judged)} rows with a paper expectation, {len(yes)} agree ({', '.join(yes) or 'none'}) and "
+                   f"{len(no)} disagree ({', '.join(no) or 'none'}); the section tables in `scripts/*.md` give each row "
+                   "with the paper's number, and the notes under them what was checked.")
+    if not any("sink_1_per_layer" in rec["final"] for rec in mine.values()):
+        out.append("These records carry no per-layer checks (the runs kept no final checkpoint on the device), so what "
+                   "was checked for a row is its curve: Sink_1..Sink_10 and the losses at every evaluation.")
+    return " ".join(out)
+
+
 def exploration_table(doc: dict) -> str:
     cols = ("run", "layers x heads x width", "context", "first token fixed", "lr", "weight decay", "tokens/step",
             "seed", "other", "steps reached", "max Sink_1 (%)", "last Sink_1 (%)", "max Sink_1* (%)", "how it ended")
@@ -356,6 +387,11 @@ def render(spec: dict, records: Dict[Tuple[str, str], dict], root: Path = REPO,
             path = root / rel
             if path.is_file() and region_markers("repro", "headline:cpu")[0] in path.read_text():
                 out[path] = splice(out.get(path, path.read_text()), "headline", "cpu", head)
+    for regime in REGIMES:
+        path = root / EXPLORATION_MD
+        gh = regime_headline(regime, spec, records) if regime != "cpu" else None
+        if gh is not None and path.is_file() and region_markers("repro", f"headline:{regime}")[0] in path.read_text():
+            out[path] = splice(out.get(path, path.read_text()), "headline", regime, gh)
     if exploration is not None:
         path = root / EXPLORATION_MD
         text = out.get(path, path.read_text() if path.is_file() else "# Reproduction regimes\n")

@@ -248,7 +248,8 @@ def test_a_row_with_a_baseline_is_judged_against_that_row(recorded):
         r["curve"] = dict(r["curve"], sink_1=[v] * len(r["curve"]["step"]))
         return r
 
-    records = {("gpu", "default"): with_sink1("default", 20.0), ("gpu", "seed2"): with_sink1("seed2", 60.0),
+    records = {("gpu", "default"): dict(with_sink1("default", 20.0), seed=3406),
+               ("gpu", "seed2"): dict(with_sink1("seed2", 60.0), seed=2),
                ("gpu", "x"): with_sink1("x", 25.0), ("gpu", "x_seed2"): with_sink1("x_seed2", 25.0)}
     rows = {"default": {"sections": ["s"], "what": "d", "paper": "-"},
             "seed2": {"sections": ["s"], "what": "d2", "paper": "-"},
@@ -258,3 +259,9 @@ def test_a_row_with_a_baseline_is_judged_against_that_row(recorded):
     line = {ln.split(" | ")[0][2:]: ln for ln in table.splitlines() if ln.startswith("| x")}
     assert "| Sink_1 <= 0.75 D | **no** |" in line["x"]                                      # 25 > 0.75 x 20
     assert "| Sink_1 <= 0.75 D | yes |" in line["x_seed2"]                                   # 25 <= 0.75 x 60
+    # the regime's headline counts the seeds that formed a sink and the rows that agree, from the same records
+    records[("gpu", "seed3")] = dict(with_sink1("seed3", 4.0), seed=3)
+    rows["seed3"] = {"sections": ["s"], "what": "d3", "paper": "-"}
+    head = repro_tables.regime_headline("gpu", {"sections": {"s": {}}, "rows": rows}, records)
+    assert "in 2 of the 3 seeds run" in head and "seed 3: Sink_1 4.0%" in head
+    assert "Of the 2 rows with a paper expectation, 1 agree (x_seed2) and 1 disagree (x)" in head
