@@ -166,11 +166,10 @@ def final_checks(run_dir: Union[str, Path]) -> Dict[str, Any]:
         return {}
     import torch
 
-    from lit_gpt.data import open_run_data
     from lit_gpt.evaluate import probe_view, sink_on_probe
-    from lit_gpt.probe import make_probe
     from lit_gpt.run_config import from_dict
     from lit_gpt.sink_metrics import window_start_scores
+    from lit_gpt.trainer import make_probe, open_run_data
 
     model, payload = load_model(final_dir, device="cpu", attn_impl="eager")
     mc = model.config
