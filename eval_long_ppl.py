@@ -82,6 +82,9 @@ def main(argv=None) -> None:
     ap.add_argument("--corpus", default=None, help="JSONL(.xz) files for --text books (default: gutenberg-val)")
     ap.add_argument("--skip-books", type=int, default=0)
     ap.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS to the stream")
+    ap.add_argument("--first-token", type=int, default=None,
+                    help="prepend this token id to the stream (a model trained with a fixed first token, e.g. 256: "
+                         "the byte tokenizer's EOS of configs/repro)")
     ap.add_argument("--tokens", type=int, default=4096)
     add_method_args(ap)
     ap.add_argument("--sink-ablation", default=None, help="e.g. 0,1,2,4,8: sinks in a cache of --cache-size")
@@ -128,6 +131,8 @@ def main(argv=None) -> None:
         if not args.text_file:
             ap.error("--text file needs --text-file")
         ids = lm.tokenizer.encode(Path(args.text_file).read_text(), bos=args.bos)[: args.tokens]
+    if args.first_token is not None:
+        ids = [args.first_token] + ids[: args.tokens - 1]
     tokens = torch.tensor([ids])
     print(f"stream: {tokens.shape[1]} tokens; start: {lm.tokenizer.decode(ids[:24])!r}", file=sys.stderr)
 

@@ -28,7 +28,12 @@ Raw files are small JSON or CSV files under ``docs/results/`` or ``benchmarks/re
       ...
       <!-- /table -->
 
-* a value inside a sentence: ``<!-- v: {nat.sink.sink_1:.2f} -->70.29<!-- /v -->``.
+* a value inside a sentence: ``<!-- v: {nat.sink.sink_1:.2f} -->70.29<!-- /v -->``;
+
+* a region that a dedicated renderer fills (``scripts/repro_tables.py``, kind ``repro``: tables whose rows, rules
+  and plots come from a registry rather than from one marker), between ``<!-- KIND:NAME:begin -->`` and
+  ``<!-- KIND:NAME:end -->``; :func:`splice_region` writes it, :func:`update_files` writes or checks the files of
+  either renderer, and ``--audit`` treats the region as rendered.
 
 Templates are text with ``{expression}`` or ``{expression:format}`` fields (Python format specs; ``{{`` and
 ``}}`` for literal braces). Expressions are Python expressions without builtins, over the names above and the
@@ -64,6 +69,7 @@ RAW_SUFFIXES = (".json", ".csv", ".txt", ".log")     # text files (logs, pytest 
 _OPEN = re.compile(r"<!--\s*(results|table):(.*?)-->", re.S)
 _VALUE = re.compile(r"<!--\s*v:(.*?)-->(.*?)<!--\s*/v\s*-->", re.S)
 _TABLE_END = re.compile(r"<!--\s*/table\s*-->")
+_REGION = re.compile(r"<!--\s*(\w+):([\w.:-]+):begin\s*-->(.*?)<!--\s*\1:\2:end\s*-->", re.S)
 
 
 class DocTableError(ValueError):
@@ -394,6 +400,44 @@ def _values(text: str, start: int, end: int, names: Dict[str, Any], name: str) -
     return "".join(out)
 
 
+# ---------------------------------------------------------------------------- regions of other renderers
+def region_markers(kind: str, name: str) -> Tuple[str, str]:
+    """The comments that open and close region ``name`` of renderer ``kind``."""
+    return f"<!-- {kind}:{name}:begin -->", f"<!-- {kind}:{name}:end -->"
+
+
+def splice_region(text: str, kind: str, name: str, body: str, heading: str = "") -> str:
+    """The text with the region's content replaced by ``body``; a region not there yet is appended at the end
+    (under ``heading`` when one is given)."""
+    b, e = region_markers(kind, name)
+    block = f"{b}\n{body}\n{e}"
+    if b in text and e in text:
+        i, j = text.index(b), text.index(e) + len(e)
+        return text[:i] + block + text[j:]
+    return text.rstrip("\n") + (f"\n\n{heading}" if heading else "") + f"\n\n{block}\n"
+
+
+def update_files(texts: Dict[Path, str], check: bool, root: Path = ROOT) -> int:
+    """Write every file whose text differs from ``texts`` (atomically), or with ``check`` write nothing and show
+    what differs; returns the number of files that differed (one mechanism for doc_tables and repro_tables)."""
+    from lit_gpt.utils import atomic_write_text
+
+    differ = 0
+    for path, new in texts.items():
+        old = path.read_text() if path.is_file() else ""
+        if new == old:
+            continue
+        differ += 1
+        rel = path.resolve().relative_to(root) if path.resolve().is_relative_to(root) else path
+        if check:
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"{rel} (now)",
+                                                       f"{rel} (rendered)"))
+        else:
+            atomic_write_text(path, new)
+            print(f"rendered {rel}")
+    return differ
+
+
 def markdown_files(root: Path = ROOT, patterns: Sequence[str] = DEFAULT_FILES) -> List[Path]:
     files: List[Path] = []
     for pat in patterns:
@@ -419,7 +463,7 @@ def audit(text: str) -> List[Tuple[int, str]]:
     """(line, text) of prose lines holding digits outside code, comments, links and rendered regions, so a
     writer can see which numbers are not backed by a raw file yet (numbers of the setup, such as ε = 0.3 or a
     layer count, are expected there)."""
-    blank = []
+    blank = [(m.start(3), m.end(3)) for m in _REGION.finditer(text)]
     for m in _VALUE.finditer(text):
         blank.append((m.start(2), m.end(2)))
     for m in _OPEN.finditer(text):
@@ -444,7 +488,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     mode.add_argument("--audit", action="store_true", help="list prose lines with digits that nothing renders")
     args = ap.parse_args(argv)
     files = [Path(f) for f in args.files] or markdown_files()
-    errors = differ = 0
+    errors = 0
+    texts: Dict[Path, str] = {}
     for f in files:
         text = f.read_text()
         rel = f.resolve().relative_to(ROOT) if f.resolve().is_relative_to(ROOT) else f
@@ -453,22 +498,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{rel}:{line}: {s}")
             continue
         try:
-            new = render_markdown(text, str(rel))
+            texts[f] = render_markdown(text, str(rel))
         except DocTableError as e:
             print(f"error: {e}", file=sys.stderr)
             errors += 1
-            continue
-        if new == text:
-            continue
-        differ += 1
-        if args.check:
-            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True), f"{rel} (now)",
-                                                       f"{rel} (rendered)"))
-        else:
-            from lit_gpt.utils import atomic_write_text
-
-            atomic_write_text(f, new)
-            print(f"rendered {rel}")
+    differ = update_files(texts, args.check)
     return 1 if errors or (args.check and differ) else 0
 
 

@@ -169,7 +169,7 @@ def final_checks(run_dir: Union[str, Path]) -> Dict[str, Any]:
 
     from lit_gpt.data import open_run_data
     from lit_gpt.evaluate import sink_on_probe
-    from lit_gpt.probe import make_probe
+    from lit_gpt.probe import make_probe, probe_view
     from lit_gpt.run_config import from_dict
     from lit_gpt.sink_metrics import window_start_scores
 
@@ -177,8 +177,11 @@ def final_checks(run_dir: Union[str, Path]) -> Dict[str, Any]:
     mc = model.config
     cfg = from_dict(payload["run_config"])
     pc = cfg.probe
-    tokens, _ = make_probe(cfg, open_run_data(cfg, mc, need_train=False))
-    result, _ = sink_on_probe(model, tokens, eps=pc.eps, k_max=pc.k_max, batch_size=pc.batch_size)
+    rd = open_run_data(cfg, mc, need_train=False)
+    tokens, _ = make_probe(cfg, rd)
+    # the probe as the trainer feeds it (the run's fixed token in place), so these numbers match the curve's
+    result, _ = sink_on_probe(model, tokens, eps=pc.eps, k_max=pc.k_max, batch_size=pc.batch_size,
+                              transforms=rd.transforms)
     S = result.n_extra
     T = tokens.shape[1] - 1
     out: Dict[str, Any] = {
@@ -194,7 +197,7 @@ def final_checks(run_dir: Union[str, Path]) -> Dict[str, Any]:
         hits, total = 0.0, 0
         model.eval()
         with torch.no_grad():
-            for batch in tokens[:, :pc.T].split(pc.batch_size):
+            for batch in probe_view(tokens, rd.transforms)[0][:, :pc.T].split(pc.batch_size):
                 _, an = model(batch, return_analysis=("attn",))
                 for a in an.attn:
                     score = window_start_scores(a, mc.window_size, an.n_extra)     # (B, H)

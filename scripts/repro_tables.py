@@ -24,6 +24,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lit_gpt.doc_tables import region_markers, splice_region, update_files  # noqa: E402
 from lit_gpt.repro import emergence_step, load_records  # noqa: E402
 from lit_gpt.utils import ArgumentParser, atomic_write_text, invalid_choice  # noqa: E402
 
@@ -40,8 +41,14 @@ def load_rows(path: Path = ROWS) -> dict:
         bad = [s for s in r["sections"] if s not in d["sections"]]
         if bad:
             raise ValueError(f"{path}: row {rid!r} names unknown sections {bad}")
+        if "baseline" in r and r["baseline"] not in d["rows"]:
+            raise ValueError(f"{path}: row {rid!r} baseline={r['baseline']!r} is invalid; allowed: a row of the registry")
         if r.get("expect") is not None and r["expect"] not in EXPECT:
             raise ValueError(f"{path}: row {rid!r} {invalid_choice('expect', r.get('expect'), EXPECT)}")
+        field = NEEDS.get(r.get("expect"))
+        if field and not (isinstance(r.get(field), int) and r[field] >= 1):
+            raise ValueError(f"{path}: row {rid!r} {field}={r.get(field)!r} is invalid; allowed: an integer >= 1 "
+                             f"(expect: {r['expect']})")
     return d
 
 
@@ -86,6 +93,12 @@ def _rule_in_prefix(rec, D, row):
     return max(sk[:p]) >= 0.5 * D and all(v <= _small(D) for v in sk[p:])
 
 
+def _rule_at_position(rec, D, row):
+    s1, sk, _ = _sinks(rec)
+    k = int(row["position"])
+    return len(sk) >= k and sk[k - 1] >= 0.5 * D and s1 <= _small(D)
+
+
 EXPECT = {
     "sink": ("Sink_1 >= 5%", _rule_sink),
     "no_sink": ("Sink_1 <= max(1, 0.1 D)", _rule_no_sink),
@@ -94,7 +107,9 @@ EXPECT = {
     "similar": ("0.5 D <= Sink_1 <= 2 D", _rule_similar),
     "slot": ("Sink_1* >= 0.5 D, Sink_1 <= max(1, 0.1 D)", _rule_slot),
     "in_prefix": ("max Sink_1..p >= 0.5 D, Sink_k <= max(1, 0.1 D) for k > p", _rule_in_prefix),
+    "at_position": ("Sink_{position} >= 0.5 D, Sink_1 <= max(1, 0.1 D)", _rule_at_position),
 }
+NEEDS = {"in_prefix": "prefix", "at_position": "position"}      # the row field each rule reads
 
 
 def agreement(rec: dict, default: Optional[dict], row: dict) -> str:
@@ -128,6 +143,9 @@ def other_sinks(rec: dict, row: dict) -> str:
         return " / ".join(f"Sink_1* {v:.1f}" for v in extra)
     if rec["final"].get("sink_window_start") is not None:
         return f"each window's first token: {rec['final']['sink_window_start']:.1f}"
+    if "position" in row and len(sk) >= int(row["position"]):
+        k = int(row["position"])
+        return f"Sink_{k} {sk[k - 1]:.1f}"
     lo, hi = (1, int(row["prefix"])) if "prefix" in row else (1, len(sk))
     k = max(range(lo, hi), key=lambda i: sk[i]) if hi > lo else 1
     return f"Sink_{k + 1} {sk[k]:.1f}"
@@ -191,7 +209,7 @@ def row_cells(rid: str, row: dict, rec: dict, default: Optional[dict], columns: 
         "other": other_sinks(rec, row), "val loss": fmt_loss(f["val_loss"]), "tokens": fmt_tokens(rec["tokens"]),
         "steps": str(rec["steps"]), "sink from step": emerges(rec), "tokens then": emergence_tokens(rec),
         "train s": f"{rec['train_seconds']:.0f}", "hardware": hardware_cell(rec), "paper": row["paper"],
-        "expected": EXPECT[row["expect"]][0] if row.get("expect") else "-", "agrees": agreement(rec, default, row),
+        "expected": EXPECT[row["expect"]][0].format(**row) if row.get("expect") else "-", "agrees": agreement(rec, default, row),
         "command": run_command(rec),
     }
     return [cell(values[c]) for c in columns]
@@ -209,14 +227,15 @@ def section_table(section: str, regime: str, spec: dict, records: Dict[Tuple[str
         if rec is None:
             not_run.append(rid)
             continue
-        lines.append("| " + " | ".join(row_cells(rid, row, rec, default, columns)) + " |")
+        base = records.get((regime, row["baseline"])) if "baseline" in row else default
+        lines.append("| " + " | ".join(row_cells(rid, row, rec, base, columns)) + " |")
     if len(lines) == 2:
         return f"No {regime.upper()} run of this section has been recorded yet."
     out = "\n".join(lines)
-    out += (f"\n\nD = Sink_1 of the default row of the same regime. Sink_1: % of heads (all layers) whose mean "
-            f"attention on token 1 exceeds ε = 0.3 over the probe ({describe_probe(default)}); operations without "
-            f"normalisation use the paper's proxy \\|sim\\| / Σ\\|sim\\|. Sink_1*: the same for the extra key slot. "
-            f"\"sink from step\": "
+    out += (f"\n\nD = Sink_1 of the default row of the same regime (of the row's `baseline` where it names one: a "
+            f"seed twin against the default of that seed). Sink_1: % of heads (all layers) whose mean attention "
+            f"on token 1 exceeds ε = 0.3 over the probe ({describe_probe(default)}); operations without normalisation "
+            f"use the paper's proxy \\|sim\\| / Σ\\|sim\\|. Sink_1*: the same for the extra key slot. \"sink from step\": "
             f"the first evaluation after which Sink_1 (or Sink_1*) stays ≥ {EMERGE_AT:g}%. Raw records: "
             f"`docs/results/repro/{regime}/<row>.json`.")
     if not_run:
@@ -235,17 +254,10 @@ def describe_probe(rec: Optional[dict]) -> str:
     return f"{p.get('n')} sequences of T = {p.get('T')} tokens, {p.get('where')}"
 
 
-def marker(section: str, regime: str, end: bool) -> str:
-    return f"<!-- repro:{section}:{regime}:{'end' if end else 'begin'} -->"
-
-
-def splice(text: str, section: str, regime: str, body: str, heading: str) -> str:
-    b, e = marker(section, regime, False), marker(section, regime, True)
-    block = f"{b}\n{body}\n{e}"
-    if b in text and e in text:
-        i, j = text.index(b), text.index(e) + len(e)
-        return text[:i] + block + text[j:]
-    return text.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
+def splice(text: str, section: str, regime: str, body: str, heading: str = "") -> str:
+    """The region ``<!-- repro:<section>:<regime>:begin/end -->`` of ``text`` filled with ``body``
+    (:func:`lit_gpt.doc_tables.splice_region`, the one mechanism for rendered regions)."""
+    return splice_region(text, "repro", f"{section}:{regime}", body, heading)
 
 
 EXPLORATION_MD = Path("docs") / "repro.md"
@@ -318,6 +330,37 @@ def headline(records: Dict[Tuple[str, str], dict], demo: Optional[dict],
     return " ".join(out)
 
 
+def regime_headline(regime: str, spec: dict, records: Dict[Tuple[str, str], dict]) -> Optional[str]:
+    """A few sentences on a regime's records: the default's seeds, then which contrast rows agree with the paper."""
+    mine = {row: rec for (g, row), rec in records.items() if g == regime}
+    d = mine.get("default")
+    if d is None:
+        return None
+    seeds = {row: rec for row, rec in mine.items() if row == "default" or (row.startswith("seed") and row[4:].isdigit())}
+    formed = [r for r, rec in seeds.items() if rec["final"]["sink"][0] >= EMERGE_AT]
+    per_seed = "; ".join(f"seed {rec['seed']}: Sink_1 {rec['final']['sink'][0]:.1f}% (sink from step {emerges(rec)})"
+                         for _, rec in sorted(seeds.items(), key=lambda kv: kv[1]["seed"]))
+    hw = sorted({hardware_cell(rec) for rec in mine.values()})
+    steps = [rec["steps"] for rec in mine.values()]
+    out = [f"Measured (`docs/results/repro/{regime}/`, {len(mine)} records, {', '.join(hw)}): the default forms a sink "
+           f"(final Sink_1 >= {EMERGE_AT:g}%) in {len(formed)} of the {len(seeds)} seeds run ({per_seed}), at "
+           f"{fmt_tokens(d['tokens'])} tokens ({d['steps']:,} steps, {d['train_seconds']:.0f} s of training); rows ran "
+           f"{min(steps):,}-{max(steps):,} steps."]
+    judged = [(rid, agreement(mine[rid], mine.get(row.get("baseline", "default")), row))
+              for rid, row in spec["rows"].items()
+              if rid in mine and row.get("expect") and rid != "default" and regime in row.get("regimes", REGIMES)]
+    yes = [rid for rid, v in judged if v == "yes"]
+    no = [rid for rid, v in judged if v != "yes"]
+    if judged:
+        out.append(f"Of the {len(judged)} rows with a paper expectation, {len(yes)} agree ({', '.join(yes) or 'none'}) and "
+                   f"{len(no)} disagree ({', '.join(no) or 'none'}); the section tables in `scripts/*.md` give each row "
+                   "with the paper's number, and the notes under them what was checked.")
+    if not any("sink_1_per_layer" in rec["final"] for rec in mine.values()):
+        out.append("These records carry no per-layer checks (the runs kept no final checkpoint on the device), so what "
+                   "was checked for a row is its curve: Sink_1..Sink_10 and the losses at every evaluation.")
+    return " ".join(out)
+
+
 def exploration_table(doc: dict) -> str:
     cols = ("run", "layers x heads x width", "context", "first token fixed", "lr", "weight decay", "tokens/step",
             "seed", "other", "steps reached", "max Sink_1 (%)", "last Sink_1 (%)", "max Sink_1* (%)", "how it ended")
@@ -346,8 +389,13 @@ def render(spec: dict, records: Dict[Tuple[str, str], dict], root: Path = REPO,
     if head is not None:
         for rel in HEADLINE_MDS:
             path = root / rel
-            if path.is_file() and marker("headline", "cpu", False) in path.read_text():
-                out[path] = splice(out.get(path, path.read_text()), "headline", "cpu", head, "")
+            if path.is_file() and region_markers("repro", "headline:cpu")[0] in path.read_text():
+                out[path] = splice(out.get(path, path.read_text()), "headline", "cpu", head)
+    for regime in REGIMES:
+        path = root / EXPLORATION_MD
+        gh = regime_headline(regime, spec, records) if regime != "cpu" else None
+        if gh is not None and path.is_file() and region_markers("repro", f"headline:{regime}")[0] in path.read_text():
+            out[path] = splice(out.get(path, path.read_text()), "headline", regime, gh)
     if exploration is not None:
         path = root / EXPLORATION_MD
         text = out.get(path, path.read_text() if path.is_file() else "# Reproduction regimes\n")
@@ -397,17 +445,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     expl, demo = Path(a.results) / "exploration.json", Path(a.results) / "demo_cpu.json"
     texts = render(spec, records, root, json.loads(expl.read_text()) if expl.is_file() else None,
                    json.loads(demo.read_text()) if demo.is_file() else None)
+    differ = update_files(texts, a.check, root)
     if a.check:
-        stale = [str(p.relative_to(root)) for p, t in texts.items() if not p.is_file() or p.read_text() != t]
-        if stale:
-            print(f"tables out of date in: {', '.join(stale)} (run python scripts/repro_tables.py)", file=sys.stderr)
+        if differ:
+            print(f"tables out of date in {differ} file(s) (run python scripts/repro_tables.py)", file=sys.stderr)
             return 1
         print(f"tables up to date ({len(records)} records)")
         return 0
-    for p, t in texts.items():
-        if not p.is_file() or p.read_text() != t:
-            atomic_write_text(p, t)
-            print(f"wrote {p.relative_to(root)}")
     if not a.no_plots:
         for p in plots(spec, records, root):
             print(f"wrote {p.relative_to(root)}")

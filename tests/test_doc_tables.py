@@ -8,7 +8,7 @@ import pytest
 
 from lit_gpt.doc_tables import (
     MAX_RAW_BYTES, ROOT, DocTableError, audit, binmean, duration, main, markdown_files, raw_files_used,
-    render_markdown,
+    render_markdown, splice_region, update_files,
 )
 
 FILES = markdown_files()
@@ -122,3 +122,22 @@ def test_cli_check_reports_a_stale_file(tmp_path, capsys, monkeypatch):
 def test_markers_in_code_blocks_are_examples(tmp_path):
     text = "x\n```markdown\n<!-- results: docs/results/missing.json -->\n<!-- v: {nope} -->1<!-- /v -->\n```\ny\n"
     assert render_markdown(text, root=tmp_path) == text and raw_files_used(text) == []
+
+
+def test_regions_of_other_renderers_are_spliced_checked_and_not_audited(tmp_path, capsys):
+    text = "# T\n\nprose 7\n<!-- repro:sec:cpu:begin -->\nold 1\n<!-- repro:sec:cpu:end -->\nafter\n"
+    new = splice_region(text, "repro", "sec:cpu", "| a | 2 |")
+    assert new == "# T\n\nprose 7\n<!-- repro:sec:cpu:begin -->\n| a | 2 |\n<!-- repro:sec:cpu:end -->\nafter\n"
+    assert splice_region(new, "repro", "sec:cpu", "| a | 2 |") == new                        # idempotent
+    appended = splice_region("# T\n", "repro", "sec:gpu", "b 3", heading="## GPU")
+    assert appended == "# T\n\n## GPU\n\n<!-- repro:sec:gpu:begin -->\nb 3\n<!-- repro:sec:gpu:end -->\n"
+    # the digits a renderer wrote inside its region are rendered ones; the prose digit is not
+    assert audit(new) == [(3, "prose 7")]
+    # doc_tables leaves the region alone, so both renderers can own parts of one file
+    assert render_markdown(new, root=tmp_path) == new
+    md = tmp_path / "x.md"
+    md.write_text(text)
+    assert update_files({md: new}, check=True, root=tmp_path) == 1 and md.read_text() == text
+    assert "(rendered)" in capsys.readouterr().out
+    assert update_files({md: new}, check=False, root=tmp_path) == 1 and md.read_text() == new
+    assert update_files({md: new}, check=True, root=tmp_path) == 0

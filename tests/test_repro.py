@@ -43,6 +43,7 @@ def recorded(tmp_path_factory):
     write_yaml(conf / "default.yaml", base)
     write_yaml(conf / "k_bias.yaml", {"base": "default.yaml", "model": {"kv_bias": "k", "kv_bias_shared": True}})
     write_yaml(conf / "window.yaml", {"base": "default.yaml", "model": {"attn_mask": "window", "window_size": 8}})
+    write_yaml(conf / "fixed.yaml", {"base": "default.yaml", "data": {"fixed_token": {"position": 0, "token_id": 1}}})
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "repro_run.py"), "--regime", "t", "--all",
                           "--configs", str(tmp / "configs"), "--runs", str(tmp / "runs"),
                           "--results", str(tmp / "results"), "--set", "train.warmup_steps=1", "--note", "test"],
@@ -53,7 +54,7 @@ def recorded(tmp_path_factory):
 
 def test_records_hold_what_the_runs_logged(recorded):
     recs = load_records(recorded / "results")
-    assert sorted(recs) == [("t", "default"), ("t", "k_bias"), ("t", "window")]
+    assert sorted(recs) == [("t", "default"), ("t", "fixed"), ("t", "k_bias"), ("t", "window")]
     for (_, row), rec in recs.items():
         check_record(rec)
         run = recorded / "runs" / "t" / row
@@ -74,6 +75,10 @@ def test_records_hold_what_the_runs_logged(recorded):
         assert summary["environment"]["torch"] and summary["environment"]["cpu_count"] >= 1
         assert rec["hardware"]["cpu_cores"] == summary["environment"]["cpu_count"]
         assert len(rec["final"]["sink_1_per_layer"]) == 2                   # final/ checked: one value per layer
+        # the final/ check probes as the trainer does (a fixed token in place): same heads per layer, so the
+        # mean over layers is the curve's last Sink_1 (before, the fixed-token run's check probed without it)
+        per_layer = rec["final"]["sink_1_per_layer"]
+        assert sum(per_layer) / len(per_layer) == pytest.approx(rows[-1] and float(rows[-1]["sink_1"]), abs=1e-6)
     assert recs[("t", "default")]["final"]["sink_extra"] == []
     extra = recs[("t", "k_bias")]["final"]["sink_extra"]
     assert len(extra) == 1 and 0.0 <= extra[0] <= 100.0
@@ -129,10 +134,42 @@ def test_verdicts_follow_the_rules():
         ({"expect": "in_prefix", "prefix": 5}, _with_final(base, "x", 0, sinks=[0, 0, 12, 0, 0, 0, 0, 0, 0, 0]), "yes"),
         ({"expect": "in_prefix", "prefix": 5}, _with_final(base, "x", 0, sinks=[0, 0, 12, 0, 0, 3, 0, 0, 0, 0]),
          "**no**"),
+        # the fixed token at the third position: Sink_3 >= 0.5 D = 10 and Sink_1 <= max(1, 0.1 D) = 2
+        ({"expect": "at_position", "position": 3}, _with_final(base, "x", 0, sinks=[2, 0, 10, 0, 0, 0, 0, 0, 0, 0]),
+         "yes"),
+        ({"expect": "at_position", "position": 3}, _with_final(base, "x", 0, sinks=[0, 0, 9.9, 0, 0, 0, 0, 0, 0, 0]),
+         "**no**"),
+        ({"expect": "at_position", "position": 3}, _with_final(base, "x", 0, sinks=[2.1, 0, 60, 0, 0, 0, 0, 0, 0, 0]),
+         "**no**"),                                                                       # token 1 keeps a sink
+        ({"expect": "at_position", "position": 2}, _with_final(base, "x", 0, sinks=[0, 0, 60, 0, 0, 0, 0, 0, 0, 0]),
+         "**no**"),                                                                       # the sink is elsewhere
+        ({"expect": "at_position", "position": 12}, _with_final(base, "x", 0, sinks=[0] * 10), "**no**"),  # not measured
     ]
     for row, rec, want in cases:
         assert repro_tables.agreement(rec, default, row) == want, (row, rec["final"])
     assert repro_tables.agreement(cases[0][1], None, {"expect": "sink"}).startswith("no default")
+
+
+def test_a_row_whose_rule_needs_a_field_is_refused_without_it(tmp_path):
+    spec = {"sections": {"d": {"md": "d.md", "title": "D"}},
+            "rows": {"fixed": {"sections": ["d"], "what": "w", "paper": "p", "expect": "at_position"}}}
+    path = tmp_path / "rows.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="position=None is invalid"):
+        repro_tables.load_rows(path)
+    spec["rows"]["fixed"]["position"] = 3
+    path.write_text(yaml.safe_dump(spec))
+    assert repro_tables.load_rows(path)["rows"]["fixed"]["position"] == 3
+
+
+def test_the_registry_rows_name_their_fields():
+    spec = repro_tables.load_rows()
+    fixed = spec["rows"]["fixed_pos2"]
+    assert fixed["expect"] == "at_position" and fixed["position"] == 3          # 0-indexed position 2 = Sink_3
+    cfg = yaml.safe_load((REPO / "configs" / "repro" / "gpu" / "fixed_pos2.yaml").read_text())
+    assert cfg["data"]["fixed_token"]["position"] + 1 == fixed["position"]
+    rec = {"final": {"sink": [0.5, 0.0, 33.0, 0.1], "sink_extra": []}}
+    assert repro_tables.other_sinks(rec, fixed) == "Sink_3 33.0"
 
 
 def test_tables_are_rendered_from_records_and_checked(recorded, tmp_path):
@@ -201,3 +238,30 @@ def test_window_start_scores_match_a_hand_loop():
             assert abs(float(got[b, h]) - sum(vals) / len(vals)) < 1e-6
     with pytest.raises(ValueError, match="window"):
         window_start_scores(attn, T, n_extra=S)
+
+
+def test_a_row_with_a_baseline_is_judged_against_that_row(recorded):
+    rec = load_records(recorded / "results")[("t", "default")]
+
+    def with_sink1(row, v):
+        r = _with_final(dict(rec, regime="gpu"), row, v)
+        r["curve"] = dict(r["curve"], sink_1=[v] * len(r["curve"]["step"]))
+        return r
+
+    records = {("gpu", "default"): dict(with_sink1("default", 20.0), seed=3406),
+               ("gpu", "seed2"): dict(with_sink1("seed2", 60.0), seed=2),
+               ("gpu", "x"): with_sink1("x", 25.0), ("gpu", "x_seed2"): with_sink1("x_seed2", 25.0)}
+    rows = {"default": {"sections": ["s"], "what": "d", "paper": "-"},
+            "seed2": {"sections": ["s"], "what": "d2", "paper": "-"},
+            "x": {"sections": ["s"], "what": "x", "paper": "P", "expect": "lower"},
+            "x_seed2": {"sections": ["s"], "what": "x2", "paper": "P", "expect": "lower", "baseline": "seed2"}}
+    table = repro_tables.section_table("s", "gpu", {"sections": {"s": {}}, "rows": rows}, records)
+    line = {ln.split(" | ")[0][2:]: ln for ln in table.splitlines() if ln.startswith("| x")}
+    assert "| Sink_1 <= 0.75 D | **no** |" in line["x"]                                      # 25 > 0.75 x 20
+    assert "| Sink_1 <= 0.75 D | yes |" in line["x_seed2"]                                   # 25 <= 0.75 x 60
+    # the regime's headline counts the seeds that formed a sink and the rows that agree, from the same records
+    records[("gpu", "seed3")] = dict(with_sink1("seed3", 4.0), seed=3)
+    rows["seed3"] = {"sections": ["s"], "what": "d3", "paper": "-"}
+    head = repro_tables.regime_headline("gpu", {"sections": {"s": {}}, "rows": rows}, records)
+    assert "in 2 of the 3 seeds run" in head and "seed 3: Sink_1 4.0%" in head
+    assert "Of the 2 rows with a paper expectation, 1 agree (x_seed2) and 1 disagree (x)" in head
