@@ -49,7 +49,8 @@ def evaluate_checkpoint(path: str, args, texts) -> dict:
     try:
         tok = Tokenizer(tok_path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"tokenizer {tok_path!r} of {payload['_path']} cannot be loaded ({e}); pass --tokenizer") from e
+        raise ValueError(f"tokenizer {tok_path!r} of {payload['_path']} cannot be loaded ({e}); "
+                         "pass --tokenizer") from e
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok_path} has vocab_size={tok.vocab_size} > the model's {cfg.vocab_size}; "
                          "pass the checkpoint's tokenizer with --tokenizer")
@@ -60,7 +61,8 @@ def evaluate_checkpoint(path: str, args, texts) -> dict:
               "tokenizer": str(tok_path), "bos": bool(args.bos), "probe_transforms": probe_transform_names(transforms),
               "inputs": {}}
     print(f"== {payload['_path']} ({cfg.name}, step {payload.get('step')}, tokenizer {tok.name}"
-          + (f", probe inputs with {', '.join(record['probe_transforms'])}" if record["probe_transforms"] else "") + ")")
+          + (f", probe inputs with {', '.join(record['probe_transforms'])}" if record["probe_transforms"] else "")
+          + ")")
     for kind in args.inputs:
         tokens = probe_inputs(kind, args.n, args.T + 1, encode=lambda t: tok.encode(t, bos=args.bos), texts=texts,
                               vocab_size=tok.vocab_size, prefix=prefix, exclude=exclude, seed=args.seed,

@@ -33,7 +33,7 @@ def parse_heads(specs: Optional[List[str]]):
         try:
             layer, head = (int(x) for x in s.split(":"))
         except ValueError:
-            raise SystemExit(f"--plot-heads {s!r} is invalid; allowed: LAYER:HEAD pairs such as 0:0 5:3")
+            raise SystemExit(f"--plot-heads {s!r} is invalid; allowed: LAYER:HEAD pairs such as 0:0 5:3") from None
         out.append((layer, head))
     return out
 

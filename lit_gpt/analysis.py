@@ -130,7 +130,8 @@ class ActivationResult:
                 return None
             return torch.tensor([[math.nan if v is None else v for v in row] for row in x], dtype=torch.float64)
 
-        hist = {k: None if d[k] is None else torch.tensor(d[k], dtype=torch.float64) for k in ("hist_first", "hist_rest")}
+        hist = {k: None if d[k] is None else torch.tensor(d[k], dtype=torch.float64)
+                for k in ("hist_first", "hist_rest")}
         return cls(n_samples=d["n_samples"], **{k: t(d[k]) for k in (
             "hidden_norm", "hidden_maxabs", "query_norm", "key_norm", "value_norm", "cos_first", "cos_rest",
             "normprod_first", "normprod_rest")}, **hist,

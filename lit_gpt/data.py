@@ -114,7 +114,8 @@ class Domain:
         return self.shards[s][j - int(self._starts[s])][: self.seq_len]
 
 
-def open_domains(data_dir: Union[str, Path], prefixes: Sequence[str], seq_len: Optional[int] = None) -> Dict[str, Domain]:
+def open_domains(data_dir: Union[str, Path], prefixes: Sequence[str],
+                 seq_len: Optional[int] = None) -> Dict[str, Domain]:
     return {p: Domain(p, find_shards(data_dir, p), seq_len) for p in prefixes}
 
 

@@ -188,8 +188,8 @@ def probe_tokens(source: str, n: int, T: int, tokenizer=None, valid_set=None) ->
     else ``"shards"``. The rows are untransformed: :func:`probe_view` applies the run's probe transforms.
     """
     if source == "auto":
-        source = str(DEFAULT_PROBE) if (tokenizer is not None and (DEFAULT_PROBE.is_file() or default_probe_sources())) \
-            else "shards"
+        natural = tokenizer is not None and (DEFAULT_PROBE.is_file() or default_probe_sources())
+        source = str(DEFAULT_PROBE) if natural else "shards"
     if source == "shards":
         if valid_set is None:
             raise ValueError("probe.source=shards needs validation shards (data.valid)")

@@ -87,7 +87,8 @@ class StreamingSpec:
             raise _bad("policy", self.policy, ", ".join(POLICIES))
         if self.max_distance is not None:
             if self.policy != "lminfinite":
-                raise _bad("max_distance", self.max_distance, f"null unless policy='lminfinite' (policy={self.policy!r})")
+                raise _bad("max_distance", self.max_distance,
+                           f"null unless policy='lminfinite' (policy={self.policy!r})")
             if not _is_int(self.max_distance) or self.max_distance < 1:
                 raise _bad("max_distance", self.max_distance, "a positive integer (L_pretrain)")
         if not _is_int(self.topk) or self.topk < 0:

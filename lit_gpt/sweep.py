@@ -156,7 +156,8 @@ def run_hf_sweep(args, result_stem: str, per_model: Callable) -> int:
                              device_map=args.device_map, trust_remote_code=args.trust_remote_code)
         def tokens(kind: str) -> torch.Tensor:
             prefix = special_prefix(tok) if args.bos_control and kind != "natural" else []
-            body = hf_probe_tokens(model, tok, kind, args.n, args.T - len(prefix), texts=texts, seed=args.seed,
+            body = hf_probe_tokens(model, tok, kind, args.n, args.T - len(prefix),  # noqa: F821 (del model below)
+                                   texts=texts, seed=args.seed,
                                    repeat_token=args.repeat_token)
             return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(args.n, len(prefix)), body], dim=1)
 

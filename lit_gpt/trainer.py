@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from lit_gpt.checkpoint import (FINAL, CheckpointError, check_state_keys, delete_checkpoint, find_checkpoint,
-                                 legacy_checkpoints, list_checkpoints, load_checkpoint, model_state_dict, rng_state, set_rng_state,
-                                 step_checkpoints, step_name, write_checkpoint)
+                                 legacy_checkpoints, list_checkpoints, load_checkpoint, model_state_dict, rng_state,
+                                 set_rng_state, step_checkpoints, step_name, write_checkpoint)
 from lit_gpt.config import Config
 from lit_gpt.data import DataError, MixtureLoader, RunData, ValidationSet, open_run_data
 from lit_gpt.evaluate import sink_on_probe, sink_summary

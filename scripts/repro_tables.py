@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from lit_gpt.doc_tables import region_markers, splice_region, update_files  # noqa: E402
 from lit_gpt.repro import emergence_step, load_records  # noqa: E402
-from lit_gpt.utils import ArgumentParser, atomic_write_text, invalid_choice  # noqa: E402
+from lit_gpt.utils import ArgumentParser, invalid_choice  # noqa: E402
 
 ROWS = REPO / "scripts" / "repro_rows.yaml"
 RESULTS = REPO / "docs" / "results" / "repro"
@@ -42,7 +42,8 @@ def load_rows(path: Path = ROWS) -> dict:
         if bad:
             raise ValueError(f"{path}: row {rid!r} names unknown sections {bad}")
         if "baseline" in r and r["baseline"] not in d["rows"]:
-            raise ValueError(f"{path}: row {rid!r} baseline={r['baseline']!r} is invalid; allowed: a row of the registry")
+            raise ValueError(f"{path}: row {rid!r} baseline={r['baseline']!r} is invalid; "
+                             "allowed: a row of the registry")
         if r.get("expect") is not None and r["expect"] not in EXPECT:
             raise ValueError(f"{path}: row {rid!r} {invalid_choice('expect', r.get('expect'), EXPECT)}")
         field = NEEDS.get(r.get("expect"))
@@ -209,7 +210,8 @@ def row_cells(rid: str, row: dict, rec: dict, default: Optional[dict], columns: 
         "other": other_sinks(rec, row), "val loss": fmt_loss(f["val_loss"]), "tokens": fmt_tokens(rec["tokens"]),
         "steps": str(rec["steps"]), "sink from step": emerges(rec), "tokens then": emergence_tokens(rec),
         "train s": f"{rec['train_seconds']:.0f}", "hardware": hardware_cell(rec), "paper": row["paper"],
-        "expected": EXPECT[row["expect"]][0].format(**row) if row.get("expect") else "-", "agrees": agreement(rec, default, row),
+        "expected": EXPECT[row["expect"]][0].format(**row) if row.get("expect") else "-",
+        "agrees": agreement(rec, default, row),
         "command": run_command(rec),
     }
     return [cell(values[c]) for c in columns]
@@ -235,7 +237,8 @@ def section_table(section: str, regime: str, spec: dict, records: Dict[Tuple[str
     out += (f"\n\nD = Sink_1 of the default row of the same regime (of the row's `baseline` where it names one: a "
             f"seed twin against the default of that seed). Sink_1: % of heads (all layers) whose mean attention "
             f"on token 1 exceeds ε = 0.3 over the probe ({describe_probe(default)}); operations without normalisation "
-            f"use the paper's proxy \\|sim\\| / Σ\\|sim\\|. Sink_1*: the same for the extra key slot. \"sink from step\": "
+            f"use the paper's proxy \\|sim\\| / Σ\\|sim\\|. Sink_1*: the same for the extra key slot. "
+            f"\"sink from step\": "
             f"the first evaluation after which Sink_1 (or Sink_1*) stays ≥ {EMERGE_AT:g}%. Raw records: "
             f"`docs/results/repro/{regime}/<row>.json`.")
     if not_run:
@@ -336,7 +339,8 @@ def regime_headline(regime: str, spec: dict, records: Dict[Tuple[str, str], dict
     d = mine.get("default")
     if d is None:
         return None
-    seeds = {row: rec for row, rec in mine.items() if row == "default" or (row.startswith("seed") and row[4:].isdigit())}
+    seeds = {row: rec for row, rec in mine.items()
+             if row == "default" or (row.startswith("seed") and row[4:].isdigit())}
     formed = [r for r, rec in seeds.items() if rec["final"]["sink"][0] >= EMERGE_AT]
     per_seed = "; ".join(f"seed {rec['seed']}: Sink_1 {rec['final']['sink'][0]:.1f}% (sink from step {emerges(rec)})"
                          for _, rec in sorted(seeds.items(), key=lambda kv: kv[1]["seed"]))
@@ -352,8 +356,9 @@ def regime_headline(regime: str, spec: dict, records: Dict[Tuple[str, str], dict
     yes = [rid for rid, v in judged if v == "yes"]
     no = [rid for rid, v in judged if v != "yes"]
     if judged:
-        out.append(f"Of the {len(judged)} rows with a paper expectation, {len(yes)} agree ({', '.join(yes) or 'none'}) and "
-                   f"{len(no)} disagree ({', '.join(no) or 'none'}); the section tables in `scripts/*.md` give each row "
+        out.append(f"Of the {len(judged)} rows with a paper expectation, {len(yes)} agree "
+                   f"({', '.join(yes) or 'none'}) and {len(no)} disagree ({', '.join(no) or 'none'}); "
+                   "the section tables in `scripts/*.md` give each row "
                    "with the paper's number, and the notes under them what was checked.")
     if not any("sink_1_per_layer" in rec["final"] for rec in mine.values()):
         out.append("These records carry no per-layer checks (the runs kept no final checkpoint on the device), so what "

@@ -695,7 +695,7 @@ def test_flex_block_masks_are_a_bounded_cache_keyed_by_value(monkeypatch):
         torch.testing.assert_close(again(idx), outs[3])
     assert len(flex._BLOCK_MASKS) == 2
     grid = torch.arange(T)
-    for (key, n, device), bm in flex._BLOCK_MASKS.items():
+    for (key, _n, _device), bm in flex._BLOCK_MASKS.items():
         w = key[1]
         got = bm.mask_mod(0, 0, grid[:, None], grid[None, :])
         assert got.tolist() == [[j <= i and i - j < w for j in range(T)] for i in range(T)], key

@@ -143,7 +143,8 @@ def test_verdicts_follow_the_rules():
          "**no**"),                                                                       # token 1 keeps a sink
         ({"expect": "at_position", "position": 2}, _with_final(base, "x", 0, sinks=[0, 0, 60, 0, 0, 0, 0, 0, 0, 0]),
          "**no**"),                                                                       # the sink is elsewhere
-        ({"expect": "at_position", "position": 12}, _with_final(base, "x", 0, sinks=[0] * 10), "**no**"),  # not measured
+        # position 12 is not measured
+        ({"expect": "at_position", "position": 12}, _with_final(base, "x", 0, sinks=[0] * 10), "**no**"),
     ]
     for row, rec, want in cases:
         assert repro_tables.agreement(rec, default, row) == want, (row, rec["final"])
