@@ -13,7 +13,7 @@ import math
 import torch
 
 from common import environment, print_table, time_fn, write_json  # noqa: F401
-from lit_gpt.attention import (causal_mask, dense_mask, eager_attention, sdpa_attention, set_sdpa_backend,
+from lit_gpt.attention import (and_masks, causal_mask, dense_mask, eager_attention, sdpa_attention, set_sdpa_backend,
                                sink_window_mask, window_mask)
 from lit_gpt.positional import alibi_bias, alibi_slopes
 
@@ -78,7 +78,7 @@ def main() -> None:
 def curve(a) -> None:
     """Forward + backward of one attention layer (H=8, d=96, bf16) at batch tokens/T for each T: full causal
     (SDPA's flash kernel, and cuDNN's), the sliding window and the Λ mask (sinks + window) through our FlexAttention
-    path (block-sparse), and the window as a dense mask through SDPA (what the cost would be without sparsity)."""
+    path (block-sparse; the Λ mask as window + merged sink columns, and as one Flex call over the whole mask), and the window as a dense mask through SDPA (what the cost would be without sparsity)."""
     import time
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,6 +105,11 @@ def curve(a) -> None:
             cases[f"window {w} flex"] = ("default", lambda: flex_attention_forward(q, k, v, wfn, scale=scale))
             cases[f"sink {a.sinks} + window {w} flex"] = (
                 "default", lambda: flex_attention_forward(q, k, v, lfn, scale=scale))
+            # the same mask without its band tag: one Flex call over the whole Λ (the sink key block in every
+            # query block), as before lit_gpt.flex.split_sinks
+            lfn_one = and_masks(lfn)
+            cases[f"sink {a.sinks} + window {w} flex, one call"] = (
+                "default", lambda: flex_attention_forward(q, k, v, lfn_one, scale=scale))
         pos = torch.arange(T, device=device).unsqueeze(0)
         wmask = dense_mask(window_mask(w), pos, pos)
         cases[f"window {w} sdpa dense mask"] = ("default", lambda: sdpa_attention(q, k, v, mask=wmask))
