@@ -122,14 +122,16 @@ def merge_slots(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, scale: fl
         y = e^(lse - M) out + sum_m e^(s_m - M) u_m,   M = logsumexp(lse, s_1, ..., s_S).
     slot_k/slot_v (1|B, H, S, d); sink_k/sink_v (B, H, S, d) with sink_add (1|B, 1|H, T, S).
     """
-    B, H, T, d = q.shape
+    B, H, T, _ = q.shape
     f = torch.float64 if q.dtype == torch.float64 else torch.float32     # merge in fp32 (fp64 stays fp64)
     logits, values = [lse.to(f).unsqueeze(-1)], []
     if slot_logit is not None:
         logits.append(slot_logit.to(f).view(1, H, 1, 1).expand(B, H, T, 1))   # zero value: only renormalises
+    # the few columns as broadcast products summed (not matmuls): compiled, each direction is one pass over q / out
+    # with no fp32 copy of them in memory
     for k_cols, v_cols, add in ((slot_k, slot_v, None), (sink_k, sink_v, sink_add)):
         if k_cols is not None:
-            s = (q.to(f) @ k_cols.to(f).transpose(-1, -2)) * scale                    # (B, H, T, S)
+            s = (q.to(f).unsqueeze(-2) * k_cols.to(f).unsqueeze(-3)).sum(-1) * scale    # (B, H, T, S)
             logits.append(s if add is None else s + add.to(f))
             values.append(v_cols)
     w = torch.softmax(torch.cat(logits, dim=-1), dim=-1)                                 # (B, H, T, 1 + S)
@@ -137,7 +139,7 @@ def merge_slots(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, scale: fl
     col = 1 if slot_logit is None else 2
     for v_cols in values:
         S = v_cols.shape[-2]
-        y = y + w[..., col:col + S] @ v_cols.to(f).expand(B, H, S, d)
+        y = y + (w[..., col:col + S].unsqueeze(-1) * v_cols.to(f).unsqueeze(-3)).sum(-2)
         col += S
     return y.to(out.dtype)
 

@@ -57,6 +57,7 @@ from lit_gpt.config import SCORE_BIAS_POSITIONS
 from lit_gpt.positional import apply_rope, rope_cos_sin, rope_inv_freq
 
 POLICIES = ("reindex", "original", "lminfinite")
+STATIC_ATTENTION = ("matmul", "sdpa")                # softmax of a graph-safe decoding step (enter_static)
 FEATURE_MAP_OPS = ("elu_kernel", "mlp_kernel")      # phi(q).phi(k): the rotation cannot move to the key side
 
 
@@ -211,6 +212,7 @@ class SinkWindowKV:
         self.mid_pos: Optional[torch.Tensor] = None
         self.filled = 0                 # ring slots used so far (attention never looks past them)
         self.static = False             # graph-safe decoding (see :meth:`enter_static`)
+        self.static_attention = "matmul"
 
     @property
     def topk(self) -> bool:
@@ -224,14 +226,20 @@ class SinkWindowKV:
         self.filled = 0
         self.static = False
 
-    def enter_static(self) -> None:
+    def enter_static(self, attention: str = "matmul") -> None:
         """Decode steps (one token per row) without a host synchronisation or a shape that depends on the data,
         so that a step can be captured as a CUDA graph and replayed (:class:`GraphDecoder`): the token is written to
         its ring slot by a device-side scatter and attention looks at all s + r slots (empty ones are masked).
-        Needs allocated buffers and every decoded position >= start_size (the sinks are written already)."""
+        Needs allocated buffers and every decoded position >= start_size (the sinks are written already).
+        ``attention`` of a softmax step: ``matmul`` (two batched matrix products around a masked softmax, spread
+        over the whole GPU) or ``sdpa`` (with a mask SDPA takes its memory-efficient kernel, one thread block per
+        row and head for a single query)."""
+        if attention not in STATIC_ATTENTION:
+            raise ValueError(f"attention={attention!r} is invalid; allowed: {', '.join(STATIC_ATTENTION)}")
         if self.k is None:
             raise ValueError("enter_static() needs a filled cache: prefill at least start_size tokens first")
         self.static = True
+        self.static_attention = attention
         self.filled = self.spec.recent_size
 
     def nbytes(self) -> int:
@@ -396,6 +404,10 @@ class SinkWindowKV:
         if self.topk:
             y, w = self._attend_topk(qq, keys, vals, vis, bias, q, p, ops, scale, alpha, sk, slot_v,
                                      slot_logit, mask_fn, need_weights)
+        elif static and op == "softmax" and not need_weights and self.static_attention == "matmul":
+            y = _decode_attention(qq, keys, vals, vis.unsqueeze(1), scale=scale, bias=bias, alpha=alpha, slot_k=sk,
+                                  slot_v=slot_v, slot_logit=slot_logit)
+            w = None
         elif op == "softmax" and not need_weights:
             y = sdpa_attention(qq, keys, vals, mask=vis.unsqueeze(1), scale=scale, bias=bias, alpha=alpha,
                                slot_k=sk, slot_v=slot_v, slot_logit=slot_logit)
@@ -440,6 +452,19 @@ class SinkWindowKV:
         if alpha != 1.0:
             y = y * alpha                                         # the map stays the unscaled distribution
         return y, (w if need_weights else None)
+
+
+def _decode_attention(q, keys, vals, mask, *, scale, bias, alpha, slot_k, slot_v, slot_logit) -> torch.Tensor:
+    """Softmax attention of one query per row (B, H, 1, d) over the cache (B, G, S, d) as plain matrix products
+    (:func:`lit_gpt.attention.eager_attention`); with grouped queries and nothing per head (slots, bias) the H / G
+    query heads of a group become rows of one product, so the cache is not copied per step."""
+    B, H, _, d = q.shape
+    G = keys.shape[1]
+    if G != H and slot_k is None and slot_logit is None and bias is None:
+        y, _ = eager_attention(q.reshape(B, G, H // G, d), keys, vals, mask=mask, scale=scale, alpha=alpha)
+        return y.reshape(B, H, 1, vals.shape[-1])
+    return eager_attention(q, keys, vals, mask=mask, scale=scale, bias=bias, alpha=alpha, slot_k=slot_k,
+                           slot_v=slot_v, slot_logit=slot_logit)[0]
 
 
 # ---------------------------------------------------------------------------- our GPT
@@ -545,11 +570,13 @@ class GraphDecoder:
     Build it after a prefill of at least ``start_size`` tokens (the sinks are written); ``step(tok, pos)`` with
     tok, pos (B, 1) (positions >= start_size, or -1 for padding) writes the token into every layer's cache and
     returns its logits (B, V): a view that the next step overwrites. ``compile=True`` runs the step through
-    ``torch.compile`` first (fewer, fused kernels inside the graph). Without CUDA (or ``graph=False``) the same
-    graph-safe step runs eagerly. Any chunked call of the model (prefill) may come between steps.
+    ``torch.compile`` first (fewer, fused kernels inside the graph); ``attention``: the softmax of the step
+    (:meth:`SinkWindowKV.enter_static`). Without CUDA (or ``graph=False``) the same graph-safe step runs eagerly.
+    Any chunked call of the model (prefill) may come between steps.
     """
 
-    def __init__(self, model, batch_size: int, *, graph: Optional[bool] = None, compile: bool = False) -> None:
+    def __init__(self, model, batch_size: int, *, graph: Optional[bool] = None, compile: bool = False,
+                 attention: str = "matmul") -> None:
         caches = [b.attn.kv_cache for b in model.blocks]
         if not all(isinstance(c, StreamingCache) for c in caches):
             raise ValueError("GraphDecoder needs streaming caches on every layer (install_streaming / GPTRunner.start)")
@@ -558,9 +585,11 @@ class GraphDecoder:
             raise ValueError("GraphDecoder supports models without a sink token, with a score-based attention "
                              "operation, and specs without top-k")
         for c in caches:
-            c.kv.enter_static()
+            c.kv.enter_static(attention)
         device = next(model.parameters()).device
         self.model = model
+        self.caches = caches
+        self.attention = attention
         self.fn = torch.compile(model, dynamic=False) if compile else model
         self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -569,6 +598,8 @@ class GraphDecoder:
         self.out: Optional[torch.Tensor] = None
 
     def _run(self) -> torch.Tensor:
+        for c in self.caches:            # several decoders may share the caches: this one's attention (a replay
+            c.kv.static_attention = self.attention       # runs the kernels captured with it)
         return self.fn(self.tok, input_pos=self.pos)
 
     @torch.no_grad()

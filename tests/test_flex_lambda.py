@@ -85,8 +85,9 @@ def dense_flex(q, k, v, *, score_mod, block_mask, scale, enable_gqa, return_lse)
     if score_mod is not None:
         s = score_mod(s, b, h, i, j)
     s = s.masked_fill(~block_mask.mask_mod(b, h, i, j).expand(B, H, T, T), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    out = torch.exp(s - lse.unsqueeze(-1)) @ vr
+    f = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.logsumexp(s.to(f), -1)
+    out = (torch.exp(s.to(f) - lse.unsqueeze(-1)) @ vr.to(f)).to(q.dtype)
     return (out, lse) if return_lse else out
 
 
