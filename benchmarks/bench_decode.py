@@ -178,7 +178,10 @@ def run_model(name: str, a, device, dtype, bandwidth: float, t_start: float) -> 
                 row[f"{v} max_ms"] = round(max(times), 4)
                 if device.type == "cuda" and ci == len(marks) - 1 and v == variants[0]:
                     p1 = torch.full((B, 1), pos, device=device)               # where the step's time goes
-                    out["kernel_breakdown"] = {v: kernel_breakdown(lambda: dec.step(tok, p1))}
+                    try:
+                        out["kernel_breakdown"] = {v: kernel_breakdown(lambda: dec.step(tok, p1))}
+                    except Exception as e:
+                        out["errors"]["kernel_breakdown"] = f"{type(e).__name__}: {str(e)[:200]}"
             except Exception as e:
                 out["errors"][v] = f"{type(e).__name__}: {str(e)[:200]}"
                 del decoders[v]

@@ -123,6 +123,7 @@ def main():
             ok = False
             rows.append({"case": name, "rel_err_logits": f"error {type(e).__name__}: {str(e)[:120]}", "ok": False})
         bad += not ok
+        write_json(a.out, rows)          # after every case: a command stopped at its limit keeps the finished ones
     print_table(rows, ["case", "path", "rel_err_logits", "rel_err_grads", "bf16_loss", "kernel_calls", "ok"])
     write_json(a.out, rows)
     sys.exit(1 if bad else 0)
