@@ -78,7 +78,7 @@ def main() -> None:
 def curve(a) -> None:
     """Forward + backward of one attention layer (H=8, d=96, bf16) at batch tokens/T for each T: full causal
     (SDPA's flash kernel, and cuDNN's), the sliding window and the Λ mask (sinks + window) through our FlexAttention
-    path (block-sparse), and the window as a dense mask through SDPA (what the cost would be without sparsity)."""
+    path (block-sparse; the Λ mask as window + merged sink columns, and as one Flex call over the whole mask), and the window as a dense mask through SDPA (what the cost would be without sparsity)."""
     import time
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +103,11 @@ def curve(a) -> None:
             cases["causal sdpa (cudnn)"] = ("cudnn", cases["causal sdpa (default kernel)"][1])
             wfn, lfn = window_mask(w), sink_window_mask(a.sinks, w)      # one function each: one block mask each
             cases[f"window {w} flex"] = ("default", lambda: flex_attention_forward(q, k, v, wfn, scale=scale))
+            # the Λ split (opt-in: window part + sink columns merged, lit_gpt.flex.split_sinks) and the default
+            # one Flex call over the whole Λ (the sink key block in every query block)
             cases[f"sink {a.sinks} + window {w} flex"] = (
+                "default", lambda: flex_attention_forward(q, k, v, lfn, scale=scale, split_lambda=True))
+            cases[f"sink {a.sinks} + window {w} flex, one call"] = (
                 "default", lambda: flex_attention_forward(q, k, v, lfn, scale=scale))
         pos = torch.arange(T, device=device).unsqueeze(0)
         wmask = dense_mask(window_mask(w), pos, pos)

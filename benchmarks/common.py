@@ -59,12 +59,14 @@ def kernel_breakdown(step: Callable[[], None], steps: int = 2) -> List[Dict]:
         torch.cuda.synchronize()
     cat: Dict[str, float] = {}
     top: Dict[str, float] = {}
+    launches = 0
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", None)
         if us is None:
             us = getattr(e, "self_cuda_time_total", 0.0)
         if not us or "CUDA" not in str(getattr(e, "device_type", "CUDA")):
             continue
+        launches += e.count
         for label, pattern in KERNEL_CATEGORIES:
             if re.search(pattern, e.key, flags=re.IGNORECASE):
                 cat[label] = cat.get(label, 0.0) + us
@@ -75,6 +77,7 @@ def kernel_breakdown(step: Callable[[], None], steps: int = 2) -> List[Dict]:
             for k, v in sorted(cat.items(), key=lambda kv: -kv[1])]
     rows.append({"category": "top kernels", "kernels": [
         {"name": k[:90], "ms_per_step": round(v / 1e3 / steps, 2)} for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:8]]})
+    rows.append({"category": "kernels per step", "count": round(launches / steps, 1)})
     return rows
 
 
@@ -101,7 +104,7 @@ def time_fn(fn: Callable[[], None], device: torch.device, warmup: int = 3, repea
 
 
 def print_table(rows: List[Dict], columns: List[str]) -> None:
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    widths = [max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("  ".join("-" * w for w in widths))
     for r in rows:

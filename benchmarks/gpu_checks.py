@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from common import print_table, write_json
 from lit_gpt import GPT, Config
+from lit_gpt.attention import sink_window_mask
 
 CASES = {
     "default": {}, "window64": dict(attn_mask="window", window_size=64), "prefix8": dict(attn_mask="prefix", prefix_size=8),
@@ -32,6 +33,10 @@ CASES = {
     "flex_sink_logit": dict(sink_logit=True, attn_impl="flex"),
     "flex_slots_gqa_alpha": dict(sink_logit=True, kv_bias="k", n_query_groups=2, softmax_alpha=0.5, attn_impl="flex"),
     "flex_prefix_sink_token": dict(attn_mask="window", window_size=32, sink_token=True, attn_impl="flex"),
+    # LM-Infinite's Λ mask (4 sinks + window 64) passed as the forward's mask_fn: window part + sink columns merged
+    "flex_lambda": dict(attn_impl="flex", mask_fn=("sink_window", 4, 64)),
+    "flex_lambda_alibi_slots_gqa": dict(pos_encoding="alibi", kv_bias="k", sink_logit=True, n_query_groups=2,
+                                        attn_impl="flex", mask_fn=("sink_window", 4, 64)),
     # the fused sigmoid / elu kernel (attn_impl auto on CUDA)
     "sim_sigmoid_z1": dict(attn_op="sigmoid", attn_normalize=False),
     "sim_sigmoid_norm": dict(attn_op="sigmoid"),
@@ -45,6 +50,9 @@ CASES = {
 
 def run_case(overrides, device, T=256):
     torch.manual_seed(0)
+    overrides = dict(overrides)
+    mask = overrides.pop("mask_fn", None)
+    mask_fn = sink_window_mask(*mask[1:]) if mask else None
     cfg = Config.from_name("tinyllama_demo", block_size=T, **overrides)
     model = GPT(cfg).to(device)
     idx = torch.randint(0, cfg.vocab_size, (2, T + 1), device=device)
@@ -52,7 +60,7 @@ def run_case(overrides, device, T=256):
     def loss_grads(impl):
         model.config.attn_impl = impl
         model.zero_grad(set_to_none=True)
-        logits = model(idx[:, :-1])
+        logits = model(idx[:, :-1], mask_fn=mask_fn)
         paths = "+".join(sorted(set(model.attention_paths())))
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
         loss.backward()
@@ -67,7 +75,7 @@ def run_case(overrides, device, T=256):
     rel_grad = max(float((gf[n] - ge[n]).norm() / ge[n].norm().clamp_min(1e-30)) for n in ge)
     model.config.attn_impl = fused_impl
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        logits = model(idx[:, :-1])
+        logits = model(idx[:, :-1], mask_fn=mask_fn)
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
     loss.backward()
     bf16_path = "+".join(sorted(set(model.attention_paths())))
@@ -115,6 +123,7 @@ def main():
             ok = False
             rows.append({"case": name, "rel_err_logits": f"error {type(e).__name__}: {str(e)[:120]}", "ok": False})
         bad += not ok
+        write_json(a.out, rows)          # after every case: a command stopped at its limit keeps the finished ones
     print_table(rows, ["case", "path", "rel_err_logits", "rel_err_grads", "bf16_loss", "kernel_calls", "ok"])
     write_json(a.out, rows)
     sys.exit(1 if bad else 0)

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Every issue-9 measurement in one command on a GPU box, each under its own time budget (the box is rented by the
 # minute): training step vs the plain reference model and litgpt (MFU), streaming decoding, the real training loop
-# vs its bare step, attention cost over T, the 1.1B step, compiled decoding. JSON + log to $OUT (7 files).
+# vs its bare step, attention cost over T, the 1.1B step, compiled decoding, GPU correctness checks. JSON + log
+# to $OUT (8 files).
 #
 #   OUT=/tmp/perf bash benchmarks/run_gpu_perf.sh          # GPU
 #   QUICK=1 OUT=/tmp/perf bash benchmarks/run_gpu_perf.sh  # the same sequence, tiny, on CPU
 #   STEPS="train_60m train_loop" ... bash benchmarks/run_gpu_perf.sh   # only these steps
 #   EXTRA60="" ...                                         # train_60m without the loss/attention micro-benchmarks
+#   CHECKS=flex_ ...                                       # checks: only these gpu_checks.py cases
+#   LIMIT_CHECKS / LIMIT_CURVE BUDGET_CURVE / LIMIT_DEC BUDGET_DEC: seconds of those steps
 #
 # litgpt and jsonargparse come from wheels in .whl/ when present (the GPU box has no internet):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -44,9 +47,11 @@ step decode 70 "$PY" bench_decode.py --models tinyllama_60M,tinyllama_1_1b --com
 SDPA=$("$PY" -c "import json; print(json.load(open('$OUT/train_step_60m.json'))['sdpa_ours'])" 2>/dev/null || echo default)
 step train_loop 75 "$PY" bench_train_loop.py --sdpa "$SDPA" --steps 40 --log-interval 5 --eval-interval 20 \
   --sink-interval 20 $Q --out "$OUT/train_loop.json"
-step attention_curve 50 "$PY" bench_attention.py --curve --budget-s 30 $Q --out "$OUT/attention_curve.json"
+step attention_curve "${LIMIT_CURVE:-50}" "$PY" bench_attention.py --curve --budget-s "${BUDGET_CURVE:-30}" $Q \
+  --out "$OUT/attention_curve.json"
 step train_1b 60 "$PY" bench_train_step.py --model tinyllama_1_1b --micro-batch 8 --impls ours --sdpa best \
   --breakdown --repeat 4 $Q --out "$OUT/train_step_1b.json"
-step decode_compiled 90 "$PY" bench_decode.py --models tinyllama_1_1b,tinyllama_60M --batch-large 0 --checkpoints 4 \
-  --budget-s 50 $Q --out "$OUT/decode_compiled.json"
+step decode_compiled "${LIMIT_DEC:-90}" "$PY" bench_decode.py --models tinyllama_1_1b,tinyllama_60M --batch-large 0 \
+  --checkpoints 4 --budget-s "${BUDGET_DEC:-50}" $Q --out "$OUT/decode_compiled.json"
+step checks "${LIMIT_CHECKS:-150}" "$PY" gpu_checks.py --cases "${CHECKS:-}" --out "$OUT/gpu_checks.json"
 echo "total $(( $(date +%s) - t0 ))s" | tee -a "$LOG"

@@ -21,6 +21,8 @@ from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
+from lit_gpt.attention import repeat_kv
+
 BLOCK_MASK_CACHE_SIZE = 8       # block masks kept per process (a training run uses one or two: train and eval length)
 _BLOCK_MASKS: "OrderedDict[Tuple, object]" = OrderedDict()    # LRU: mask_key(mask_fn), T, device -> block mask
 _COMPILED: Dict[str, Callable] = {}
@@ -128,47 +130,88 @@ def block_mask_for(mask_fn: Callable, T: int, device: torch.device):
 
 def merge_slots(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, scale: float,
                 slot_k: Optional[torch.Tensor], slot_v: Optional[torch.Tensor],
-                slot_logit: Optional[torch.Tensor]) -> torch.Tensor:
+                slot_logit: Optional[torch.Tensor], sink_k: Optional[torch.Tensor] = None,
+                sink_v: Optional[torch.Tensor] = None, sink_add: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Add extra key/value columns to a finished softmax over the token keys, exactly.
 
-    With token output ``out`` and log-normaliser ``lse`` (B, H, T), and slot logits s_m with values u_m
-    (a sink logit: s = learned scalar, u = 0; a k* slot: s = q.k* * scale, u = v*):
+    With token output ``out`` and log-normaliser ``lse`` (B, H, T), and column logits s_m with values u_m
+    (a sink logit: s = learned scalar, u = 0; a k* slot: s = q.k* * scale, u = v*; a sink key of the Λ mask:
+    s = q.k_i * scale + sink_add (its position bias, -inf where the query does not see it), u = v_i):
         y = e^(lse - M) out + sum_m e^(s_m - M) u_m,   M = logsumexp(lse, s_1, ..., s_S).
+    slot_k/slot_v (1|B, H, S, d); sink_k/sink_v (B, H, S, d) with sink_add (1|B, 1|H, T, S).
     """
-    B, H, T, d = q.shape
+    B, H, T, _ = q.shape
     f = torch.float64 if q.dtype == torch.float64 else torch.float32     # merge in fp32 (fp64 stays fp64)
     logits, values = [lse.to(f).unsqueeze(-1)], []
     if slot_logit is not None:
-        logits.append(slot_logit.to(f).view(1, H, 1, 1).expand(B, H, T, 1))
-        values.append(None)
-    if slot_k is not None:
-        logits.append((q.to(f) @ slot_k.to(f).transpose(-1, -2)) * scale)              # (B, H, T, S)
-        values.append(slot_v)
-    all_logits = torch.cat(logits, dim=-1)
-    w = torch.softmax(all_logits, dim=-1)                                                # (B, H, T, 1 + S)
+        logits.append(slot_logit.to(f).view(1, H, 1, 1).expand(B, H, T, 1))   # zero value: only renormalises
+    # the few columns as broadcast products summed (not matmuls): compiled, each direction is one pass over q / out
+    # with no fp32 copy of them in memory
+    for k_cols, v_cols, add in ((slot_k, slot_v, None), (sink_k, sink_v, sink_add)):
+        if k_cols is not None:
+            s = (q.to(f).unsqueeze(-2) * k_cols.to(f).unsqueeze(-3)).sum(-1) * scale    # (B, H, T, S)
+            logits.append(s if add is None else s + add.to(f))
+            values.append(v_cols)
+    w = torch.softmax(torch.cat(logits, dim=-1), dim=-1)                                 # (B, H, T, 1 + S)
     y = w[..., :1] * out.to(f)
-    col = 1
-    if slot_logit is not None:
-        col += 1                       # zero value: only renormalises
-    if slot_k is not None:
-        S = slot_k.shape[-2]
-        y = y + w[..., col:col + S] @ slot_v.to(f).expand(B, H, S, d)
+    col = 1 if slot_logit is None else 2
+    for v_cols in values:
+        S = v_cols.shape[-2]
+        y = y + (w[..., col:col + S].unsqueeze(-1) * v_cols.to(f).unsqueeze(-3)).sum(-2)
+        col += S
     return y.to(out.dtype)
+
+
+def _merge_fn(device: torch.device) -> Callable:
+    """:func:`merge_slots`, compiled on CUDA (one fused kernel each way instead of a dozen fp32 passes over the
+    (B, H, T, d) output, which would cost as much as the sparse attention itself at T = 16k)."""
+    if device.type != "cuda":
+        return merge_slots
+    if "merge" not in _COMPILED:
+        _COMPILED["merge"] = torch.compile(merge_slots)       # dynamic after a second shape
+    return _COMPILED["merge"]
+
+
+def split_sinks(mask_fn: Callable, T: int) -> Optional[Tuple[Callable, int, int]]:
+    """For a Λ mask (sinks + window, :func:`lit_gpt.attention.sink_window_mask`, or any mask tagged with that band)
+    over positions 0..T-1: (the window part, its window w, the number of sink columns that some query sees beyond
+    its window). allowed(q, k) = [k <= q and q - k < w] or [k < n_sink and q - k >= w]: two disjoint sets, so the
+    window runs block-sparse through Flex and the few sink columns join through the log-normaliser. Inside one
+    Flex call the sink columns would add a mostly masked key block to every query block, and in the backward one
+    program per head would walk all T / 128 query blocks for that key block (the measured 0.285x of full
+    causal at T = 16k). None for any other mask."""
+    band = getattr(mask_fn, "band", None)
+    if band is None or band[0] is None or not band[1] or band[2]:
+        return None
+    window, n_sink, _ = band
+    part = getattr(mask_fn, "window_part", None)
+    if part is None:                     # one function object per Λ mask: one cached block mask
+        from lit_gpt.attention import window_mask
+        part = mask_fn.window_part = window_mask(window)
+    return part, window, max(0, min(n_sink, T - window))
 
 
 def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_fn: Callable, *,
                            scale: float, alpha: float = 1.0, alibi_slopes: Optional[torch.Tensor] = None,
                            rel_bias: Optional[Callable] = None, slot_k: Optional[torch.Tensor] = None,
-                           slot_v: Optional[torch.Tensor] = None, slot_logit: Optional[torch.Tensor] = None
-                           ) -> torch.Tensor:
+                           slot_v: Optional[torch.Tensor] = None, slot_logit: Optional[torch.Tensor] = None,
+                           split_lambda: bool = False) -> torch.Tensor:
     """Full-sequence softmax attention (positions 0..T-1) under ``mask_fn``; q (B,H,T,d), k/v (B,G,T,d).
 
     ALiBi and the T5 relative bias become score_mods; k*/v* slots and sink logits are merged exactly through the
-    returned log-normaliser (:func:`merge_slots`), so none of them needs a dense T x T mask.
+    returned log-normaliser (:func:`merge_slots`), so none of them needs a dense T x T mask. A Λ mask (sinks +
+    window) runs as one Flex call by default; ``split_lambda=True`` runs it as its window part plus the sink columns
+    merged the same way (:func:`split_sinks`), opt-in because on an H200 it measured slower than the one call
+    (benchmarks/README.md, run 3).
     """
     T = q.shape[-2]
+    split = split_sinks(mask_fn, T) if split_lambda else None
+    n_sink = 0
+    if split is not None:
+        mask_fn, window, n_sink = split
     block_mask = block_mask_for(mask_fn, T, q.device)
     score_mod = None
+    sink_add = None
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(device=q.device, dtype=torch.float32)
 
@@ -180,8 +223,24 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + table[h if per_head else 0, q_idx - kv_idx + (T - 1)]
-    need_lse = slot_k is not None or slot_logit is not None
+    sink_k = sink_v = None
+    if n_sink:
+        # the sink columns a query sees beyond its window: the same score_mod bias, -inf elsewhere
+        qi = torch.arange(T, device=q.device).view(T, 1)
+        ki = torch.arange(n_sink, device=q.device).view(1, n_sink)
+        dist = qi - ki
+        add = torch.zeros(1, 1, T, n_sink, device=q.device, dtype=torch.float64 if q.dtype == torch.float64
+                          else torch.float32)
+        if alibi_slopes is not None:
+            add = add - slopes.view(1, -1, 1, 1) * dist.abs()
+        elif rel_bias is not None:
+            add = add + table[:, dist + (T - 1)].unsqueeze(0)
+        sink_add = add.masked_fill(dist < window, float("-inf"))
+        H = q.shape[1]
+        sink_k, sink_v = repeat_kv(k[:, :, :n_sink], H), repeat_kv(v[:, :, :n_sink], H)
+    need_lse = slot_k is not None or slot_logit is not None or n_sink > 0
     res = _flex_fn(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
                              enable_gqa=k.shape[1] != q.shape[1], return_lse=need_lse)
-    y = merge_slots(res[0], res[1], q, scale, slot_k, slot_v, slot_logit) if need_lse else res
+    y = _merge_fn(q.device)(res[0], res[1], q, scale, slot_k, slot_v, slot_logit, sink_k, sink_v,
+                            sink_add) if need_lse else res
     return y * alpha if alpha != 1.0 else y

@@ -63,11 +63,14 @@ class GraphDecoder:
     Build it after a prefill of at least ``start_size`` tokens (the sinks are written); ``step(tok, pos)`` with
     tok, pos (B, 1) (positions >= start_size, or -1 for padding) writes the token into every layer's cache and
     returns its logits (B, V): a view that the next step overwrites. ``compile=True`` runs the step through
-    ``torch.compile`` first (fewer, fused kernels inside the graph). Without CUDA (or ``graph=False``) the same
-    graph-safe step runs eagerly. Any chunked call of the model (prefill) may come between steps.
+    ``torch.compile`` first (fewer, fused kernels inside the graph); ``attention``: the softmax of the step
+    (:meth:`SinkWindowKV.enter_static`; ``sdpa``, the default, measured faster on an H200 than ``matmul``, see
+    benchmarks/README.md). Without CUDA (or ``graph=False``) the same graph-safe step runs eagerly.
+    Any chunked call of the model (prefill) may come between steps.
     """
 
-    def __init__(self, model, batch_size: int, *, graph: Optional[bool] = None, compile: bool = False) -> None:
+    def __init__(self, model, batch_size: int, *, graph: Optional[bool] = None, compile: bool = False,
+                 attention: str = "sdpa") -> None:
         caches = [b.attn.kv_cache for b in model.blocks]
         if not all(isinstance(c, StreamingCache) for c in caches):
             raise ValueError("GraphDecoder needs streaming caches on every layer (install_streaming / GPTRunner.start)")
@@ -76,9 +79,11 @@ class GraphDecoder:
             raise ValueError("GraphDecoder supports models without a sink token, with a score-based attention "
                              "operation, and specs without top-k")
         for c in caches:
-            c.kv.enter_static()
+            c.kv.enter_static(attention)
         device = next(model.parameters()).device
         self.model = model
+        self.caches = caches
+        self.attention = attention
         self.fn = torch.compile(model, dynamic=False) if compile else model
         self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -87,6 +92,8 @@ class GraphDecoder:
         self.out: Optional[torch.Tensor] = None
 
     def _run(self) -> torch.Tensor:
+        for c in self.caches:            # several decoders may share the caches: this one's attention (a replay
+            c.kv.static_attention = self.attention       # runs the kernels captured with it)
         return self.fn(self.tok, input_pos=self.pos)
 
     @torch.no_grad()

@@ -55,6 +55,7 @@ from lit_gpt.config import SCORE_BIAS_POSITIONS
 from lit_gpt.positional import apply_rope, rope_cos_sin, rope_inv_freq
 
 POLICIES = ("reindex", "original", "lminfinite")
+STATIC_ATTENTION = ("sdpa", "matmul")                # softmax of a graph-safe decoding step (enter_static)
 FEATURE_MAP_OPS = ("elu_kernel", "mlp_kernel")      # phi(q).phi(k): the rotation cannot move to the key side
 
 
@@ -210,6 +211,7 @@ class SinkWindowKV:
         self.mid_pos: Optional[torch.Tensor] = None
         self.filled = 0                 # ring slots used so far (attention never looks past them)
         self.static = False             # graph-safe decoding (see :meth:`enter_static`)
+        self.static_attention = "sdpa"
 
     @property
     def topk(self) -> bool:
@@ -223,14 +225,20 @@ class SinkWindowKV:
         self.filled = 0
         self.static = False
 
-    def enter_static(self) -> None:
+    def enter_static(self, attention: str = "sdpa") -> None:
         """Decode steps (one token per row) without a host synchronisation or a shape that depends on the data,
         so that a step can be captured as a CUDA graph and replayed (:class:`GraphDecoder`): the token is written to
         its ring slot by a device-side scatter and attention looks at all s + r slots (empty ones are masked).
-        Needs allocated buffers and every decoded position >= start_size (the sinks are written already)."""
+        Needs allocated buffers and every decoded position >= start_size (the sinks are written already).
+        ``attention`` of a softmax step: ``matmul`` (two batched matrix products around a masked softmax, spread
+        over the whole GPU) or ``sdpa`` (with a mask SDPA takes its memory-efficient kernel, one thread block per
+        row and head for a single query)."""
+        if attention not in STATIC_ATTENTION:
+            raise ValueError(f"attention={attention!r} is invalid; allowed: {', '.join(STATIC_ATTENTION)}")
         if self.k is None:
             raise ValueError("enter_static() needs a filled cache: prefill at least start_size tokens first")
         self.static = True
+        self.static_attention = attention
         self.filled = self.spec.recent_size
 
     def nbytes(self) -> int:
@@ -396,6 +404,10 @@ class SinkWindowKV:
         if self.topk:
             y, w = self._attend_topk(qq, keys, vals, vis, bias, q, p, ops, scale, alpha, sk, slot_v,
                                      slot_logit, mask_fn, need_weights)
+        elif static and op == "softmax" and not need_weights and self.static_attention == "matmul":
+            y = _decode_attention(qq, keys, vals, vis.unsqueeze(1), scale=scale, bias=bias, alpha=alpha, slot_k=sk,
+                                  slot_v=slot_v, slot_logit=slot_logit)
+            w = None
         elif op == "softmax" and not need_weights:
             y = sdpa_attention(qq, keys, vals, mask=vis.unsqueeze(1), scale=scale, bias=bias, alpha=alpha,
                                slot_k=sk, slot_v=slot_v, slot_logit=slot_logit)
@@ -443,6 +455,19 @@ class SinkWindowKV:
         if alpha != 1.0:
             y = y * alpha                                         # the map stays the unscaled distribution
         return y, (w if need_weights else None)
+
+
+def _decode_attention(q, keys, vals, mask, *, scale, bias, alpha, slot_k, slot_v, slot_logit) -> torch.Tensor:
+    """Softmax attention of one query per row (B, H, 1, d) over the cache (B, G, S, d) as plain matrix products
+    (:func:`lit_gpt.attention.eager_attention`); with grouped queries and nothing per head (slots, bias) the H / G
+    query heads of a group become rows of one product, so the cache is not copied per step."""
+    B, H, _, d = q.shape
+    G = keys.shape[1]
+    if G != H and slot_k is None and slot_logit is None and bias is None:
+        y, _ = eager_attention(q.reshape(B, G, H // G, d), keys, vals, mask=mask, scale=scale, alpha=alpha)
+        return y.reshape(B, H, 1, vals.shape[-1])
+    return eager_attention(q, keys, vals, mask=mask, scale=scale, bias=bias, alpha=alpha, slot_k=slot_k,
+                           slot_v=slot_v, slot_logit=slot_logit)[0]
 
 
 # ---------------------------------------------------------------------------- our GPT

@@ -251,8 +251,9 @@ GRAPH_VARIANTS = [{}, dict(n_query_groups=2), dict(pos_encoding="alibi"), dict(k
 
 @pytest.mark.parametrize("overrides", GRAPH_VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("policy", ["reindex", "lminfinite"])
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
 @torch.no_grad()
-def test_graph_safe_decoding_equals_token_by_token_streaming(overrides, policy):
+def test_graph_safe_decoding_equals_token_by_token_streaming(overrides, policy, attention):
     """GraphDecoder's step (device-side ring writes, all slots attended; the CUDA graph itself needs a GPU) gives
     the logits of plain token-by-token streaming, also with rows at different positions, padding, and a chunked
     prefill between decoding steps."""
@@ -265,7 +266,7 @@ def test_graph_safe_decoding_equals_token_by_token_streaming(overrides, policy):
     runner.start(2, spec)
     runner.step(idx[:, :3], torch.arange(3))                # prefill past the sinks
     from lit_gpt.generate import GraphDecoder
-    dec = GraphDecoder(model, 2)
+    dec = GraphDecoder(model, 2, attention=attention)
     assert not dec.use_graph                                # CPU: the same static step, no graph
     outs = {}
     for t in range(3, 20):
@@ -279,7 +280,7 @@ def test_graph_safe_decoding_equals_token_by_token_streaming(overrides, policy):
     # a padded row (position -1) leaves its cache untouched: row 1 continues as if the step never happened
     runner.start(2, spec)
     runner.step(idx[:, :10], torch.arange(10))
-    dec = GraphDecoder(model, 2)
+    dec = GraphDecoder(model, 2, attention=attention)
     dec.step(idx[:, 10:11], torch.tensor([[10], [-1]]))
     got = dec.step(idx[:, 11:12], torch.tensor([[11], [10]])).clone()
     runner.stop()
