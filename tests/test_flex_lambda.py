@@ -97,7 +97,7 @@ def dense_flex(q, k, v, *, score_mod, block_mask, scale, enable_gqa, return_lse)
 @pytest.mark.parametrize("split", [False, True])
 def test_lambda_flex_gradients_through_the_merge(monkeypatch, alibi, split):
     """The sink keys get gradient from both parts (window queries near them, merged queries beyond): gradcheck of
-    the whole split path, whose forward is pinned to the loop above."""
+    the whole split path (split=True) and of the default one-call path, each forward pinned to the loop above."""
     monkeypatch.setattr(flex, "_flex_fn", lambda device: dense_flex)
     B, H, G, T, d = 1, 2, 1, 14, 4
     q, k, v = qkv(B, H, G, T, d, seed=1, requires_grad=True)
