@@ -161,21 +161,23 @@ INPUT_KINDS = ("natural", "random", "repeated")
 
 
 def hf_probe_tokens(model, tokenizer, kind: str, n: int, T: int, texts: Optional[Sequence[str]] = None,
-                    seed: int = 0, repeat_token: Optional[int] = None) -> torch.Tensor:
+                    seed: int = 0, repeat_token: Optional[int] = None, prefix: Sequence[int] = ()) -> torch.Tensor:
     """(n, T) inputs of one kind for a Hugging Face model, as the paper feeds them (§3).
 
     natural: each text as the tokenizer encodes it by default, so BOS stays where the tokenizer adds one
     (Llama-2/3, Mistral, OPT; :func:`lit_gpt.hf.special_prefix` says which ids). random / repeated: T token ids
     with nothing in front — no BOS — drawn from the vocabulary without the tokenizer's special ids. The paper's
     proof that the repeated-token sink vanishes under RoPE needs every one of the T positions to hold the same
-    token; a BOS in front would be a different first token and would bring the sink back."""
+    token; a BOS in front would be a different first token and would bring the sink back. ``prefix`` puts ids
+    before the random / repeated tokens on purpose (the ``--bos-control`` of the open-source drivers, with
+    :func:`lit_gpt.hf.special_prefix`): a control, not the paper's input."""
     from lit_gpt.hf import text_config
 
     vocab = min(len(tokenizer), int(text_config(model).vocab_size))
     return probe_inputs(kind, n, T, encode=lambda t: tokenizer(t, add_special_tokens=True)["input_ids"],
                         texts=texts, vocab_size=vocab,
                         exclude=[i for i in tokenizer.all_special_ids if i is not None], seed=seed,
-                        repeat_token=repeat_token)
+                        repeat_token=repeat_token, prefix=prefix)
 
 
 # ---------------------------------------------------------------------------- the probe of a training run

@@ -141,8 +141,6 @@ def run_hf_sweep(args, result_stem: str, per_model: Callable) -> int:
     ``per_model(spec, model, tokenizer, folder, inputs)`` where ``inputs`` yields ``(kind, (n, T) tokens)`` for each
     requested input. A model counts as done when every ``folder/<result_stem>_<input>.json`` exists.
     Returns the number of failed models."""
-    import torch
-
     from lit_gpt.hf import load_hf, special_prefix
     from lit_gpt.probe import hf_probe_tokens, load_probe_texts
 
@@ -154,12 +152,10 @@ def run_hf_sweep(args, result_stem: str, per_model: Callable) -> int:
     def run_one(spec: str, folder: Path) -> None:
         model, tok = load_hf(spec, dtype=args.dtype, device=args.device, gguf_file=args.gguf_file,
                              device_map=args.device_map, trust_remote_code=args.trust_remote_code)
-        def tokens(kind: str) -> torch.Tensor:
-            prefix = special_prefix(tok) if args.bos_control and kind != "natural" else []
-            body = hf_probe_tokens(model, tok, kind, args.n, args.T - len(prefix),  # noqa: F821 (del model below)
-                                   texts=texts, seed=args.seed,
-                                   repeat_token=args.repeat_token)
-            return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(args.n, len(prefix)), body], dim=1)
+        def tokens(kind: str):
+            prefix = special_prefix(tok) if args.bos_control and kind != "natural" else ()
+            return hf_probe_tokens(model, tok, kind, args.n, args.T, texts=texts,  # noqa: F821 (del model below)
+                                   seed=args.seed, repeat_token=args.repeat_token, prefix=prefix)
 
         inputs = ((kind, tokens(kind)) for kind in args.inputs)
         try:
