@@ -176,10 +176,10 @@ def split_sinks(mask_fn: Callable, T: int) -> Optional[Tuple[Callable, int, int]
     """For a Λ mask (sinks + window, :func:`lit_gpt.attention.sink_window_mask`, or any mask tagged with that band)
     over positions 0..T-1: (the window part, its window w, the number of sink columns that some query sees beyond
     its window). allowed(q, k) = [k <= q and q - k < w] or [k < n_sink and q - k >= w]: two disjoint sets, so the
-    window runs block-sparse through Flex and the few sink columns join through the log-normaliser. Inside one
-    Flex call the sink columns would add a mostly masked key block to every query block, and in the backward one
-    program per head would walk all T / 128 query blocks for that key block (the measured 0.285x of full
-    causal at T = 16k). None for any other mask."""
+    window runs block-sparse through Flex and the few sink columns join through the log-normaliser. The idea: in
+    one Flex call the sink columns add a mostly masked key block to every query block. Measured on an H200 it does
+    not pay (T = 16k: 0.356x of full causal split, 0.292x as one call; benchmarks/README.md, run 3), so it is
+    opt-in (``flex_attention_forward(split_lambda=True)``). None for any other mask."""
     band = getattr(mask_fn, "band", None)
     if band is None or band[0] is None or not band[1] or band[2]:
         return None
