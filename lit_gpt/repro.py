@@ -154,17 +154,26 @@ def build_record(run_dir: Union[str, Path], *, row: str, regime: str, config: st
     }
 
 
+FINAL_CHECKS_FILE = "final_checks.json"
+
+
 def final_checks(run_dir: Union[str, Path]) -> Dict[str, Any]:
-    """What the training log does not hold, measured on the run's ``final/`` checkpoint over its own probe: Sink_1
+    """What the training log does not hold, measured on the run's newest checkpoint (``final/``, else the newest
+    ``step-*``: a run stopped by ``train.max_time_s`` saves one at its last step; its name is ``checkpoint`` in the
+    result) over the run's own probe: Sink_1
     and the mean α_1 per layer (and Sink_1* per layer for extra slots), and for a sliding-window run the share of
     (sample, layer, head) whose attention on the first token of each query's own window exceeds ε
     (``sink_metrics.window_start_scores``).
-    Empty when the run kept no final checkpoint."""
-    from lit_gpt.checkpoint import FINAL, META_FILE, load_model
+    The result is also written to ``<run_dir>/final_checks.json``, so a run folder fetched without its checkpoint
+    (the GPU box returns no checkpoints) still carries them: without a checkpoint that file is read, and
+    without either the result is empty."""
+    from lit_gpt.checkpoint import list_checkpoints, load_model
 
-    final_dir = Path(run_dir) / FINAL
-    if not (final_dir / META_FILE).is_file():
-        return {}
+    saved = Path(run_dir) / FINAL_CHECKS_FILE
+    found = list_checkpoints(run_dir)
+    if not found:
+        return json.loads(saved.read_text()) if saved.is_file() else {}
+    final_dir = found[0]
     import torch
 
     from lit_gpt.data import open_run_data
@@ -185,6 +194,7 @@ def final_checks(run_dir: Union[str, Path]) -> Dict[str, Any]:
     S = result.n_extra
     T = tokens.shape[1] - 1
     out: Dict[str, Any] = {
+        "checkpoint": final_dir.name,
         "sink_1_per_layer": result.per_layer[:, S].tolist(),
         # mean importance score of token 1 per layer (over heads and samples) and its value under uniform causal
         # attention, (1/T) sum_i 1/i: a layer at that level attends evenly, one far above it sinks
@@ -204,6 +214,7 @@ def final_checks(run_dir: Union[str, Path]) -> Dict[str, Any]:
                     hits += float((score > pc.eps).sum())
                     total += score.numel()
         out["sink_window_start"] = 100.0 * hits / total
+    atomic_write_text(saved, json.dumps(out, indent=1) + "\n")
     return out
 
 

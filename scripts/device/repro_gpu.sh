@@ -11,7 +11,8 @@
 # VALID_FRACTION (0.02), WORK (/tmp/asl_repro_gpu), EXTRA (overrides for every row, space-separated),
 # PYTHON (python3), GIT_COMMIT (recorded in every summary; there is no .git on the box).
 # Output ($OUT, 3 files): log.txt, curves.png (the rows side by side) and runs.tar.gz (<row>/metrics.csv,
-# <row>/summary.json, <row>/curves.png; each summary holds its run config and environment). Back home:
+# <row>/summary.json, <row>/curves.png, and <row>/final_checks.json with train.save_final=true: the per-layer
+# checks of lit_gpt.repro.final_checks, measured on the box; each summary holds its run config and environment). Back home:
 #   python scripts/repro_run.py --regime gpu --import <files_at>/runs.tar.gz --command "..." && python scripts/repro_tables.py
 # A CPU dry run of the whole script with a tiny budget: docs/repro.md ("The GPU regime").
 set -euo pipefail
@@ -50,7 +51,7 @@ main() {
   done
   [ ${#done_rows[@]} -gt 0 ] || return 1
   (cd "$WORK/runs/gpu" && tar -czf "$OUT/runs.tar.gz" $(for r in "${done_rows[@]}"; do
-     for f in metrics.csv summary.json curves.png; do [ -f "$r/$f" ] && echo "$r/$f"; done; done))
+     for f in metrics.csv summary.json curves.png final_checks.json; do [ -f "$r/$f" ] && echo "$r/$f"; done; done))
   "$PYTHON" -m lit_gpt.training_curves "${csvs[@]}" --labels "${labels[@]}" --out "$OUT/curves.png" \
     --title "GPU regime (configs/repro/gpu)"
   for r in "${done_rows[@]}"; do
