@@ -4,7 +4,7 @@
     python eval_sink.py checkpoints/run_a checkpoints/run_b --inputs natural random repeated --out results/sink.json
     python eval_sink.py checkpoints/tinyllama_60M --run-probe --out checkpoints/tinyllama_60M/sink_eval.json
 
---run-probe measures a checkpoint the way its training run did (lit_gpt.evaluate.sink_of_run): the run's probe
+--run-probe measures a checkpoint the way its training run did (lit_gpt.evaluate.probe_run): the run's probe
 (probe.source: a text file, `shards` or `auto`; probe.n, T, eps, k_max, batch_size; --probe, --eps, --k-max
 override them), Sink_1..k and the probe loss, and --out writes that one SinkResult record (sink_eval.json).
 
@@ -87,19 +87,13 @@ def evaluate_checkpoint(path: str, args, texts) -> dict:
 
 
 def evaluate_as_trained(path: str, args) -> dict:
-    """--run-probe: Sink_1..k and the probe loss of one checkpoint on its run's probe (lit_gpt.evaluate.sink_of_run);
-    returns the SinkResult record with ``probe_loss``."""
-    from lit_gpt.checkpoint import CheckpointError, load_model
-    from lit_gpt.evaluate import sink_of_run
-    from lit_gpt.run_config import from_dict
+    """--run-probe: Sink_1..k and the probe loss of one checkpoint on its run's probe
+    (lit_gpt.evaluate.probe_run_checkpoint); returns the SinkResult record with ``probe_loss``."""
+    from lit_gpt.evaluate import probe_run_checkpoint
 
-    model, payload = load_model(path, device=args.device or default_device(), dtype=parse_dtype(args.dtype),
-                                attn_impl="eager")
-    if "run_config" not in payload:
-        raise CheckpointError(f"{payload['_path']} has no run_config; evaluate it without --run-probe (with a probe "
-                              "file: --probe)")
-    result, loss, where = sink_of_run(model, from_dict(payload["run_config"]), source=args.probe, eps=args.eps,
-                                      k_max=args.k_max)
+    rp = probe_run_checkpoint(path, device=args.device or default_device(), dtype=parse_dtype(args.dtype),
+                              source=args.probe, eps=args.eps, k_max=args.k_max)
+    result, loss, where, payload = rp.result, rp.loss, rp.where, rp.payload
     result.meta.update({"checkpoint": payload["_path"], "step": payload.get("step")})
     print(f"{payload['_path']} (step {payload.get('step')}), probe: {where}")
     print(format_sink(result))

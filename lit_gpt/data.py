@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from lit_gpt.packed import SHARD_SUFFIX, PackedShard, read_header
+from lit_gpt.utils import invalid_choice
 
 if TYPE_CHECKING:
     from lit_gpt.config import Config
@@ -98,7 +99,7 @@ class Domain:
 
     def downsample(self, ratio: float, seed: int, domain_index: int) -> None:
         if not 0.0 < ratio <= 1.0:
-            raise DataError(f"downsample_ratio={ratio} is invalid; allowed: 0 < value <= 1")
+            raise DataError(invalid_choice("downsample_ratio", ratio, "0 < value <= 1"))
         if ratio < 1.0:
             n = max(1, int(math.ceil(ratio * self.n_total)))
             rng = np.random.default_rng([seed, _TAG_POOL, domain_index])
@@ -185,9 +186,9 @@ class FixedToken:
 
     def __init__(self, position: int, token_id: int) -> None:
         if not (isinstance(position, int) and position >= 0):
-            raise DataError(f"fixed_token position={position!r} is invalid; allowed: an integer >= 0")
+            raise DataError(invalid_choice("fixed_token position", position, "an integer >= 0"))
         if not (isinstance(token_id, int) and token_id >= 0):
-            raise DataError(f"fixed_token token_id={token_id!r} is invalid; allowed: an integer >= 0")
+            raise DataError(invalid_choice("fixed_token token_id", token_id, "an integer >= 0"))
         self.position, self.token_id = position, token_id
 
     def __call__(self, batch: np.ndarray, keys: Sequence[int]) -> np.ndarray:
@@ -212,13 +213,13 @@ def make_transforms(data, data_vocab_size: int, model_vocab_size: int) -> list:
     if data.random_tokens:
         vocab = data.random_tokens.get("vocab_size") or data_vocab_size
         if vocab > model_vocab_size:
-            raise DataError(f"data.random_tokens.vocab_size={vocab} is invalid; allowed: <= the model's "
-                            f"vocab_size={model_vocab_size}")
+            raise DataError(invalid_choice("data.random_tokens.vocab_size", vocab,
+                                           f"<= the model's vocab_size={model_vocab_size}"))
         out.append(RandomTokens(data.random_tokens["start"], data.random_tokens["end"], vocab, data.seed))
     if data.fixed_token:
         tid = data.fixed_token.get("token_id", 1)
         if tid >= model_vocab_size:
-            raise DataError(f"data.fixed_token.token_id={tid} is invalid; allowed: < vocab_size={model_vocab_size}")
+            raise DataError(invalid_choice("data.fixed_token.token_id", tid, f"< vocab_size={model_vocab_size}"))
         out.append(FixedToken(data.fixed_token["position"], tid))
     return out
 
@@ -236,7 +237,7 @@ class MixtureLoader:
         if set(weights) != set(domains):
             raise DataError(f"weights {sorted(weights)} and domains {sorted(domains)} differ")
         if mode not in MIXTURE_MODES:
-            raise DataError(f"mixture_mode={mode!r} is invalid; allowed: {', '.join(MIXTURE_MODES)}")
+            raise DataError(invalid_choice("mixture_mode", mode, MIXTURE_MODES))
         w = np.array([float(weights[k]) for k in domains], dtype=np.float64)
         if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
             raise DataError(f"mixture weights {dict(weights)} are invalid; allowed: non-negative, sum > 0")

@@ -12,19 +12,22 @@
     result.sink[1]                                      # Sink_1^eps in %
     result, _ = sink_on_probe(model, inputs, has_targets=False)   # (n, T) inputs only
 
-* :func:`sink_of_run` — a checkpoint's model on its own run's probe, as training measured it
-  (``python eval_sink.py CHECKPOINT --run-probe``).
+* :func:`probe_run` — a checkpoint's model on its own run's probe, as training measured it (the run's data,
+  probe and transforms; :func:`probe_run_checkpoint` loads the checkpoint first). ``python eval_sink.py
+  CHECKPOINT --run-probe`` and :func:`lit_gpt.repro.final_checks` go through it.
 """
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Dict, Iterable, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from lit_gpt.analysis import ActivationMeter
-from lit_gpt.data import open_run_data
+from lit_gpt.data import RunData, open_run_data
 from lit_gpt.probe import make_probe, probe_transform_names, probe_view
 from lit_gpt.sink_metrics import DEFAULT_EPS, DEFAULT_K, SinkMeter, SinkResult
 
@@ -180,19 +183,55 @@ def sink_summary(result: SinkResult, loss: Optional[float]) -> dict:
     return out
 
 
-def sink_of_run(model: torch.nn.Module, cfg: "RunConfig", source: Optional[str] = None,
-                eps: Optional[float] = None, k_max: Optional[int] = None) -> Tuple[SinkResult, Optional[float], str]:
+@dataclass
+class RunProbe:
+    """A model measured on its own run's probe (:func:`probe_run`, :func:`probe_run_checkpoint`)."""
+
+    model: torch.nn.Module
+    cfg: "RunConfig"            # the run's config (its ``probe`` section says eps, k_max, T, batch_size)
+    data: RunData               # the run's data (:func:`lit_gpt.data.open_run_data`): tokenizer, transforms
+    tokens: torch.Tensor        # (n, T + 1) natural probe rows, before the run's transforms
+    where: str                  # where the probe rows came from
+    result: SinkResult          # Sink_1..k on the probe (``meta`` names the probe and the transforms applied)
+    loss: Optional[float]       # mean next-token loss on the probe
+    payload: Optional[dict] = None   # the checkpoint's payload without weights (probe_run_checkpoint)
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """``(n, T)`` probe inputs as the model is fed them (the run's transforms applied, :func:`probe_view`)."""
+        return probe_view(self.tokens, self.data.transforms)[0]
+
+
+def probe_run(model: torch.nn.Module, cfg: "RunConfig", source: Optional[str] = None,
+              eps: Optional[float] = None, k_max: Optional[int] = None) -> RunProbe:
     """Sink and probe loss of a checkpoint's ``model`` on the probe of its run ``cfg``, as training measured it:
     the run's ``probe`` section (``source``, ``eps``, ``k_max`` override its fields), its validation shards and
-    tokenizer (:func:`lit_gpt.data.open_run_data`) and its data transforms. Returns ``(result, loss, where)``;
-    ``result.meta`` names the probe and the transforms applied."""
+    tokenizer (:func:`lit_gpt.data.open_run_data`) and its data transforms (:func:`sink_on_probe`). The one place
+    that rule lives: eval_sink.py --run-probe and :func:`lit_gpt.repro.final_checks` go through it."""
     pc = cfg.probe
     rd = open_run_data(cfg, model.config, need_train=False)
     tokens, where = make_probe(cfg, rd, source)
     result, loss = sink_on_probe(model, tokens, eps=eps if eps is not None else pc.eps, k_max=k_max or pc.k_max,
                                  batch_size=pc.batch_size, transforms=rd.transforms)
     result.meta.update({"probe": where, "probe_transforms": probe_transform_names(rd.transforms)})
-    return result, loss, where
+    return RunProbe(model, cfg, rd, tokens, where, result, loss)
+
+
+def probe_run_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                         dtype: Optional[torch.dtype] = None, source: Optional[str] = None,
+                         eps: Optional[float] = None, k_max: Optional[int] = None) -> RunProbe:
+    """:func:`probe_run` of the checkpoint at ``path`` (a checkpoint or run folder, loaded with eager attention so
+    the maps are there) on its run's probe, the run read from the checkpoint's ``run_config``."""
+    from lit_gpt.checkpoint import CheckpointError, load_model
+    from lit_gpt.run_config import from_dict
+
+    model, payload = load_model(path, device=device, dtype=dtype, attn_impl="eager")
+    if "run_config" not in payload:
+        raise CheckpointError(f"{payload['_path']} has no run_config, so its run's probe is unknown; evaluate it "
+                              "on a probe file instead (eval_sink.py without --run-probe, with --probe)")
+    rp = probe_run(model, from_dict(payload["run_config"]), source=source, eps=eps, k_max=k_max)
+    rp.payload = payload
+    return rp
 
 
 if __name__ == "__main__":

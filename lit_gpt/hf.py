@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from lit_gpt.attention import repeat_kv
+from lit_gpt.utils import invalid_choice
 
 CAPTURE_IMPL = "sinklab_capture"
 
@@ -156,7 +157,7 @@ def hf_forward(model: nn.Module, idx: torch.Tensor, need: Iterable[str] = ("attn
     need = set(need)
     bad = need - set(ANALYSIS_KEYS)
     if bad:
-        raise ValueError(f"need={sorted(bad)} is invalid; allowed: {', '.join(ANALYSIS_KEYS)}")
+        raise ValueError(invalid_choice("need", sorted(bad), ANALYSIS_KEYS))
     qkv = need & {"q", "k", "v"}
     if (qkv or "attn" in need) and not enable_capture(model):
         if qkv:

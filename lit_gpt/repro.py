@@ -167,7 +167,7 @@ def final_checks(run_dir: Union[str, Path]) -> Dict[str, Any]:
     The result is also written to ``<run_dir>/final_checks.json``, so a run folder fetched without its checkpoint
     (the GPU box returns no checkpoints) still carries them: without a checkpoint that file is read, and
     without either the result is empty."""
-    from lit_gpt.checkpoint import list_checkpoints, load_model
+    from lit_gpt.checkpoint import list_checkpoints
 
     saved = Path(run_dir) / FINAL_CHECKS_FILE
     found = list_checkpoints(run_dir)
@@ -176,23 +176,15 @@ def final_checks(run_dir: Union[str, Path]) -> Dict[str, Any]:
     final_dir = found[0]
     import torch
 
-    from lit_gpt.data import open_run_data
-    from lit_gpt.evaluate import sink_on_probe
-    from lit_gpt.probe import make_probe, probe_view
-    from lit_gpt.run_config import from_dict
+    from lit_gpt.evaluate import probe_run_checkpoint
     from lit_gpt.sink_metrics import window_start_scores
 
-    model, payload = load_model(final_dir, device="cpu", attn_impl="eager")
-    mc = model.config
-    cfg = from_dict(payload["run_config"])
-    pc = cfg.probe
-    rd = open_run_data(cfg, mc, need_train=False)
-    tokens, _ = make_probe(cfg, rd)
     # the probe as the trainer feeds it (the run's fixed token in place), so these numbers match the curve's
-    result, _ = sink_on_probe(model, tokens, eps=pc.eps, k_max=pc.k_max, batch_size=pc.batch_size,
-                              transforms=rd.transforms)
+    rp = probe_run_checkpoint(final_dir, device="cpu")
+    model, pc, result = rp.model, rp.cfg.probe, rp.result
+    mc = model.config
     S = result.n_extra
-    T = tokens.shape[1] - 1
+    T = rp.tokens.shape[1] - 1
     out: Dict[str, Any] = {
         "checkpoint": final_dir.name,
         "sink_1_per_layer": result.per_layer[:, S].tolist(),
@@ -207,7 +199,7 @@ def final_checks(run_dir: Union[str, Path]) -> Dict[str, Any]:
         hits, total = 0.0, 0
         model.eval()
         with torch.no_grad():
-            for batch in probe_view(tokens, rd.transforms)[0][:, :pc.T].split(pc.batch_size):
+            for batch in rp.inputs[:, :pc.T].split(pc.batch_size):
                 _, an = model(batch, return_analysis=("attn",))
                 for a in an.attn:
                     score = window_start_scores(a, mc.window_size, an.n_extra)     # (B, H)

@@ -139,6 +139,7 @@ METHODS = ("dense", "window", "sink", "sink_original", "lminfinite", "recompute"
 CACHE_SIZE = 256     # keys each query attends to, sinks included (StreamingLLM's 4 + 252 style budgets)
 START_SIZE = 4       # StreamingLLM's 4 attention sinks (also LM-Infinite's n_global unless --lminf-global)
 CHUNK = 256          # tokens per forward when a known sequence is fed (any chunk gives the token-by-token result)
+TOPK_FROM_LAYER = 4  # LM-Infinite's top-k middle tokens from this layer on, 0-based (the paper's k=5 from layer 4)
 
 
 @dataclass
@@ -153,7 +154,8 @@ class Method:
 
 def make_method(name: str, *, cache_size: int, start_size: int = START_SIZE, lminf_global: Optional[int] = None,
                 lminf_local: Optional[int] = None, lminf_ceiling: Optional[int] = None, topk: int = 0,
-                topk_from_layer: int = 4, topk_insert_at: Optional[int] = None, stride: int = 1) -> Method:
+                topk_from_layer: int = TOPK_FROM_LAYER, topk_insert_at: Optional[int] = None,
+                stride: int = 1) -> Method:
     if name == "dense":
         return Method(name, "dense")
     if name == "window":
@@ -196,7 +198,7 @@ def method_names(allowed: Sequence[str], *, single: bool = False):
 def add_method_args(ap, *, allowed: Sequence[str] = METHODS, methods: str = "dense,window,sink,recompute",
                     single: bool = False, cache_size: Optional[int] = CACHE_SIZE) -> None:
     """The streaming scripts' one set of method options, with one set of defaults (:data:`CACHE_SIZE`,
-    :data:`START_SIZE`, :data:`CHUNK`); :meth:`MethodArgs.from_args` reads them back.
+    :data:`START_SIZE`, :data:`CHUNK`, :data:`TOPK_FROM_LAYER`); :meth:`MethodArgs.from_args` reads them back.
 
     * ``allowed``: the methods this script offers; ``methods``: the ones it runs by default (comma-separated).
     * ``single``: one ``--method NAME`` (a generation session) instead of ``--methods A,B,...``.
@@ -235,8 +237,8 @@ def add_method_args(ap, *, allowed: Sequence[str] = METHODS, methods: str = "den
                         help="LM-Infinite L_pretrain, its distance ceiling (default: n_local)")
         ap.add_argument("--topk", type=int, default=0,
                         help="LM-Infinite top-k middle tokens per query and head (default: 0 = off)")
-        ap.add_argument("--topk-from-layer", type=int, default=4,
-                        help="top-k in layers with index >= this, 0-based (default: 4)")
+        ap.add_argument("--topk-from-layer", type=int, default=TOPK_FROM_LAYER,
+                        help=f"top-k in layers with index >= this, 0-based (default: {TOPK_FROM_LAYER})")
         ap.add_argument("--topk-insert-at", type=int, default=None,
                         help="distance at which the top-k tokens are scored and attended (LM-Infinite's "
                              "top_k_insert_at; default: L_pretrain // 2, the LM-Infinite ceiling halved)")
@@ -254,7 +256,7 @@ class MethodArgs:
     lminf_local: Optional[int] = None
     lminf_ceiling: Optional[int] = None
     topk: int = 0
-    topk_from_layer: int = 4
+    topk_from_layer: int = TOPK_FROM_LAYER
     topk_insert_at: Optional[int] = None
 
     @classmethod

@@ -132,9 +132,12 @@ def did_you_mean(word: Any, choices: Iterable[Any], n: int = 3) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
-def invalid_choice(name: str, value: Any, allowed: Iterable[Any]) -> str:
-    """The one-line error for a value outside a fixed set: ``name=value is invalid (did you mean ...); allowed:
-    a, b, c`` (the allowed values in their given order)."""
+def invalid_choice(name: str, value: Any, allowed: Union[str, Iterable[Any]]) -> str:
+    """The one-line error for a bad value: ``name=value is invalid (did you mean ...); allowed: a, b, c`` for a
+    value outside a fixed set (the allowed values in their given order), ``name=value is invalid; allowed: RULE``
+    when ``allowed`` is one string saying which values are (``"an integer >= 0"``; no did-you-mean hint)."""
+    if isinstance(allowed, str):
+        return f"{name}={value!r} is invalid; allowed: {allowed}"
     allowed = [str(a) for a in allowed]
     return f"{name}={value!r} is invalid{did_you_mean(value, allowed)}; allowed: {', '.join(allowed)}"
 

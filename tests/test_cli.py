@@ -25,6 +25,10 @@ def test_invalid_choice_is_one_line_with_field_value_hint_and_allowed_values_in_
     assert invalid_choice("method", "h2o", ("dense", "sink")) == "method='h2o' is invalid; allowed: dense, sink"
     assert invalid_choice("logging.wandb", "yes", ("auto", True, False)) == \
         "logging.wandb='yes' is invalid; allowed: auto, True, False"
+    # a rule instead of a set: the same line, the rule as given, no hint
+    assert invalid_choice("fixed_token position", -1, "an integer >= 0") == \
+        "fixed_token position=-1 is invalid; allowed: an integer >= 0"
+    assert invalid_choice("x", "an integr", "an integer") == "x='an integr' is invalid; allowed: an integer"
     with pytest.raises(ValueError, match=r"^dtype='bfloat61' is invalid \(did you mean bfloat16"):
         parse_dtype("bfloat61")
     with pytest.raises(ValueError, match=r"^method='sinks' is invalid \(did you mean sink"):

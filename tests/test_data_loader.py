@@ -12,6 +12,7 @@ from pretrain_helpers import make_packed  # noqa: E402
 
 from lit_gpt.data import (  # noqa: E402
     DataError, Domain, FixedToken, MixtureLoader, RandomTokens, ValidationSet, check_domains, find_shards,
+    make_transforms,
 )
 from lit_gpt.packed import write_shard  # noqa: E402
 
@@ -194,3 +195,26 @@ def test_real_packed_data_round_trip(tmp_path):
     info = check_domains([d], model_vocab_size=512, block_size=16, tokenizer_fingerprint="bytes-v1")
     assert info.vocab_size == 257 and info.seq_len == 17
     assert d.chunk(0).shape == (17,)
+
+
+def test_bad_data_values_name_the_field_the_value_and_what_is_allowed(domains):
+    from types import SimpleNamespace
+
+    def message(make):
+        with pytest.raises(DataError) as e:
+            make()
+        return str(e.value)
+
+    assert message(lambda: domains["a"].downsample(1.5, seed=0, domain_index=0)) == \
+        "downsample_ratio=1.5 is invalid; allowed: 0 < value <= 1"
+    assert message(lambda: FixedToken(-1, 1)) == "fixed_token position=-1 is invalid; allowed: an integer >= 0"
+    assert message(lambda: FixedToken(0, "1")) == "fixed_token token_id='1' is invalid; allowed: an integer >= 0"
+    data = SimpleNamespace(random_tokens={"start": 0, "end": 2, "vocab_size": 70}, fixed_token=None, seed=0)
+    assert message(lambda: make_transforms(data, 50, 64)) == \
+        "data.random_tokens.vocab_size=70 is invalid; allowed: <= the model's vocab_size=64"
+    data = SimpleNamespace(random_tokens=None, fixed_token={"position": 0, "token_id": 64}, seed=0)
+    assert message(lambda: make_transforms(data, 50, 64)) == \
+        "data.fixed_token.token_id=64 is invalid; allowed: < vocab_size=64"
+    assert message(lambda: MixtureLoader(domains, {"a": 1, "b": 1, "c": 1}, micro_batch_size=2, seed=0,
+                                         mode="pooed")) == \
+        "mixture_mode='pooed' is invalid (did you mean pooled?); allowed: weighted, pooled"

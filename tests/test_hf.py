@@ -169,6 +169,12 @@ def test_captured_keys_are_post_rope(saved, family):
     assert not torch.allclose(an.k[1][0, 0, 1:].double(), heads[0][1:], atol=1e-3)   # RoPE did rotate
 
 
+def test_hf_forward_names_the_unknown_analysis_keys():
+    with pytest.raises(ValueError) as e:
+        hf_forward(torch.nn.Identity(), torch.zeros(1, 3, dtype=torch.long), need=("atn", "q", "x"))
+    assert str(e.value) == "need=['atn', 'x'] is invalid; allowed: attn, hidden, q, k, v"
+
+
 def test_decoder_layers_found(saved):
     for fam in FAMILIES:
         model, _ = load_hf(saved[fam], device="cpu", with_tokenizer=False)

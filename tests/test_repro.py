@@ -266,3 +266,142 @@ def test_a_row_with_a_baseline_is_judged_against_that_row(recorded):
     head = repro_tables.regime_headline("gpu", {"sections": {"s": {}}, "rows": rows}, records)
     assert "in 2 of the 3 seeds run" in head and "seed 3: Sink_1 4.0%" in head
     assert "Of the 2 rows with a paper expectation, 1 agree (x_seed2) and 1 disagree (x)" in head
+
+
+# ---------------------------------------------------------------------------- final_checks on a run's checkpoint
+CHECK_N, CHECK_T, CHECK_EPS, CHECK_W = 6, 16, 0.1, 8      # eps 0.1: rates between 0 and 100 here
+FIXED = {"position": 1, "token_id": 7}
+
+
+def _check_model(seed, window=True):
+    """A tiny GPT with a key slot k* (and a sliding window) whose strong keys give input-dependent sinks."""
+    import torch
+
+    from lit_gpt import GPT, Config
+
+    torch.manual_seed(seed)
+    extra = {"attn_mask": "window", "window_size": CHECK_W} if window else {}
+    cfg = Config.from_name("tiny", n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=320, kv_bias="k",
+                           **extra)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for b in model.blocks:
+            b.attn.qkv.weight.mul_(4.0)
+    return model
+
+
+def _hand_checks(model, texts, fixed=FIXED):
+    """final_checks' numbers with float64 loops, on probe inputs built here: the first T bytes of each text
+    (bytes tokenizer), the run's fixed token put in place."""
+    import torch
+
+    L, H, T, eps = model.config.n_layer, model.config.n_head, CHECK_T, CHECK_EPS
+    hits, alpha, extra_hits, pairs = [0] * L, [0.0] * L, [0] * L, [0] * L
+    win_hits, win_pairs = 0, 0
+    with torch.no_grad():
+        for text in texts[:CHECK_N]:
+            x = list(text.encode("utf-8"))[:T]
+            if fixed:
+                x[fixed["position"]] = fixed["token_id"]
+            _, an = model(torch.tensor([x]), return_analysis={"attn"})
+            for l, a in enumerate(an.attn):
+                a = a[0].double()
+                S = a.shape[-1] - T                                  # the k* slot comes first on the key axis
+                for h in range(H):
+                    first = sum(float(a[h, i, S]) for i in range(T)) / T
+                    slot = sum(float(a[h, i, 0]) for i in range(T)) / T
+                    hits[l] += first > eps
+                    extra_hits[l] += slot > eps
+                    alpha[l] += first
+                    pairs[l] += 1
+                    if model.config.attn_mask == "window":
+                        w = model.config.window_size
+                        starts = [float(a[h, i, S + i - w + 1]) for i in range(w, T)]
+                        win_hits += sum(starts) / len(starts) > eps
+                        win_pairs += 1
+    out = {"sink_1_per_layer": [100.0 * hits[l] / pairs[l] for l in range(L)],
+           "alpha_1_per_layer": [alpha[l] / pairs[l] for l in range(L)],
+           "alpha_1_uniform": sum(1.0 / (i + 1) for i in range(T)) / T,
+           "sink_extra_per_layer": [[100.0 * extra_hits[l] / pairs[l] for l in range(L)]]}
+    if win_pairs:
+        out["sink_window_start"] = 100.0 * win_hits / win_pairs
+    return out
+
+
+def _assert_checks(got, want):
+    assert sorted(k for k in got if k != "checkpoint") == sorted(want)
+    for key in ("sink_1_per_layer", "alpha_1_per_layer"):
+        assert got[key] == pytest.approx(want[key], abs=1e-5), key
+    assert got["alpha_1_uniform"] == pytest.approx(want["alpha_1_uniform"], abs=1e-12)
+    assert got["sink_extra_per_layer"][0] == pytest.approx(want["sink_extra_per_layer"][0], abs=1e-5)
+    if "sink_window_start" in want:
+        assert got["sink_window_start"] == pytest.approx(want["sink_window_start"], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def check_runs(tmp_path_factory):
+    """Run folders of a fixed-token k* sliding-window run config: checkpoints saved by hand from two models."""
+    from lit_gpt.checkpoint import save_checkpoint, step_name
+    from lit_gpt.run_config import from_dict
+
+    tmp = tmp_path_factory.mktemp("final_checks")
+    packed = make_packed(tmp, block_size=32)
+    texts = [" ".join(["the cat", "dogs ran", "sun rose", "a mat"][i % 4:] * 4) + f" {i}" for i in range(CHECK_N)]
+    probe = tmp / "probe.jsonl"
+    probe.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    models = {"old": _check_model(0), "new": _check_model(1)}
+
+    def run_folder(name, checkpoints):
+        d = tiny_run(packed, tmp / name)
+        d["model"] = models["new"].config.to_dict()
+        d["data"]["fixed_token"] = dict(FIXED)
+        d["probe"] = {"source": str(probe), "n": CHECK_N, "T": CHECK_T, "k_max": 4, "eps": CHECK_EPS,
+                      "batch_size": 4}
+        run = from_dict(d)
+        for folder, which in checkpoints:
+            m = models[which]
+            save_checkpoint(tmp / name / folder, m, m.config, run_config=run.to_dict(), step=6)
+        return tmp / name
+
+    finished = run_folder("finished", [(step_name(3), "old"), ("final", "new")])
+    timed_out = run_folder("timed_out", [(step_name(2), "old"), (step_name(4), "new")])
+    return texts, models, finished, timed_out
+
+
+def test_final_checks_match_hand_loops_and_are_kept_without_the_checkpoint(check_runs):
+    from lit_gpt.checkpoint import delete_checkpoint, list_checkpoints
+    from lit_gpt.repro import FINAL_CHECKS_FILE, final_checks
+
+    texts, models, run_dir, _ = check_runs
+    got = final_checks(run_dir)
+    assert got["checkpoint"] == "final"                                   # final/ before any step-*
+    want = _hand_checks(models["new"], texts)
+    assert all(0 < v < 100 for v in want["sink_1_per_layer"] + want["sink_extra_per_layer"][0])   # not trivial
+    _assert_checks(got, want)
+    # the numbers tell the checkpoints and the probes apart: not the older step's model, not the natural text
+    assert got["alpha_1_per_layer"] != pytest.approx(_hand_checks(models["old"], texts)["alpha_1_per_layer"],
+                                                     abs=1e-3)
+    assert got["alpha_1_per_layer"] != pytest.approx(_hand_checks(models["new"], texts, fixed=None)
+                                                     ["alpha_1_per_layer"], abs=1e-3)
+    saved = run_dir / FINAL_CHECKS_FILE
+    assert json.loads(saved.read_text()) == got
+    # the run folder as the GPU box returns it: no checkpoints, the file read back unchanged
+    text = saved.read_text()
+    for ckpt in list_checkpoints(run_dir):
+        delete_checkpoint(ckpt)
+    assert list_checkpoints(run_dir) == []
+    assert final_checks(run_dir) == got and saved.read_text() == text
+    # neither a checkpoint nor the file: nothing to report
+    saved.unlink()
+    assert final_checks(run_dir) == {}
+    assert not saved.exists()
+
+
+def test_final_checks_of_a_run_stopped_by_time_use_its_newest_step(check_runs):
+    from lit_gpt.repro import FINAL_CHECKS_FILE, final_checks
+
+    texts, models, _, run_dir = check_runs
+    got = final_checks(run_dir)
+    assert got["checkpoint"] == "step-0000004"                            # the newest step, not step-0000002
+    _assert_checks(got, _hand_checks(models["new"], texts))
+    assert json.loads((run_dir / FINAL_CHECKS_FILE).read_text()) == got
