@@ -8,6 +8,9 @@
 #   QUICK=1 OUT=/tmp/perf bash benchmarks/run_gpu_perf.sh  # the same sequence, tiny, on CPU
 #   STEPS="train_60m train_loop" ... bash benchmarks/run_gpu_perf.sh   # only these steps
 #   EXTRA60="" ...                                         # train_60m without the loss/attention micro-benchmarks
+#   EXTRA60="--impls reference,ours --compile blocks,model --micro-batches 16,32 --ref-micro-batches 16,32"
+#                                                          # train_60m: compile scopes and micro batches, each side at its best
+#   DEC_MODELS=tinyllama_1_1b DEC_EXTRA="--recompute eager --stream 20000" ...   # decode_compiled: models, options
 #   CHECKS=flex_ ...                                       # checks: only these gpu_checks.py cases
 #   LIMIT_CHECKS / LIMIT_CURVE BUDGET_CURVE / LIMIT_DEC BUDGET_DEC: seconds of those steps
 #
@@ -51,7 +54,8 @@ step attention_curve "${LIMIT_CURVE:-50}" "$PY" bench_attention.py --curve --bud
   --out "$OUT/attention_curve.json"
 step train_1b 60 "$PY" bench_train_step.py --model tinyllama_1_1b --micro-batch 8 --impls ours --sdpa best \
   --breakdown --repeat 4 $Q --out "$OUT/train_step_1b.json"
-step decode_compiled "${LIMIT_DEC:-90}" "$PY" bench_decode.py --models tinyllama_1_1b,tinyllama_60M --batch-large 0 \
-  --checkpoints 4 --budget-s "${BUDGET_DEC:-50}" $Q --out "$OUT/decode_compiled.json"
+# shellcheck disable=SC2086
+step decode_compiled "${LIMIT_DEC:-90}" "$PY" bench_decode.py --models "${DEC_MODELS:-tinyllama_1_1b,tinyllama_60M}" \
+  --batch-large 0 --checkpoints 4 --budget-s "${BUDGET_DEC:-50}" ${DEC_EXTRA:-} $Q --out "$OUT/decode_compiled.json"
 step checks "${LIMIT_CHECKS:-150}" "$PY" gpu_checks.py --cases "${CHECKS:-}" --out "$OUT/gpu_checks.json"
 echo "total $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
