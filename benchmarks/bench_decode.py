@@ -11,9 +11,10 @@ greedy decoding steps are timed one by one (CUDA events) through lit_gpt.generat
 as a CUDA graph, with and without torch.compile inside, each with the softmax by SDPA (GraphDecoder's default) and as
 matrix products (variants "graph + compile, sdpa", "graph + compile, matmul", "graph, sdpa", "graph, matmul"). At
 each checkpoint: median / max latency, allocated memory, cache bytes; at the first, every variant's kernel time by
-category (torch.profiler over replays of the graph: ``kernel_breakdown``, DECODE_CATEGORIES) and its top kernels. Recomputation (StreamingLLM's baseline): one forward over the last ``--cache`` tokens per generated
-token, timed eagerly with logits at every position and at its best (last-position logits, cuDNN attention, compiled,
-CUDA graph: :func:`recompute_times`); the ratios use the best. Floor: bytes a step must read (weights except the
+category (torch.profiler over replays of the graph: ``kernel_breakdown``, DECODE_CATEGORIES) and its top kernels.
+Recomputation (StreamingLLM's baseline): one forward over the last ``--cache`` tokens per generated token, timed
+eagerly with logits at every position and at its best (last-position logits, cuDNN attention, compiled, CUDA graph:
+:func:`recompute_times`; ``--recompute eager``: eagerly only); the ratios use the best. Floor: bytes a step must read (weights except the
 embedding table, plus the cache) over the copy bandwidth measured here; ``recompute_over_floor`` is the most any
 decoding step could gain over the recomputation. Then the same comparison at ``--batch-large`` streams (eager graph
 only). Prints a table, writes JSON.
