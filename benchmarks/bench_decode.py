@@ -15,9 +15,9 @@ category (torch.profiler over replays of the graph: ``kernel_breakdown``, DECODE
 Recomputation (StreamingLLM's baseline): one forward over the last ``--cache`` tokens per generated token, timed
 eagerly with logits at every position and at its best (last-position logits, cuDNN attention, compiled, CUDA graph:
 :func:`recompute_times`; ``--recompute eager``: eagerly only); the ratios use the best. Floor: bytes a step must
-read (weights except the embedding table, plus the cache) over the copy bandwidth measured here; ``recompute_over_floor`` is the most any
-decoding step could gain over the recomputation. Then the same comparison at ``--batch-large`` streams (eager graph
-only). Prints a table, writes JSON.
+read (weights except the embedding table, plus the cache) over the copy bandwidth measured here;
+``recompute_over_floor`` is the most any decoding step could gain over the recomputation. Then the same comparison
+at ``--batch-large`` streams (eager graph only). Prints a table, writes JSON.
 """
 from __future__ import annotations
 
