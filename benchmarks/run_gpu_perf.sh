@@ -10,6 +10,7 @@
 #   EXTRA60="" ...                                         # train_60m without the loss/attention micro-benchmarks
 #   EXTRA60="--impls reference,ours --compile blocks,model --micro-batches 16,32 --ref-micro-batches 16,32"
 #                                                          # train_60m: compile scopes and micro batches, each side at its best
+#   LOOP_SCOPE=model ...                                   # train_loop: train.compile_scope
 #   DEC_MODELS=tinyllama_1_1b DEC_EXTRA="--recompute eager --stream 20000" ...   # decode_compiled: models, options
 #   CHECKS=flex_ ...                                       # checks: only these gpu_checks.py cases
 #   LIMIT_CHECKS / LIMIT_CURVE BUDGET_CURVE / LIMIT_DEC BUDGET_DEC: seconds of those steps
@@ -48,8 +49,8 @@ step train_60m "${LIMIT60:-175}" "$PY" bench_train_step.py --compare --breakdown
 step decode 70 "$PY" bench_decode.py --models tinyllama_60M,tinyllama_1_1b --compile-models none --budget-s 55 $Q \
   --out "$OUT/decode.json"
 SDPA=$("$PY" -c "import json; print(json.load(open('$OUT/train_step_60m.json'))['sdpa_ours'])" 2>/dev/null || echo default)
-step train_loop 75 "$PY" bench_train_loop.py --sdpa "$SDPA" --steps 40 --log-interval 5 --eval-interval 20 \
-  --sink-interval 20 $Q --out "$OUT/train_loop.json"
+step train_loop 75 "$PY" bench_train_loop.py --sdpa "$SDPA" --compile-scope "${LOOP_SCOPE:-auto}" --steps 40 \
+  --log-interval 5 --eval-interval 20 --sink-interval 20 $Q --out "$OUT/train_loop.json"
 step attention_curve "${LIMIT_CURVE:-50}" "$PY" bench_attention.py --curve --budget-s "${BUDGET_CURVE:-30}" $Q \
   --out "$OUT/attention_curve.json"
 step train_1b 60 "$PY" bench_train_step.py --model tinyllama_1_1b --micro-batch 8 --impls ours --sdpa best \
