@@ -195,6 +195,7 @@ def run_model(name: str, a, device, dtype, bandwidth: float, t_start: float, sav
             except Exception as e:
                 out["errors"][v] = f"{type(e).__name__}: {str(e)[:200]}"
                 del decoders[v]
+            save({**out, "checkpoints": out["checkpoints"] + [row]})     # a compilation may run into the limit
         row["cache_MiB"] = round(runner.cache_bytes() / 2**20, 2)
         if device.type == "cuda":
             row["allocated_MiB"] = round(torch.cuda.memory_allocated() / 2**20, 1)
