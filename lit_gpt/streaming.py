@@ -228,7 +228,8 @@ class SinkWindowKV:
     def enter_static(self, attention: str = "sdpa") -> None:
         """Decode steps (one token per row) without a host synchronisation or a shape that depends on the data,
         so that a step can be captured as a CUDA graph and replayed (:class:`GraphDecoder`): the token is written to
-        its ring slot by a device-side scatter and attention looks at all s + r slots (empty ones are masked).
+        its ring slot by a device-side index write (kept in place under torch.compile) and attention looks at all
+        s + r slots (empty ones are masked).
         Needs allocated buffers and every decoded position >= start_size (the sinks are written already).
         ``attention`` of a softmax step: ``matmul`` (two batched matrix products around a masked softmax, spread
         over the whole GPU) or ``sdpa`` (with a mask SDPA takes its memory-efficient kernel, one thread block per
