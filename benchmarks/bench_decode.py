@@ -8,13 +8,16 @@ recomputation at the same cache size, and the memory-bandwidth floor.
 One stream per model (batch 1, ``--start`` sinks + a window, ``--cache`` keys in all): the stream advances by chunked
 prefill (equal to token-by-token streaming, tests/test_streaming.py) to each checkpoint position, where ``--steps``
 greedy decoding steps are timed one by one (CUDA events) through lit_gpt.generate.GraphDecoder: the step captured
-as a CUDA graph, with and without torch.compile inside. At each checkpoint: median / max latency, allocated memory,
-cache bytes. Recomputation (StreamingLLM's baseline): one forward over the last ``--cache`` tokens per generated
-token, timed eagerly with logits at every position and at its best (last-position logits, cuDNN attention, compiled,
-CUDA graph: :func:`recompute_times`); the ratios use the best. Floor: bytes a step must read (weights except the
-embedding table, plus the cache) over the copy bandwidth measured here; ``recompute_over_floor`` is the most any
-decoding step could gain over the recomputation. Then the same comparison at ``--batch-large`` streams (eager graph
-only). Prints a table, writes JSON.
+as a CUDA graph, with and without torch.compile inside, each with the softmax by SDPA (GraphDecoder's default) and as
+matrix products (variants "graph + compile, sdpa", "graph + compile, matmul", "graph, sdpa", "graph, matmul"). At
+each checkpoint: median / max latency, allocated memory, cache bytes; at the first, every variant's kernel time by
+category (torch.profiler over replays of the graph: ``kernel_breakdown``, DECODE_CATEGORIES) and its top kernels.
+Recomputation (StreamingLLM's baseline): one forward over the last ``--cache`` tokens per generated token, timed
+eagerly with logits at every position and at its best (last-position logits, cuDNN attention, compiled, CUDA graph:
+:func:`recompute_times`; ``--recompute eager``: eagerly only); the ratios use the best. Floor: bytes a step must
+read (weights except the embedding table, plus the cache) over the copy bandwidth measured here;
+``recompute_over_floor`` is the most any decoding step could gain over the recomputation. Then the same comparison
+at ``--batch-large`` streams (eager graph only). Prints a table, writes JSON.
 """
 from __future__ import annotations
 
@@ -24,11 +27,13 @@ import time
 
 import torch
 
-from common import kernel_breakdown, measure_copy_bandwidth, print_table, time_fn, write_json
+from common import DECODE_CATEGORIES, kernel_breakdown, measure_copy_bandwidth, print_table, time_fn, write_json
 from lit_gpt import GPT, Config
 from lit_gpt.attention import set_sdpa_backend
 from lit_gpt.generate import GPTRunner, GraphDecoder
-from lit_gpt.streaming import StreamingSpec
+from lit_gpt.streaming import STATIC_ATTENTION, StreamingSpec
+
+DEFAULT_ATTENTION = GraphDecoder.__init__.__kwdefaults__["attention"]
 
 
 def step_bytes(model, cache_bytes: int, batch: int) -> int:
@@ -117,7 +122,8 @@ def timed_decode(dec: GraphDecoder, tok: torch.Tensor, pos: int, steps: int, dev
 
 
 @torch.no_grad()
-def run_model(name: str, a, device, dtype, bandwidth: float, t_start: float) -> dict:
+def run_model(name: str, a, device, dtype, bandwidth: float, t_start: float, save=lambda out: None) -> dict:
+    """One model's stream; ``save(out)`` after every checkpoint (a command stopped at its limit keeps those)."""
     torch.manual_seed(0)
     cfg = Config.from_name(name)
     with device:
@@ -142,17 +148,19 @@ def run_model(name: str, a, device, dtype, bandwidth: float, t_start: float) -> 
     marks = [max(a.cache, 64)] + [int(a.stream * (i + 1) / a.checkpoints) for i in range(a.checkpoints)]
     advance(marks[0])
     decoders = {}
-    # "graph": the step as a CUDA graph, its attention as matrix products; "graph, sdpa attention": the same with
-    # SDPA's masked kernel (as before); "graph + compile": torch.compile inside the graph
-    variants = ["graph", "graph, sdpa attention"]
-    if device.type == "cuda" and name in a.compile_models:
-        variants = ["graph + compile"] + variants
+    # "graph, <attention>": the step as a CUDA graph, its softmax by SDPA's masked kernel (GraphDecoder's default) or
+    # as matrix products; "graph + compile, <attention>": torch.compile inside the graph (CPU: the same steps eagerly)
+    attentions = [DEFAULT_ATTENTION] + [x for x in STATIC_ATTENTION if x != DEFAULT_ATTENTION]
+    kinds = ["graph + compile", "graph"] if device.type == "cuda" and name in a.compile_models else ["graph"]
     if device.type != "cuda":
-        variants = ["eager (no graph on CPU)", "eager, sdpa attention"]
+        kinds = ["eager (no graph on CPU)"]
+    variants = [f"{k}, {att}" for k in kinds for att in attentions]
+    if len(kinds) == 2:     # the default compiled step first (timed at every position), the other compiled one last
+        variants = variants[:1] + variants[2:] + variants[1:2]
+    out["variants"] = variants
     for v in variants:
         try:
-            decoders[v] = GraphDecoder(model, B, compile=v == "graph + compile",
-                                       attention="sdpa" if "sdpa" in v else "matmul")
+            decoders[v] = GraphDecoder(model, B, compile=v.startswith("graph + compile"), attention=v.split(", ")[-1])
         except Exception as e:
             out["errors"][v] = f"{type(e).__name__}: {str(e)[:200]}"
     tok = stream[:, pos:pos + 1]
@@ -177,20 +185,23 @@ def run_model(name: str, a, device, dtype, bandwidth: float, t_start: float) -> 
                 times = times[2:]
                 row[f"{v} median_ms"] = round(statistics.median(times), 4)
                 row[f"{v} max_ms"] = round(max(times), 4)
-                if device.type == "cuda" and ci == len(marks) - 1 and v == variants[0]:
+                if device.type == "cuda" and ci == 0:
                     p1 = torch.full((B, 1), pos, device=device)               # where the step's time goes
                     try:
-                        out["kernel_breakdown"] = {v: kernel_breakdown(lambda: dec.step(tok, p1))}
+                        out.setdefault("kernel_breakdown", {})[v] = kernel_breakdown(
+                            lambda: dec.step(tok, p1), steps=5, categories=DECODE_CATEGORIES, top=12)
                     except Exception as e:
-                        out["errors"]["kernel_breakdown"] = f"{type(e).__name__}: {str(e)[:200]}"
+                        out["errors"][f"kernel_breakdown {v}"] = f"{type(e).__name__}: {str(e)[:200]}"
             except Exception as e:
                 out["errors"][v] = f"{type(e).__name__}: {str(e)[:200]}"
                 del decoders[v]
+            save({**out, "checkpoints": out["checkpoints"] + [row]})     # a compilation may run into the limit
         row["cache_MiB"] = round(runner.cache_bytes() / 2**20, 2)
         if device.type == "cuda":
             row["allocated_MiB"] = round(torch.cuda.memory_allocated() / 2**20, 1)
         out["checkpoints"].append(row)
         print(name, row, flush=True)
+        save(out)
         if time.perf_counter() - t_start > a.budget_s:
             out["errors"]["budget"] = f"stopped after position {P} (time budget {a.budget_s} s)"
             break
@@ -198,6 +209,8 @@ def run_model(name: str, a, device, dtype, bandwidth: float, t_start: float) -> 
     runner.stop()
     del decoders
     try:
+        if a.recompute != "best":
+            raise RuntimeError("not timed (--recompute eager)")
         out["recompute"] = recompute_times(model, stream[:, :a.cache], device, device.type == "cuda")
     except Exception as e:
         out["errors"]["recompute best"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -264,6 +277,8 @@ def main():
     ap.add_argument("--start", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--batch-large", type=int, default=16)
+    ap.add_argument("--recompute", default="best", choices=["best", "eager"],
+                    help="recomputation baseline: also at its best (compiled + graph: seconds of compilation) or eager")
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/decode.json")
@@ -278,17 +293,17 @@ def main():
     t_start = time.perf_counter()
     results = []
     extra = {"copy_bandwidth_TBps": round(bandwidth / 1e12, 3) if bandwidth else None, "dtype": str(dtype),
-             "stream_tokens": a.stream}
+             "stream_tokens": a.stream, "default_attention": DEFAULT_ATTENTION}
     for m in a.models.split(","):
         if time.perf_counter() - t_start > a.budget_s:
             results.append({"model": m, "errors": {"budget": "skipped (time budget)"}})
             continue
-        results.append(run_model(m, a, device, dtype, bandwidth, t_start))
+        results.append(run_model(m, a, device, dtype, bandwidth, t_start,
+                                 save=lambda out: write_json(a.out, results + [out], extra)))
         write_json(a.out, results, extra)
     table = []
     for r in results:
-        for v in ("graph + compile", "graph", "graph, sdpa attention", "eager (no graph on CPU)",
-                  "eager, sdpa attention"):
+        for v in r.get("variants", []):
             if v in r:
                 table.append({"model": r["model"], "decode": v, **r[v], "recompute_ms": r["recompute_ms"],
                               "floor_ms": r["floor_ms"], "recompute_over_floor": r.get("recompute_over_floor")})

@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--compile", type=int, default=1)
+    ap.add_argument("--compile-scope", default="auto", help="train.compile_scope: auto | blocks | model")
     ap.add_argument("--sdpa", default="auto")
     ap.add_argument("--loss", default="auto")
     ap.add_argument("--log-interval", type=int, default=10)
@@ -60,7 +61,7 @@ def main() -> None:
                "train": {"out_dir": str(tmp / "run"), "global_batch_size": a.global_batch,
                          "micro_batch_size": a.micro_batch, "max_steps": a.steps, "warmup_steps": 10,
                          "log_interval": a.log_interval, "eval_interval": a.eval_interval,
-                         "sink_interval": a.sink_interval, "save_interval": 0, "compile": bool(a.compile),
+                         "sink_interval": a.sink_interval, "save_interval": 0, "compile": bool(a.compile), "compile_scope": a.compile_scope,
                          "sdpa_backend": a.sdpa, "loss_impl": a.loss, "profile": True, "resume": False},
                "probe": {"source": "shards", "n": 100, "T": 64},
                "logging": {"tensorboard": False, "wandb": False}}

@@ -3,15 +3,24 @@ one process next to a plain compiled reference model (benchmarks/reference_llama
 the same shape, with MFU against the GPU's bf16 matmul rate measured in the same command.
 
     python benchmarks/bench_train_step.py --compare                       # GPU: tinyllama_60M, 16 x 2048: ours, reference, litgpt
+    python benchmarks/bench_train_step.py --impls reference,ours --compile blocks,model --micro-batches 16,32 \
+        --ref-micro-batches 16,32                                          # the alternatives, each side at its best
     python benchmarks/bench_train_step.py --model tinyllama_1_1b --micro-batch 8 --impls ours
     python benchmarks/bench_train_step.py --variants "window 256 flex" "alibi flex"   # our variants
     python benchmarks/bench_train_step.py --quick --compare               # tiny CPU smoke run
 
-Ours: ``model(x, targets=y)`` (lit_gpt/fused_ce.py: no fp32 logits), ``--compile blocks`` (each block compiled,
-as ``train.compile``), ``--sdpa`` kernel (``best``: the faster of cuDNN and flash on this attention shape,
-measured here). The reference: ``torch.compile(model)`` with F.cross_entropy on fp32-upcast logits. litgpt (PyPI):
-its GPT compiled as its pretrain.py does, with its chunked_cross_entropy. Prints a table, writes JSON (command,
-commit, GPU, library versions).
+Ours: ``model(x, targets=y)`` (lit_gpt/fused_ce.py: no fp32 logits), ``--compile`` scopes (comma list of
+``train.compile_scope`` values, through the loop's own ``lit_gpt.throughput.compile_model``: ``blocks`` each block
+compiled, ``model`` the whole model; ``none``: eager), ``--sdpa`` kernel (``best``: the faster of cuDNN and flash
+on this attention shape, measured here). The reference: ``torch.compile(model)`` with F.cross_entropy on
+fp32-upcast logits. litgpt (PyPI): its GPT compiled as its pretrain.py does, with its chunked_cross_entropy.
+
+Micro batches: ``--micro-batch`` is the issue's comparison point (``x_reference`` / ``x_litgpt`` of every row are
+against those two at that micro batch); ``--micro-batches`` (ours) and ``--ref-micro-batches`` (the reference and
+litgpt) add more, timed after every run at the base micro batch, so that the JSON's ``best`` compares each side at
+its own fastest micro batch. Every run starts from a reset compiler (``torch._dynamo.reset()``): each compiles as in
+a fresh process, static shapes. ``--budget-s`` skips the runs that would start after it. Prints a table, writes
+JSON (command, commit, GPU, library versions).
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ import torch
 from common import (kernel_breakdown, measure_bf16_peak, print_table, time_fn, write_json)
 from lit_gpt import GPT, Config
 from lit_gpt.attention import set_sdpa_backend
-from lit_gpt.throughput import compile_blocks
+from lit_gpt.throughput import COMPILE_SCOPES, compile_model
 from reference_llama import RefLlama, flops_per_token, loss_fn
 
 VARIANTS = {
@@ -54,11 +63,7 @@ def build(impl: str, cfg: Config, device, compile_mode: str, loss_impl: str):
     if impl == "ours":
         with device:                         # initialise on the device (a 1B model takes seconds on the CPU)
             model = GPT(cfg)
-        fwd = model
-        if compile_mode == "blocks":
-            compile_blocks(model)
-        elif compile_mode == "whole":
-            fwd = torch.compile(model)
+        fwd = model if compile_mode == "none" else compile_model(model, compile_mode)    # as train.compile_scope
         return model, lambda x, y: fwd(x, targets=y, loss_impl=loss_impl)
     if impl == "reference":
         with device:
@@ -146,15 +151,45 @@ def loss_times(cfg: Config, rows: int, device) -> dict:
     return out
 
 
+def ratios(rows: list, extra: dict, base_mb: int) -> None:
+    """``x_reference`` / ``x_litgpt`` of every timed row against those at the base micro batch (the issue's
+    comparison), and ``extra['best']``: the fastest default row of each implementation at any micro batch and the
+    ratios of our best to theirs (each side at its own best) and to theirs at the base micro batch."""
+    timed = [r for r in rows if isinstance(r.get("tokens/s"), int) and r["variant"] == "default"]
+    base = {r["impl"]: r["tokens/s"] for r in timed if r["impl"] != "ours" and r["micro_batch"] == base_mb}
+    for r in rows:
+        for ref in ("reference", "litgpt"):
+            if ref in base and isinstance(r.get("tokens/s"), int):
+                r[f"x_{ref}"] = round(r["tokens/s"] / base[ref], 3)
+    best = {}
+    for r in timed:
+        if r["impl"] not in best or r["tokens/s"] > best[r["impl"]]["tokens/s"]:
+            best[r["impl"]] = {k: r[k] for k in ("compile", "micro_batch", "tokens/s", "ms/step", "peak_GiB", "MFU_%")}
+    at_base = [r for r in timed if r["impl"] == "ours" and r["micro_batch"] == base_mb]
+    if at_base:
+        top = max(at_base, key=lambda r: r["tokens/s"])
+        best["ours at the base micro batch"] = {k: top[k] for k in ("compile", "micro_batch", "tokens/s")}
+    for ref in ("reference", "litgpt"):
+        if "ours" in best and ref in best:
+            best[f"ours best / {ref} best"] = round(best["ours"]["tokens/s"] / best[ref]["tokens/s"], 3)
+        if at_base and ref in base:
+            best[f"ours at micro {base_mb} / {ref} at micro {base_mb}"] = round(
+                best["ours at the base micro batch"]["tokens/s"] / base[ref], 3)
+    best["complete"] = not any(str(r.get("ms/step", "")).startswith(("skipped", "error")) for r in rows)
+    extra["best"] = best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tinyllama_60M")
-    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--micro-batch", type=int, default=16, help="the comparison point of x_reference / x_litgpt")
+    ap.add_argument("--micro-batches", default=None, help="ours: comma list of micro batches (default: --micro-batch)")
+    ap.add_argument("--ref-micro-batches", default=None, help="reference, litgpt: comma list (default: --micro-batch)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--compare", action="store_true", help="ours vs the reference model vs litgpt")
     ap.add_argument("--impls", default=None, help="comma list of ours, reference, litgpt")
-    ap.add_argument("--compile", default="blocks", choices=["none", "blocks", "whole"], help="for ours")
+    ap.add_argument("--compile", default="blocks", help=f"ours: comma list of none, {', '.join(COMPILE_SCOPES)}")
     ap.add_argument("--eager-too", action="store_true", help="also time ours without compilation")
     ap.add_argument("--loss", default="fused", choices=["fused", "plain"], help="ours: loss_impl")
     ap.add_argument("--sdpa", default="best", choices=["best", "auto", "cudnn", "flash", "default"])
@@ -170,13 +205,22 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if a.quick:
         a.model, a.micro_batch, a.seq, a.repeat = "tiny", 2, 64, 2
+        a.micro_batches = a.micro_batches and "2,3"
+        a.ref_micro_batches = a.ref_micro_batches and "2,3"
+    scopes = a.compile.split(",")
+    for sc in scopes:
+        if sc not in ("none",) + COMPILE_SCOPES:
+            ap.error(f"--compile={sc!r} is invalid; allowed: none, {', '.join(COMPILE_SCOPES)}")
+    ours_mbs = [int(m) for m in a.micro_batches.split(",")] if a.micro_batches else [a.micro_batch]
+    ref_mbs = [int(m) for m in a.ref_micro_batches.split(",")] if a.ref_micro_batches else [a.micro_batch]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     cfg0 = Config.from_name(a.model, block_size=a.seq)
     impls = (a.impls.split(",") if a.impls else ["reference", "litgpt", "ours"] if a.compare else ["ours"])
-    extra = {"model": a.model, "micro_batch": a.micro_batch, "seq": a.seq, "accum": a.accum,
+    extra = {"model": a.model, "micro_batch": a.micro_batch, "seq": a.seq, "accum": a.accum, "compile_scopes": scopes,
+             "micro_batches_ours": ours_mbs, "micro_batches_reference": ref_mbs,
              "precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
     peak = None
     if device.type == "cuda":
@@ -199,25 +243,33 @@ def main() -> None:
     fpt = flops_per_token(cfg0.n_layer, cfg0.n_embd, matmul_params(cfg0), a.seq)
     extra["flops_per_token"] = fpt
 
-    runs = []      # (impl, variant name, overrides, compile mode)
+    runs = []      # (impl, variant name, overrides, compile mode, micro batch): the base micro batch first
     for impl in impls:
         if impl != "ours":
-            runs.append((impl, "default", {}, "whole"))
+            runs.append((impl, "default", {}, "whole", a.micro_batch))
             continue
         for name in (a.variants or ["default"]):
-            modes = ([a.compile] + (["none"] if a.eager_too and a.compile != "none" else []))
-            runs += [(impl, name, VARIANTS[name], m) for m in modes]
+            modes = scopes + (["none"] if a.eager_too and "none" not in scopes else [])
+            runs += [(impl, name, VARIANTS[name], m, a.micro_batch) for m in modes]
+    for mb in sorted(set(ours_mbs + ref_mbs) - {a.micro_batch}):      # then each further micro batch, both sides
+        runs += [(impl, "default", {}, "whole", mb) for impl in impls if impl != "ours" and mb in ref_mbs]
+        runs += [("ours", "default", {}, m, mb) for m in scopes if "ours" in impls and m != "none" and mb in ours_mbs]
+    # our whole-model compile takes every layer's compilation (the blocks scope: one block's), so under a time budget
+    # its runs go last: the budget then cuts the dearest runs, not a side's other micro batch
+    runs = [r for r in runs if r[3] != "model"] + [r for r in runs if r[3] == "model"]
     rows, t_start = [], time.perf_counter()
-    for impl, name, overrides, mode in runs:
+    for impl, name, overrides, mode, mb in runs:
         if time.perf_counter() - t_start > a.budget_s:
-            rows.append({"impl": impl, "variant": name, "compile": mode, "ms/step": "skipped (time budget)"})
+            rows.append({"impl": impl, "variant": name, "compile": mode, "micro_batch": mb,
+                         "ms/step": "skipped (time budget)"})
             continue
+        torch._dynamo.reset()                   # compile as a fresh process would (no shapes seen before)
         set_sdpa_backend(sdpa if impl == "ours" else "default")
         ov = dict(overrides)
         if "window_size" in ov:
             ov["window_size"] = min(ov["window_size"], a.seq // 4)
         torch.manual_seed(0)
-        row = {"impl": impl, "variant": name, "compile": mode, "loss": a.loss if impl == "ours" else
+        row = {"impl": impl, "variant": name, "compile": mode, "micro_batch": mb, "loss": a.loss if impl == "ours" else
                ("chunked_cross_entropy" if impl == "litgpt" else "fp32 F.cross_entropy"),
                "sdpa": sdpa if impl == "ours" else "default"}
         t0 = time.perf_counter()
@@ -226,7 +278,7 @@ def main() -> None:
             model, fwd_loss = build(impl, cfg, device, mode, a.loss)
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-            x = torch.randint(0, cfg.vocab_size, (a.micro_batch, a.seq + 1), device=device)
+            x = torch.randint(0, cfg.vocab_size, (mb, a.seq + 1), device=device)
             inp, tgt = x[:, :-1], x[:, 1:]
 
             def step():
@@ -245,35 +297,34 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             sec = time_fn(step, device, warmup=2, repeat=a.repeat)
-            tps = a.accum * a.micro_batch * a.seq / sec
+            tps = a.accum * mb * a.seq / sec
             row.update({"ms/step": round(sec * 1e3, 1), "tokens/s": int(tps),
                         "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
                         "MFU_%": round(100 * tps * fpt / peak, 1) if peak and name == "default" else None,
                         "loss": row["loss"]})
-            if a.breakdown and impl == "ours" and name == "default" and mode == a.compile and device.type == "cuda":
-                extra.setdefault("kernel_breakdown", {})[f"{impl} {mode}"] = kernel_breakdown(step)
+            if a.breakdown and impl == "ours" and name == "default" and mode != "none" and device.type == "cuda":
+                key = f"{impl} {mode}" + ("" if mb == a.micro_batch else f" micro {mb}")
+                extra.setdefault("kernel_breakdown", {})[key] = kernel_breakdown(step)
             if impl in ("reference", "litgpt") and a.breakdown_all and device.type == "cuda":
-                extra.setdefault("kernel_breakdown", {})[impl] = kernel_breakdown(step)
+                key = impl + ("" if mb == a.micro_batch else f" micro {mb}")
+                extra.setdefault("kernel_breakdown", {})[key] = kernel_breakdown(step)
         except Exception as e:          # report, don't hide (e.g. litgpt missing, a kernel failing for a shape)
             row["ms/step"] = f"error: {type(e).__name__}: {str(e)[:160]}"
             if impl == "ours" and sdpa not in ("default", "flash"):
-                runs.append((impl, name, overrides, mode))       # once more with torch's default kernel order
+                runs.append((impl, name, overrides, mode, mb))   # once more with torch's default kernel order
                 print(f"ours with sdpa={sdpa} failed; from here on sdpa=default", flush=True)
                 sdpa = extra["sdpa_ours"] = "default"
         rows.append(row)
         print(row, flush=True)
+        ratios(rows, extra, a.micro_batch)
         write_json(a.out, rows, extra)           # after every run: a command stopped at its limit keeps what it measured
         model = opt = fwd_loss = step = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    base = {r["impl"]: r["tokens/s"] for r in rows if isinstance(r.get("tokens/s"), int) and r["variant"] == "default"
-            and r["impl"] != "ours"}
-    for r in rows:
-        for ref in ("reference", "litgpt"):
-            if ref in base and isinstance(r.get("tokens/s"), int):
-                r[f"x_{ref}"] = round(r["tokens/s"] / base[ref], 3)
-    print_table(rows, ["impl", "variant", "compile", "sdpa", "ms/step", "tokens/s", "MFU_%", "peak_GiB",
-                       "x_reference", "x_litgpt", "first_step_s"])
+    print_table(rows, ["impl", "variant", "compile", "micro_batch", "sdpa", "ms/step", "tokens/s", "MFU_%",
+                       "peak_GiB", "x_reference", "x_litgpt", "first_step_s"])
+    if extra.get("best"):
+        print("each side at its best:", extra["best"])
     for k, v in extra.get("kernel_breakdown", {}).items():
         print(f"kernel time by category, {k}:")
         for r in v:

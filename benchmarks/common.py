@@ -45,8 +45,23 @@ KERNEL_CATEGORIES = (   # first match wins: attention kernels are also CUTLASS k
 )
 
 
-def kernel_breakdown(step: Callable[[], None], steps: int = 2) -> List[Dict]:
-    """GPU kernel time per step of ``step()`` by category (torch.profiler over ``steps`` calls after one more)."""
+DECODE_CATEGORIES = (   # one decoding step: what reads the cache, what reads the weights, and what is neither
+    ("attention (SDPA kernels)", r"flash|fmha|cudnn|attention|attn|sdpa|flex|efficient"),
+    ("matmul / gemv (weights)", r"gemm|nvjet|cutlass|xmma|sm90|sm80|cublas|gemv|splitk"),
+    ("inductor reductions (norms, softmax, argmax)", r"^triton_(red|per)_"),
+    ("inductor pointwise (RoPE, cache writes, mask)", r"^triton_poi_"),
+    ("index / scatter / gather (cache writes, eager)", r"index|scatter|gather"),
+    ("copies and fills", r"memcpy|memset|copy|fill"),
+    ("eager reductions", r"reduce"),
+    ("eager elementwise", r"elementwise|vectorized|unrolled"),
+    ("other", r"."),
+)
+
+
+def kernel_breakdown(step: Callable[[], None], steps: int = 2, categories=KERNEL_CATEGORIES,
+                     top: int = 8) -> List[Dict]:
+    """GPU kernel time per step of ``step()`` by category (torch.profiler over ``steps`` calls after one more;
+    first matching pattern of ``categories`` wins), the ``top`` kernels (time and calls per step) and the count."""
     import re
 
     from torch.profiler import ProfilerActivity, profile
@@ -58,7 +73,8 @@ def kernel_breakdown(step: Callable[[], None], steps: int = 2) -> List[Dict]:
             step()
         torch.cuda.synchronize()
     cat: Dict[str, float] = {}
-    top: Dict[str, float] = {}
+    by_name: Dict[str, float] = {}
+    calls: Dict[str, int] = {}
     launches = 0
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", None)
@@ -67,16 +83,18 @@ def kernel_breakdown(step: Callable[[], None], steps: int = 2) -> List[Dict]:
         if not us or "CUDA" not in str(getattr(e, "device_type", "CUDA")):
             continue
         launches += e.count
-        for label, pattern in KERNEL_CATEGORIES:
+        for label, pattern in categories:
             if re.search(pattern, e.key, flags=re.IGNORECASE):
                 cat[label] = cat.get(label, 0.0) + us
                 break
-        top[e.key] = top.get(e.key, 0.0) + us
+        by_name[e.key] = by_name.get(e.key, 0.0) + us
+        calls[e.key] = calls.get(e.key, 0) + e.count
     total = sum(cat.values()) or 1.0
     rows = [{"category": k, "ms_per_step": round(v / 1e3 / steps, 2), "share_%": round(100 * v / total, 1)}
             for k, v in sorted(cat.items(), key=lambda kv: -kv[1])]
     rows.append({"category": "top kernels", "kernels": [
-        {"name": k[:90], "ms_per_step": round(v / 1e3 / steps, 2)} for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:8]]})
+        {"name": k[:90], "ms_per_step": round(v / 1e3 / steps, 3), "calls_per_step": round(calls[k] / steps, 1)}
+        for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]]})
     rows.append({"category": "kernels per step", "count": round(launches / steps, 1)})
     return rows
 

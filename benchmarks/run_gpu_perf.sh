@@ -8,6 +8,10 @@
 #   QUICK=1 OUT=/tmp/perf bash benchmarks/run_gpu_perf.sh  # the same sequence, tiny, on CPU
 #   STEPS="train_60m train_loop" ... bash benchmarks/run_gpu_perf.sh   # only these steps
 #   EXTRA60="" ...                                         # train_60m without the loss/attention micro-benchmarks
+#   EXTRA60="--impls reference,ours --compile blocks,model --micro-batches 16,32 --ref-micro-batches 16,32"
+#                                                          # train_60m: compile scopes and micro batches, each side at its best
+#   LOOP_SCOPE=model ...                                   # train_loop: train.compile_scope
+#   DEC_MODELS=tinyllama_1_1b DEC_EXTRA="--recompute eager --stream 20000" ...   # decode_compiled: models, options
 #   CHECKS=flex_ ...                                       # checks: only these gpu_checks.py cases
 #   LIMIT_CHECKS / LIMIT_CURVE BUDGET_CURVE / LIMIT_DEC BUDGET_DEC: seconds of those steps
 #
@@ -45,13 +49,14 @@ step train_60m "${LIMIT60:-175}" "$PY" bench_train_step.py --compare --breakdown
 step decode 70 "$PY" bench_decode.py --models tinyllama_60M,tinyllama_1_1b --compile-models none --budget-s 55 $Q \
   --out "$OUT/decode.json"
 SDPA=$("$PY" -c "import json; print(json.load(open('$OUT/train_step_60m.json'))['sdpa_ours'])" 2>/dev/null || echo default)
-step train_loop 75 "$PY" bench_train_loop.py --sdpa "$SDPA" --steps 40 --log-interval 5 --eval-interval 20 \
-  --sink-interval 20 $Q --out "$OUT/train_loop.json"
+step train_loop 75 "$PY" bench_train_loop.py --sdpa "$SDPA" --compile-scope "${LOOP_SCOPE:-auto}" --steps 40 \
+  --log-interval 5 --eval-interval 20 --sink-interval 20 $Q --out "$OUT/train_loop.json"
 step attention_curve "${LIMIT_CURVE:-50}" "$PY" bench_attention.py --curve --budget-s "${BUDGET_CURVE:-30}" $Q \
   --out "$OUT/attention_curve.json"
 step train_1b 60 "$PY" bench_train_step.py --model tinyllama_1_1b --micro-batch 8 --impls ours --sdpa best \
   --breakdown --repeat 4 $Q --out "$OUT/train_step_1b.json"
-step decode_compiled "${LIMIT_DEC:-90}" "$PY" bench_decode.py --models tinyllama_1_1b,tinyllama_60M --batch-large 0 \
-  --checkpoints 4 --budget-s "${BUDGET_DEC:-50}" $Q --out "$OUT/decode_compiled.json"
+# shellcheck disable=SC2086
+step decode_compiled "${LIMIT_DEC:-90}" "$PY" bench_decode.py --models "${DEC_MODELS:-tinyllama_1_1b,tinyllama_60M}" \
+  --batch-large 0 --checkpoints 4 --budget-s "${BUDGET_DEC:-50}" ${DEC_EXTRA:-} $Q --out "$OUT/decode_compiled.json"
 step checks "${LIMIT_CHECKS:-150}" "$PY" gpu_checks.py --cases "${CHECKS:-}" --out "$OUT/gpu_checks.json"
 echo "total $(( $(date +%s) - t0 ))s" | tee -a "$LOG"

@@ -85,7 +85,8 @@ class TrainConfig:
     sink_interval: int = 1000                        # Sink_1..k on the probe every N steps (0: only at the end)
     save_interval: int = 1000                        # checkpoint every N steps (0: only at the end)
     keep_last: Optional[int] = None                  # keep only the newest N step checkpoints
-    compile: bool = False                            # torch.compile each block (FSDP, Flex: the whole model)
+    compile: bool = False                            # torch.compile (FSDP: the whole model; else compile_scope)
+    compile_scope: str = "auto"                      # auto | blocks | model: lit_gpt.throughput.compile_model
     loss_impl: str = "auto"                          # fused | plain | auto (fused on CUDA): lit_gpt/fused_ce.py
     sdpa_backend: str = "auto"                       # auto | cudnn | flash | efficient | default (torch's order)
     profile: bool = False                            # pretrain.py --profile: phase times + bare-step ratio
@@ -422,6 +423,8 @@ def validate(cfg: RunConfig) -> None:
     from lit_gpt.fused_ce import IMPLS
     _choice("train.loss_impl", t.loss_impl, IMPLS)
     _choice("train.sdpa_backend", t.sdpa_backend, SDPA_BACKENDS)
+    from lit_gpt.throughput import COMPILE_SCOPES
+    _choice("train.compile_scope", t.compile_scope, COMPILE_SCOPES)
     for k in ("compile", "fsdp_activation_checkpointing", "save_final", "profile"):
         if not isinstance(getattr(t, k), bool):
             raise RunConfigError(f"train.{k}={getattr(t, k)!r} is invalid; allowed: true or false")

@@ -228,7 +228,8 @@ class SinkWindowKV:
     def enter_static(self, attention: str = "sdpa") -> None:
         """Decode steps (one token per row) without a host synchronisation or a shape that depends on the data,
         so that a step can be captured as a CUDA graph and replayed (:class:`GraphDecoder`): the token is written to
-        its ring slot by a device-side scatter and attention looks at all s + r slots (empty ones are masked).
+        its ring slot by a device-side index write (kept in place under torch.compile) and attention looks at all
+        s + r slots (empty ones are masked).
         Needs allocated buffers and every decoded position >= start_size (the sinks are written already).
         ``attention`` of a softmax step: ``matmul`` (two batched matrix products around a masked softmax, spread
         over the whole GPU) or ``sdpa`` (with a mask SDPA takes its memory-efficient kernel, one thread block per
@@ -291,13 +292,13 @@ class SinkWindowKV:
     def _write_ring_static(self, k, v, p, valid) -> None:
         """One token per row (T = 1) into ring slot s + p mod r, on the device (padding rows keep the slot)."""
         s, r = self.spec.start_size, self.spec.recent_size
-        B, G, _, d = k.shape
+        B = k.shape[0]
         slot = s + p.clamp(min=0) % r                              # (B, 1)
-        ik, iv = slot.view(B, 1, 1, 1).expand(B, G, 1, d), slot.view(B, 1, 1, 1).expand(B, G, 1, v.shape[-1])
-        keep = valid.view(B, 1, 1, 1)
-        self.k.scatter_(2, ik, torch.where(keep, k.to(self.k.dtype), self.k.gather(2, ik)))
-        self.v.scatter_(2, iv, torch.where(keep, v.to(self.v.dtype), self.v.gather(2, iv)))
-        self.pos.scatter_(1, slot, torch.where(valid, p, self.pos.gather(1, slot)))
+        rows = torch.arange(B, device=k.device).view(B, 1)
+        keep = valid.view(B, 1, 1)
+        for buf, new in ((self.k, k), (self.v, v)):                # buf[b, :, slot[b]] (B, 1, G, d): advanced first
+            buf[rows, :, slot] = torch.where(keep.unsqueeze(-1), new.transpose(1, 2).to(buf.dtype), buf[rows, :, slot])
+        self.pos[rows, slot] = torch.where(valid, p, self.pos[rows, slot])
 
     def _write_middle(self, k, v, p, valid, ops: PositionOps) -> None:
         B, G, _, d = k.shape
@@ -360,8 +361,9 @@ class SinkWindowKV:
                 self._write_ring_static(k, v, p, valid)
             else:
                 self._write_ring(k, v, p, valid)
-            if rotate_sinks:
-                self.k[:, :, :s] = ops.rotate(self.sink_k, (p - fq).expand(B, s)).to(self.k.dtype)
+            if rotate_sinks:         # an index write: torch.compile keeps it in place (a slice write copies the cache)
+                self.k[:, :, torch.arange(s, device=q.device)] = ops.rotate(self.sink_k, (p - fq).expand(B, s)).to(
+                    self.k.dtype)
             n = s + self.filled
             qq, keys, vals, kp = q, self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :n]
             sk = slot_k

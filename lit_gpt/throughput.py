@@ -113,14 +113,29 @@ def compile_blocks(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     return model
 
 
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """``train.compile``: per-block compilation (:func:`compile_blocks`) where attention takes SDPA; the whole model
-    compiled, as before, where it may take FlexAttention (windows, prefix masks, ALiBi, k*/v* slots, sink logits on
-    CUDA), whose compiled kernel was measured under a whole-model compile only."""
-    cfg = model.config
-    flex = cfg.attn_impl == "flex" or (cfg.attn_impl == "auto" and cfg.attn_op == "softmax" and (
-        cfg.attn_mask != "causal" or cfg.pos_encoding == "alibi" or cfg.kv_bias in ("k", "kv") or cfg.sink_logit))
-    return torch.compile(model) if flex else compile_blocks(model)
+COMPILE_SCOPES = ("auto", "blocks", "model")     # train.compile_scope
+
+
+def compile_model(model: torch.nn.Module, scope: str = "auto", **kwargs) -> torch.nn.Module:
+    """``train.compile`` with ``train.compile_scope``:
+
+    * ``blocks``: each block compiled in place (:func:`compile_blocks`); compiles in about one block's time.
+    * ``model``: ``torch.compile(model)``: one graph from the embedding to the final norm, so inductor fuses across
+      block edges (the residual add + RMSNorm of the next block, RoPE tables computed once) at the cost of compiling
+      every layer; the fused loss (:mod:`lit_gpt.fused_ce`) runs eagerly after it either way.
+    * ``auto``: ``blocks`` where attention takes SDPA, ``model`` where it may take FlexAttention (windows, prefix
+      masks, ALiBi, k*/v* slots, sink logits on CUDA), whose compiled kernel was measured under a whole-model compile.
+
+    ``kwargs`` go to ``torch.compile`` (e.g. ``backend``). Returns the model to call."""
+    if scope not in COMPILE_SCOPES:
+        from lit_gpt.utils import invalid_choice
+        raise ValueError(invalid_choice("compile_scope", scope, COMPILE_SCOPES))
+    if scope == "auto":
+        cfg = model.config
+        flex = cfg.attn_impl == "flex" or (cfg.attn_impl == "auto" and cfg.attn_op == "softmax" and (
+            cfg.attn_mask != "causal" or cfg.pos_encoding == "alibi" or cfg.kv_bias in ("k", "kv") or cfg.sink_logit))
+        scope = "model" if flex else "blocks"
+    return torch.compile(model, **kwargs) if scope == "model" else compile_blocks(model, **kwargs)
 
 
 def eager() -> contextlib.AbstractContextManager:

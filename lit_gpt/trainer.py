@@ -392,8 +392,8 @@ def setup(cfg: RunConfig, plan: Plan) -> Run:
                  f"{t.micro_batch_size} x accum {accum} = global batch {t.global_batch_size} x {mc.block_size} "
                  f"tokens; precision {resolve_hardware(cfg)[2]}; data ({cfg.data.mixture_mode}, share of samples): "
                  f"{', '.join(f'{k} {p:.1%}' for k, p in zip(loader.names, loader.p))}; probe: {plan.probe_where}")
-    if t.compile:       # one compiled block serves all layers (FSDP and Flex layouts: the whole model)
-        model = torch.compile(raw) if t.strategy == "fsdp" else compile_model(raw)
+    if t.compile:       # train.compile_scope: blocks (one compiled block serves all layers) or the model; FSDP: model
+        model = torch.compile(raw) if t.strategy == "fsdp" else compile_model(raw, t.compile_scope)
     else:
         model = raw
     model = fabric.setup(model)

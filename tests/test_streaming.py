@@ -287,3 +287,35 @@ def test_graph_safe_decoding_equals_token_by_token_streaming(overrides, policy, 
     torch.testing.assert_close(got[0], ref[0, 11], rtol=1e-10, atol=1e-10)
     other = run_chunks(model, torch.cat([idx[1:, :10], idx[1:, 11:12]], 1), spec, 1)
     torch.testing.assert_close(got[1], other[0, 10], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+@torch.no_grad()
+def test_compiled_graph_safe_step_equals_the_reference_and_updates_the_cache_in_place(attention):
+    """GraphDecoder(compile=True) (inductor on CPU; the CUDA graph needs a GPU) gives StreamingLLM's logits from the
+    float64 reference loop, and its compiled code allocates no cache-sized buffer: the ring write and the sink
+    re-rotation are index writes that inductor does in place (a slice write of the sinks made it rewrite the whole
+    cache every step, the step's largest kernel on an H200)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from lit_gpt.generate import GraphDecoder
+    torch._dynamo.reset()
+    model = build(n_layer=1)
+    s, r, B, T = 2, 6, 2, 20
+    idx = torch.randint(0, V, (B, T))
+    ref = ref_gpt_logits(model, idx, streamingllm_plan(s, r))
+    runner = GPTRunner(model)
+    runner.start(B, StreamingSpec(s, r, "reindex"))
+    runner.step(idx[:, :3], torch.arange(3))
+    dec = GraphDecoder(model, B, graph=False, compile=True, attention=attention)
+    got, codes = run_and_get_code(lambda: dec.step(idx[:, 3:4], torch.full((B, 1), 3)).clone())
+    outs = {3: got}
+    for t in range(4, T):
+        outs[t] = dec.step(idx[:, t:t + 1], torch.full((B, 1), t)).clone()
+    runner.stop()
+    torch._dynamo.reset()
+    for t, out in outs.items():
+        torch.testing.assert_close(out, ref[:, t], rtol=1e-9, atol=1e-9)
+    cfg = model.config
+    cache_shape = f"empty_strided_cpu(({B}, {cfg.n_query_groups}, {s + r}, {cfg.head_size})"
+    assert codes and not any(cache_shape in c for c in codes)

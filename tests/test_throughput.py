@@ -75,7 +75,8 @@ def test_profile_mode_reports_phases_and_the_bare_step(packed, tmp_path, capsys)
 
 def test_bad_loss_impl_and_sdpa_backend_are_one_line_errors(packed, tmp_path):
     for key, value, allowed in (("loss_impl", "triton", "auto, fused, plain"),
-                                ("sdpa_backend", "fa3", "auto, cudnn, flash, efficient, default")):
+                                ("sdpa_backend", "fa3", "auto, cudnn, flash, efficient, default"),
+                                ("compile_scope", "graph", "auto, blocks, model")):
         d = tiny_run(packed, tmp_path / "bad", **{key: value})
         with pytest.raises(RunConfigError, match=f"train.{key}='{value}' is invalid; allowed: {allowed}"):
             from_dict(d)
@@ -110,3 +111,51 @@ def test_compile_model_keeps_the_whole_model_compile_for_flex_layouts():
         m = GPT(Config.from_name("tiny", **ov))
         c = compile_model(m)
         assert c is not m and getattr(c, "_orig_mod", None) is m     # torch.compile(model)
+
+
+def test_compile_scope_blocks_or_model():
+    from lit_gpt import Config
+    m = GPT(Config.from_name("tiny"))
+    c = compile_model(m, "model")
+    assert c is not m and getattr(c, "_orig_mod", None) is m
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in m.blocks)
+    flex = GPT(Config.from_name("tiny", pos_encoding="alibi"))                # auto would compile the whole model
+    assert compile_model(flex, "blocks") is flex
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in flex.blocks)
+    with pytest.raises(ValueError, match="compile_scope='graph' is invalid; allowed: auto, blocks, model"):
+        compile_model(m, "graph")
+
+
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_compiled_scopes_give_the_eager_loss_and_gradients(scope):
+    """Traced through dynamo and AOT autograd (backend aot_eager: the graphs inductor would get, run by eager
+    kernels): the loss is the cross-entropy of the eager logits (float64), the gradients those of the eager model."""
+    from lit_gpt import Config
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = Config.from_name("tiny", block_size=16)
+    ref, m = GPT(cfg), GPT(cfg)
+    m.load_state_dict(ref.state_dict())
+    x = torch.randint(0, cfg.vocab_size, (2, 17))
+    inp, tgt = x[:, :-1], x[:, 1:]
+    fwd = compile_model(m, scope, backend="aot_eager")
+    for _ in range(2):                                   # the second call replays the compiled graphs
+        m.zero_grad(set_to_none=True)
+        loss = fwd(inp, targets=tgt, loss_impl="plain")
+        loss.backward()
+    want = F.cross_entropy(ref(inp).double().reshape(-1, cfg.vocab_size), tgt.reshape(-1))
+    want.backward()
+    assert abs(float(loss.detach()) - float(want.detach())) < 1e-5
+    for (name, p), q in zip(ref.named_parameters(), m.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+    torch._dynamo.reset()
+
+
+def test_the_loop_compiles_with_its_compile_scope(packed, tmp_path, monkeypatch):
+    import lit_gpt.trainer as trainer
+    seen = []
+    monkeypatch.setattr(trainer, "compile_model", lambda model, scope: seen.append(scope) or model)
+    d = tiny_run(packed, tmp_path / "c", max_steps=1, global_batch_size=2, eval_interval=0, sink_interval=0,
+                 save_interval=0, save_final=False, compile=True, compile_scope="model")
+    fit(from_dict(d))
+    assert seen == ["model"]
