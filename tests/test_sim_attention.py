@@ -89,6 +89,14 @@ def test_masks_slots_alibi_gqa(op, normalize, mask, slots, alibi, G):
     _check(op, normalize, mask, slots=slots, alibi=alibi, H=2, G=G)
 
 
+@pytest.mark.parametrize("op", ["sigmoid", "elu"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_large_scores_reach_both_branches(op, normalize):
+    """|scores| up to ~15: elu + 1 far into its linear part (s + 1) and its exponential part (e^s ~ 1e-7), where the
+    kernel's branch-free exp2 form max(s, 0) + 2^(min(s, 0) log2 e) must agree with the reference; sigmoid saturates."""
+    _check(op, normalize, "causal", gain=4.0, alibi=op == "elu")
+
+
 @pytest.mark.parametrize("blocks", [dict(fwd=(32, 16), dkdv=(16, 32), dq=(32, 16)),
                                     dict(fwd=(16, 32), dkdv=(32, 16), dq=(16, 32))])
 @pytest.mark.parametrize("mask", ["window7", "prefix19", "sink3_window9"])
