@@ -117,6 +117,11 @@ if triton is not None:
         return tl.exp2(x)
 
     @triton.jit
+    def _neg_part(u):
+        """min(u, 0), NaN kept (a plain min would turn a NaN score into a finite sim and hide a diverged run)."""
+        return tl.minimum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
     def _sim_grad_parts(u, OP: tl.constexpr, FAST: tl.constexpr):
         """(f(s), f'(s)) from u = s * _unit(OP), branch-free. elu + 1: e = exp(min(s, 0)) is both f' and, plus
         max(s, 0), f itself (s > 0: s + 1; else e^s)."""
@@ -128,8 +133,8 @@ if triton is not None:
             else:
                 p = 1.0 / (1.0 + tl.exp(-2.0 * u))
             return p, p * (1.0 - p)
-        e = _exp2(tl.minimum(u, 0.0), FAST)
-        return tl.maximum(u, 0.0) * 0.6931471805599453 + e, e
+        e = _exp2(_neg_part(u), FAST)
+        return tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL) * 0.6931471805599453 + e, e
 
     @triton.jit
     def _sim(u, OP: tl.constexpr, FAST: tl.constexpr):
@@ -140,7 +145,7 @@ if triton is not None:
         """f'(s) alone (the dq kernel): for elu + 1 one exp2, f is not needed."""
         if OP == 0:
             return _sim_grad_parts(u, OP, FAST)[1]
-        return _exp2(tl.minimum(u, 0.0), FAST)
+        return _exp2(_neg_part(u), FAST)
 
     @triton.jit
     def _scores(a, b_t, rows, cols, qk_scale, slope, ALIBI: tl.constexpr, PREC: tl.constexpr):
