@@ -8,7 +8,8 @@ What it computes (the same function as :func:`lit_gpt.attention.eager_attention`
     (z_i = 1 when not normalised)
 
 Unlike softmax there is no max to track: f <= 1 (sigmoid) or f > 0 growing linearly (elu + 1), so Z_i is a plain
-running sum and the forward stores it per row (B, H, T) in float32, as flash attention stores the log-sum-exp.
+running sum (accumulated on the tensor cores as p @ 1 from the same rounded p that multiplies v) and the forward
+stores it per row (B, H, T) in float32, as flash attention stores the log-sum-exp.
 Backward (two kernels, no atomics): with rz_i = 1 / z_i and D_i = [Z_i > 1e-8] rz_i (dy_i . y_i),
 
     dp_ij = rz_i (dy_i . v_j) - D_i,   ds_ij = dp_ij f'(s_ij),   dv_j = sum_i rz_i p_ij dy_i,
@@ -235,9 +236,12 @@ if triton is not None:
         p = _sim(s, OP, FAST)
         if MASKED:
             p = tl.where(_allowed(offs_m[:, None], offs_n[None, :], T, W, NS, P), p, 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        pb = p.to(v.dtype)
+        acc = tl.dot(pb, v, acc, input_precision=PREC)
         if NORMALIZE:
-            z += tl.sum(p, 1)
+            # the row sums on the tensor cores, as p @ ones (BM, 16 equal columns): no per-score adds or shuffles,
+            # and the denominator sums the same rounded p the numerator does
+            z = tl.dot(pb, tl.full((BN, 16), 1.0, v.dtype), z, input_precision=PREC)
         return acc, z
 
     @triton.jit
@@ -253,7 +257,7 @@ if triton is not None:
         row_ok = offs_m < T
         q = _tile(Q + b * sqb + h * sqh, offs_m, sqt, offs_d, T, D, True)
         acc = tl.zeros([BM, DP], dtype=tl.float32)
-        z = tl.zeros([BM], dtype=tl.float32)
+        z = tl.zeros([BM, 16], dtype=tl.float32)
         qk_scale = scale * _unit(OP)
         slope = 0.0
         if ALIBI:
@@ -263,7 +267,7 @@ if triton is not None:
             vs = tl.load(SV + b * ssvb + h * ssvh + m * ssvs + offs_d, mask=dmask, other=0.0).to(tl.float32)
             ps = _sim(tl.sum(q.to(tl.float32) * ks[None, :], 1) * qk_scale, OP, False)
             acc += ps[:, None] * vs[None, :]
-            z += ps
+            z += ps[:, None]
         k_ptr = K + b * skb + hk * skh
         v_ptr = V + b * svb + hk * svh
         A, lo, f_lo, f_hi, hi = _key_ranges(m0, T, W, NS, P, BM, BN)
@@ -275,8 +279,9 @@ if triton is not None:
             acc, z = _fwd_block(acc, z, q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, qk_scale,
                                 slope, OP, NORMALIZE, True, ALIBI, D, BN, FAST, PREC)
         if NORMALIZE:
-            acc = acc / tl.maximum(z, 1e-8)[:, None]
-            tl.store(Z + bh * T + offs_m, z, mask=row_ok)
+            zz = tl.sum(z, 1) * 0.0625        # 16 equal columns: exact
+            acc = acc / tl.maximum(zz, 1e-8)[:, None]
+            tl.store(Z + bh * T + offs_m, zz, mask=row_ok)
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], acc.to(O.dtype.element_ty),
                  mask=row_ok[:, None] & dmask[None, :])
 
