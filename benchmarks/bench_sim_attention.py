@@ -1,8 +1,9 @@
 """The fused sigmoid / elu+1 attention kernel (lit_gpt/kernels/sim_attention.py) against softmax, in one command:
 
-1. training step of a named model (forward, backward, AdamW), tokens/s: softmax (SDPA flash) vs sigmoid Z=1,
-   sigmoid normalised, elu+1 normalised, sigmoid with a k*/v* slot (all through the fused kernel), and sigmoid
-   through the eager path, each as a ratio to softmax measured in the same process;
+1. training step of a named model (forward, backward, AdamW), tokens/s: softmax (SDPA flash, causal) vs sigmoid and
+   elu+1, each Z=1 and normalised, sigmoid with a k*/v* slot, sigmoid with a window (--window) and a prefix-LM mask
+   (--prefix) (all through the fused kernel), and sigmoid through the eager path, each as a ratio to the causal
+   softmax model measured in the same process;
 2. one attention call, forward and forward + backward, fused vs SDPA's flash kernel (causal), and a window;
 3. peak memory of one attention call's forward + backward over T (fused, SDPA flash, eager): linear vs quadratic;
 4. bf16 accuracy of the fused kernel and of SDPA against a float64 reference.
@@ -10,7 +11,8 @@
     python benchmarks/bench_sim_attention.py                  # GPU: tinyllama_60M, micro batch 16 x 2048, bf16
     python benchmarks/bench_sim_attention.py --warmup-only    # compile / tune everything once, write nothing
     python benchmarks/bench_sim_attention.py --quick          # tiny CPU smoke run (Triton's interpreter)
-Prints tables and writes JSON (command, git commit, GPU, library versions) to --out. Ratios "x vs SDPA" are
+Prints tables and writes JSON (command, git commit, GPU, library versions) to --out after each part (parts_done
+lists them: a run stopped by a time limit keeps what it finished). Ratios "x vs SDPA" are
 SDPA's time / this time (> 1: faster than SDPA); "vs softmax" is tokens/s / softmax's tokens/s.
 """
 from __future__ import annotations
@@ -27,19 +29,26 @@ from lit_gpt import GPT, Config
 from lit_gpt.attention import causal_mask, dense_mask, eager_attention, sdpa_attention, window_mask
 from lit_gpt.kernels import sim_attention as sim
 
-TRAIN_VARIANTS = {
-    "softmax (SDPA flash)": {},
-    "sigmoid Z=1 (fused)": dict(attn_op="sigmoid", attn_normalize=False),
-    "sigmoid normalised (fused)": dict(attn_op="sigmoid"),
-    "elu+1 normalised (fused)": dict(attn_op="elu"),
-    "sigmoid Z=1 + k*/v* slot (fused)": dict(attn_op="sigmoid", attn_normalize=False, kv_bias="kv"),
-    "sigmoid Z=1 (eager)": dict(attn_op="sigmoid", attn_normalize=False, attn_impl="eager"),
-}
+def train_variants(window: int, prefix: int) -> dict:
+    """Training-step variants: name -> Config overrides (window and prefix masks at the given sizes)."""
+    return {
+        "softmax (SDPA flash)": {},
+        "sigmoid Z=1 (fused)": dict(attn_op="sigmoid", attn_normalize=False),
+        "sigmoid normalised (fused)": dict(attn_op="sigmoid"),
+        "elu+1 Z=1 (fused)": dict(attn_op="elu", attn_normalize=False),
+        "elu+1 normalised (fused)": dict(attn_op="elu"),
+        "sigmoid Z=1 + k*/v* slot (fused)": dict(attn_op="sigmoid", attn_normalize=False, kv_bias="kv"),
+        f"sigmoid Z=1, window {window} (fused)": dict(attn_op="sigmoid", attn_normalize=False, attn_mask="window",
+                                                      window_size=window),
+        f"sigmoid Z=1, prefix {prefix} (fused)": dict(attn_op="sigmoid", attn_normalize=False, attn_mask="prefix",
+                                                      prefix_size=prefix),
+        "sigmoid Z=1 (eager)": dict(attn_op="sigmoid", attn_normalize=False, attn_impl="eager"),
+    }
 
 
 def train_rows(a, device, warmup, repeat):
     rows = []
-    for name, overrides in TRAIN_VARIANTS.items():
+    for name, overrides in train_variants(a.window, a.prefix).items():
         if a.only not in name:
             continue
         torch.manual_seed(0)
@@ -94,6 +103,7 @@ def attention_cases(q, k, v, window):
         "SDPA flash softmax (causal)": lambda: sdpa_attention(q, k, v, mask=None, is_causal=True),
         "fused sigmoid Z=1": lambda: sim.sim_attention(q, k, v, causal_mask, op="sigmoid", normalize=False),
         "fused sigmoid normalised": lambda: sim.sim_attention(q, k, v, causal_mask, op="sigmoid", normalize=True),
+        "fused elu+1 Z=1": lambda: sim.sim_attention(q, k, v, causal_mask, op="elu", normalize=False),
         "fused elu+1 normalised": lambda: sim.sim_attention(q, k, v, causal_mask, op="elu", normalize=True),
         f"fused sigmoid Z=1 window {window}": lambda: sim.sim_attention(q, k, v, window_mask(window), op="sigmoid",
                                                                          normalize=False),
@@ -179,7 +189,8 @@ def accuracy_rows(device, T, d):
     mask = dense_mask(causal_mask, pos, pos)
     rows = []
     for name, op, norm in (("fused sigmoid normalised", "sigmoid", True), ("fused sigmoid Z=1", "sigmoid", False),
-                           ("fused elu+1 normalised", "elu", True), ("SDPA flash softmax", "softmax", True)):
+                           ("fused elu+1 Z=1", "elu", False), ("fused elu+1 normalised", "elu", True),
+                           ("SDPA flash softmax", "softmax", True)):
         try:
             if op == "softmax":
                 y = sdpa_attention(q, k, v, mask=None, is_causal=True)
@@ -208,6 +219,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
     ap.add_argument("--memory-lengths", type=int, nargs="*", default=[2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--prefix", type=int, default=512, help="prefix size of the prefix-LM training variant")
     ap.add_argument("--warmup-only", action="store_true", help="run everything once (compile, tune), write nothing")
     ap.add_argument("--out", default="benchmarks/results/sim_attention.json")
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
@@ -218,16 +230,32 @@ def main() -> None:
     a.shape = (8, 8, 96)
     if a.quick:
         a.model, a.micro_batch, a.seq, a.lengths, a.memory_lengths, a.window, a.shape = "tiny", 1, 32, [32], [], 8, (1, 2, 16)
+        a.prefix = 8
     elif device.type != "cuda":
         raise SystemExit("bench_sim_attention.py needs CUDA (or --quick: the CPU runs Triton's interpreter)")
     torch.backends.cuda.matmul.allow_tf32 = True
     warmup, repeat = (1, 1) if a.warmup_only or a.quick else (3, 10)
     t0 = time.time()
     parts = a.parts.split(",")
-    train = train_rows(a, device, warmup, repeat) if "train" in parts else []
-    attn = attention_rows(a, device, warmup, repeat) if "attention" in parts else []
-    mem = memory_rows(a, device) if device.type == "cuda" and "memory" in parts else []
-    acc = accuracy_rows(device, T=32 if a.quick else 2048, d=a.shape[2]) if "accuracy" in parts else []
+    train, attn, mem, acc, done = [], [], [], [], []
+
+    def save():   # after every part: a run stopped by its time limit keeps the parts it finished
+        if a.warmup_only:
+            return
+        import triton
+        write_json(a.out, train, {"attention": attn, "memory": mem, "accuracy": acc, "parts_done": list(done),
+                                  "triton": triton.__version__, "model": a.model, "micro_batch": a.micro_batch,
+                                  "seq": a.seq, "window": a.window, "prefix": a.prefix,
+                                  "attention_shape_BHd": a.shape, "precision": "bf16 autocast", "compiled": False})
+
+    for part, rows, run in (("train", train, lambda: train_rows(a, device, warmup, repeat)),
+                            ("attention", attn, lambda: attention_rows(a, device, warmup, repeat)),
+                            ("memory", mem, lambda: memory_rows(a, device) if device.type == "cuda" else []),
+                            ("accuracy", acc, lambda: accuracy_rows(device, T=32 if a.quick else 2048, d=a.shape[2]))):
+        if part in parts:
+            rows.extend(run())
+            done.append(part)
+            save()
     tables = [
         (f"{a.model}, micro batch {a.micro_batch} x {a.seq}, bf16 autocast, AdamW, not compiled", train,
          ["variant", "fused_kernel_ran", "ms/step", "tokens/s", "vs softmax", "peak_GiB"]),
@@ -235,7 +263,7 @@ def main() -> None:
          ["T", "impl", "fwd_ms", "fwd_bwd_ms", "fwd vs SDPA", "fwd_bwd vs SDPA", "fwd TFLOP/s", "fwd_bwd TFLOP/s"]),
         ("peak memory of one forward + backward above its inputs, B=1, H=8, d=96, bf16", mem,
          ["T", "impl", "peak_extra_MiB", "bytes/token", "fwd_bwd_ms(1 run)"]),
-        ("against float64 eager, B=1, H=8, T=2048, relative Frobenius error", acc,
+        (f"against float64 eager, B=1, H=8, T={32 if a.quick else 2048}, relative Frobenius error", acc,
          ["impl", "dtype", "rel_err_out", "rel_err_dq", "rel_err_dk", "rel_err_dv"]),
     ]
     for title, rows, columns in tables:
@@ -243,11 +271,6 @@ def main() -> None:
             print("\n" + title)
             print_table(rows, columns)
     print(f"\ntotal {time.time() - t0:.0f} s")
-    if not a.warmup_only:
-        import triton
-        write_json(a.out, train, {"attention": attn, "memory": mem, "accuracy": acc, "triton": triton.__version__,
-                                  "model": a.model, "micro_batch": a.micro_batch, "seq": a.seq,
-                                  "attention_shape_BHd": a.shape, "precision": "bf16 autocast", "compiled": False})
 
 
 if __name__ == "__main__":

@@ -89,6 +89,29 @@ def test_masks_slots_alibi_gqa(op, normalize, mask, slots, alibi, G):
     _check(op, normalize, mask, slots=slots, alibi=alibi, H=2, G=G)
 
 
+@pytest.mark.parametrize("op", ["sigmoid", "elu"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_large_scores_reach_both_branches(op, normalize):
+    """|scores| up to ~15: elu + 1 far into its linear part (s + 1) and its exponential part (e^s ~ 1e-7), where the
+    kernel's branch-free exp2 form max(s, 0) + 2^(min(s, 0) log2 e) must agree with the reference; sigmoid saturates."""
+    _check(op, normalize, "causal", gain=4.0, alibi=op == "elu")
+
+
+@pytest.mark.parametrize("op", ["sigmoid", "elu"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_nan_scores_stay_nan(op, normalize):
+    """A NaN in one query row makes that row's output and its dq NaN, as in the eager path (the branch-free elu+1
+    uses NaN-propagating min / max), and leaves the other rows finite."""
+    q, k, v, _, _, dy = _inputs(1, 1, 1, 20, 16, False)
+    q[0, 0, 7, 3] = float("nan")
+    q.requires_grad_()
+    y = sim.sim_attention(q, k, v, causal_mask, op=op, normalize=normalize)
+    (dq,) = torch.autograd.grad(y, (q,), dy)
+    rows = torch.arange(20) != 7
+    assert torch.isnan(y[0, 0, 7]).all() and torch.isfinite(y[0, 0, rows]).all()
+    assert torch.isnan(dq[0, 0, 7]).all() and torch.isfinite(dq[0, 0, rows]).all()
+
+
 @pytest.mark.parametrize("blocks", [dict(fwd=(32, 16), dkdv=(16, 32), dq=(32, 16)),
                                     dict(fwd=(16, 32), dkdv=(32, 16), dq=(16, 32))])
 @pytest.mark.parametrize("mask", ["window7", "prefix19", "sink3_window9"])

@@ -8,7 +8,8 @@ What it computes (the same function as :func:`lit_gpt.attention.eager_attention`
     (z_i = 1 when not normalised)
 
 Unlike softmax there is no max to track: f <= 1 (sigmoid) or f > 0 growing linearly (elu + 1), so Z_i is a plain
-running sum and the forward stores it per row (B, H, T) in float32, as flash attention stores the log-sum-exp.
+running sum (accumulated on the tensor cores as p @ 1 from the same rounded p that multiplies v) and the forward
+stores it per row (B, H, T) in float32, as flash attention stores the log-sum-exp.
 Backward (two kernels, no atomics): with rz_i = 1 / z_i and D_i = [Z_i > 1e-8] rz_i (dy_i . y_i),
 
     dp_ij = rz_i (dy_i . v_j) - D_i,   ds_ij = dp_ij f'(s_ij),   dv_j = sum_i rz_i p_ij dy_i,
@@ -102,25 +103,56 @@ if triton is not None:
         return (band | ((i < P) & (j < P))) & (i < T) & (j < T)
 
     @triton.jit
-    def _sim(s, OP: tl.constexpr, FAST: tl.constexpr):
-        if OP == 0:    # sigmoid
-            if FAST:   # one MUFU op: sigmoid(s) = (1 + tanh(s / 2)) / 2
-                t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [0.5 * s], dtype=tl.float32,
-                                              is_pure=True, pack=1)
-                return 0.5 * t + 0.5
-            return 1.0 / (1.0 + tl.exp(-s))
-        return tl.where(s > 0, s + 1.0, tl.exp(s))    # elu + 1 (exp of a large s is inf, never selected)
-
-    @triton.jit
-    def _sim_grad(s, p, OP: tl.constexpr):
+    def _unit(OP: tl.constexpr):
+        """Scores enter _sim in units that save a multiply per score: s / 2 for sigmoid (tanh of half the score),
+        s log2(e) for elu + 1 (exp2); _scores folds the unit into the scale and the ALiBi slope."""
         if OP == 0:
-            return p * (1.0 - p)
-        return tl.where(s > 0, 1.0, p)
+            return 0.5
+        return 1.4426950408889634
 
     @triton.jit
-    def _scores(a, b_t, rows, cols, scale, slope, ALIBI: tl.constexpr, PREC: tl.constexpr):
-        """scale * a @ b_t (+ ALiBi -slope |rows - cols|) in float32."""
-        s = tl.dot(a, b_t, input_precision=PREC) * scale
+    def _exp2(x, FAST: tl.constexpr):
+        if FAST:       # one MUFU op; flushes results below 2^-126 to 0 (tl.exp adds a denormal fix-up around it)
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        return tl.exp2(x)
+
+    @triton.jit
+    def _neg_part(u):
+        """min(u, 0), NaN kept (a plain min would turn a NaN score into a finite sim and hide a diverged run)."""
+        return tl.minimum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _sim_grad_parts(u, OP: tl.constexpr, FAST: tl.constexpr):
+        """(f(s), f'(s)) from u = s * _unit(OP), branch-free. elu + 1: e = exp(min(s, 0)) is both f' and, plus
+        max(s, 0), f itself (s > 0: s + 1; else e^s)."""
+        if OP == 0:    # sigmoid(s) = (1 + tanh(s / 2)) / 2
+            if FAST:
+                t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32,
+                                              is_pure=True, pack=1)
+                p = 0.5 * t + 0.5
+            else:
+                p = 1.0 / (1.0 + tl.exp(-2.0 * u))
+            return p, p * (1.0 - p)
+        e = _exp2(_neg_part(u), FAST)
+        return tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL) * 0.6931471805599453 + e, e
+
+    @triton.jit
+    def _sim(u, OP: tl.constexpr, FAST: tl.constexpr):
+        return _sim_grad_parts(u, OP, FAST)[0]
+
+    @triton.jit
+    def _sim_grad(u, OP: tl.constexpr, FAST: tl.constexpr):
+        """f'(s) alone (the dq kernel): for elu + 1 one exp2, f is not needed."""
+        if OP == 0:
+            return _sim_grad_parts(u, OP, FAST)[1]
+        return _exp2(_neg_part(u), FAST)
+
+    @triton.jit
+    def _scores(a, b_t, rows, cols, qk_scale, slope, ALIBI: tl.constexpr, PREC: tl.constexpr):
+        """qk_scale * a @ b_t (+ ALiBi -slope |rows - cols|) in float32 (the kernels pass scale and slope times
+        _unit(OP))."""
+        s = tl.dot(a, b_t, input_precision=PREC) * qk_scale
         if ALIBI:
             s -= slope * tl.abs(rows - cols).to(tl.float32)
         return s
@@ -185,27 +217,31 @@ if triton is not None:
         return bh, bh // H, bh % H, (bh % H) // GROUP, pid * R, pid * R + tl.arange(0, R), tl.arange(0, DP)
 
     @triton.jit
-    def _key_block(q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, scale, slope, MASKED: tl.constexpr,
+    def _key_block(q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, qk_scale, slope, MASKED: tl.constexpr,
                    ALIBI: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
         """Key block [n0, n0 + BN) for query rows offs_m: its columns, k, v and the scores (BM, BN)."""
         offs_n = n0 + tl.arange(0, BN)
         k = _tile(k_ptr, offs_n, skt, offs_d, T, D, MASKED)
         v = _tile(v_ptr, offs_n, svt, offs_d, T, D, MASKED)
-        return offs_n, k, v, _scores(q, tl.trans(k), offs_m[:, None], offs_n[None, :], scale, slope, ALIBI, PREC)
+        return offs_n, k, v, _scores(q, tl.trans(k), offs_m[:, None], offs_n[None, :], qk_scale, slope, ALIBI,
+                                     PREC)
 
     # ------------------------------------------------------------------------ forward
     @triton.jit
-    def _fwd_block(acc, z, q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale, slope,
+    def _fwd_block(acc, z, q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, qk_scale, slope,
                    OP: tl.constexpr, NORMALIZE: tl.constexpr, MASKED: tl.constexpr, ALIBI: tl.constexpr,
                    D: tl.constexpr, BN: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
-        offs_n, k, v, s = _key_block(q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, scale, slope, MASKED, ALIBI,
-                                     D, BN, PREC)
+        offs_n, k, v, s = _key_block(q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, qk_scale, slope, MASKED,
+                                     ALIBI, D, BN, PREC)
         p = _sim(s, OP, FAST)
         if MASKED:
             p = tl.where(_allowed(offs_m[:, None], offs_n[None, :], T, W, NS, P), p, 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        pb = p.to(v.dtype)
+        acc = tl.dot(pb, v, acc, input_precision=PREC)
         if NORMALIZE:
-            z += tl.sum(p, 1)
+            # the row sums on the tensor cores, as p @ ones (BM, 16 equal columns): no per-score adds or shuffles,
+            # and the denominator sums the same rounded p the numerator does
+            z = tl.dot(pb, tl.full((BN, 16), 1.0, v.dtype), z, input_precision=PREC)
         return acc, z
 
     @triton.jit
@@ -221,43 +257,44 @@ if triton is not None:
         row_ok = offs_m < T
         q = _tile(Q + b * sqb + h * sqh, offs_m, sqt, offs_d, T, D, True)
         acc = tl.zeros([BM, DP], dtype=tl.float32)
-        z = tl.zeros([BM], dtype=tl.float32)
+        z = tl.zeros([BM, 16], dtype=tl.float32)
+        qk_scale = scale * _unit(OP)
         slope = 0.0
         if ALIBI:
-            slope = tl.load(SLOPES + h)
+            slope = tl.load(SLOPES + h) * _unit(OP)
         for m in tl.static_range(N_SLOTS):      # k*/v* slot columns: seen by every query, no bias
             ks = tl.load(SK + b * sskb + h * sskh + m * ssks + offs_d, mask=dmask, other=0.0).to(tl.float32)
             vs = tl.load(SV + b * ssvb + h * ssvh + m * ssvs + offs_d, mask=dmask, other=0.0).to(tl.float32)
-            ps = _sim(tl.sum(q.to(tl.float32) * ks[None, :], 1) * scale, OP, False)
+            ps = _sim(tl.sum(q.to(tl.float32) * ks[None, :], 1) * qk_scale, OP, False)
             acc += ps[:, None] * vs[None, :]
-            z += ps
+            z += ps[:, None]
         k_ptr = K + b * skb + hk * skh
         v_ptr = V + b * svb + hk * svh
         A, lo, f_lo, f_hi, hi = _key_ranges(m0, T, W, NS, P, BM, BN)
         for n0 in range(f_lo, f_hi, BN):
-            acc, z = _fwd_block(acc, z, q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale, slope,
-                                OP, NORMALIZE, False, ALIBI, D, BN, FAST, PREC)
+            acc, z = _fwd_block(acc, z, q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, qk_scale,
+                                slope, OP, NORMALIZE, False, ALIBI, D, BN, FAST, PREC)
         for t in range(0, (A + f_lo - lo + hi - f_hi) // BN):
             n0 = _edge_block(t, A, lo, f_lo, f_hi, BN)
-            acc, z = _fwd_block(acc, z, q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale, slope,
-                                OP, NORMALIZE, True, ALIBI, D, BN, FAST, PREC)
+            acc, z = _fwd_block(acc, z, q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, qk_scale,
+                                slope, OP, NORMALIZE, True, ALIBI, D, BN, FAST, PREC)
         if NORMALIZE:
-            acc = acc / tl.maximum(z, 1e-8)[:, None]
-            tl.store(Z + bh * T + offs_m, z, mask=row_ok)
+            zz = tl.sum(z, 1) * 0.0625        # 16 equal columns: exact
+            acc = acc / tl.maximum(zz, 1e-8)[:, None]
+            tl.store(Z + bh * T + offs_m, zz, mask=row_ok)
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], acc.to(O.dtype.element_ty),
                  mask=row_ok[:, None] & dmask[None, :])
 
     # ------------------------------------------------------------------------ backward: dk, dv
     @triton.jit
-    def _dkdv_block(dk, dv, k, v, q_ptr, dy_ptr, RZ, DL, sqt, sdt, m0, offs_n, offs_d, T, W, NS, P, scale, slope,
+    def _dkdv_block(dk, dv, k, v, q_ptr, dy_ptr, RZ, DL, sqt, sdt, m0, offs_n, offs_d, T, W, NS, P, qk_scale, slope,
                     OP: tl.constexpr, NORMALIZE: tl.constexpr, MASKED: tl.constexpr, ALIBI: tl.constexpr,
                     D: tl.constexpr, BM: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
         offs_m = m0 + tl.arange(0, BM)
         q = _tile(q_ptr, offs_m, sqt, offs_d, T, D, MASKED)
         dy = _tile(dy_ptr, offs_m, sdt, offs_d, T, D, MASKED)
-        s_t = _scores(k, tl.trans(q), offs_m[None, :], offs_n[:, None], scale, slope, ALIBI, PREC)   # (BN, BM)
-        p_t = _sim(s_t, OP, FAST)
-        g_t = _sim_grad(s_t, p_t, OP)
+        s_t = _scores(k, tl.trans(q), offs_m[None, :], offs_n[:, None], qk_scale, slope, ALIBI, PREC)  # (BN, BM)
+        p_t, g_t = _sim_grad_parts(s_t, OP, FAST)
         if MASKED:
             ok = _allowed(offs_m[None, :], offs_n[:, None], T, W, NS, P)
             p_t = tl.where(ok, p_t, 0.0)
@@ -286,9 +323,10 @@ if triton is not None:
         v = _tile(V + b * svb + hk * svh, offs_n, svt, offs_d, T, D, True)
         dk = tl.zeros([BN, DP], dtype=tl.float32)
         dv = tl.zeros([BN, DP], dtype=tl.float32)
+        qk_scale = scale * _unit(OP)
         slope = 0.0
         if ALIBI:
-            slope = tl.load(SLOPES + h)
+            slope = tl.load(SLOPES + h) * _unit(OP)
         q_ptr = Q + b * sqb + h * sqh
         dy_ptr = DY + b * sdb + h * sdh
         rz_ptr = RZ + bh * T
@@ -296,23 +334,23 @@ if triton is not None:
         lo, f_lo, f_hi, hi = _query_ranges(n0, T, W, NS, P, BM, BN)
         for m0 in range(f_lo, f_hi, BM):
             dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, dy_ptr, rz_ptr, dl_ptr, sqt, sdt, m0, offs_n, offs_d, T, W,
-                                 NS, P, scale, slope, OP, NORMALIZE, False, ALIBI, D, BM, FAST, PREC)
+                                 NS, P, qk_scale, slope, OP, NORMALIZE, False, ALIBI, D, BM, FAST, PREC)
         for t in range(0, (f_lo - lo + hi - f_hi) // BM):
             m0 = _edge_block(t, 0, lo, f_lo, f_hi, BM)
             dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, dy_ptr, rz_ptr, dl_ptr, sqt, sdt, m0, offs_n, offs_d, T, W,
-                                 NS, P, scale, slope, OP, NORMALIZE, True, ALIBI, D, BM, FAST, PREC)
+                                 NS, P, qk_scale, slope, OP, NORMALIZE, True, ALIBI, D, BM, FAST, PREC)
         out = bh * T * D + offs_n[:, None] * D + offs_d[None, :]          # dk, dv: (B, H, T, D) contiguous
         tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=ld)
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=ld)
 
     # ------------------------------------------------------------------------ backward: dq
     @triton.jit
-    def _dq_block(dq, q, dy, rz, dl, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale, slope,
+    def _dq_block(dq, q, dy, rz, dl, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, qk_scale, slope,
                   OP: tl.constexpr, NORMALIZE: tl.constexpr, MASKED: tl.constexpr, ALIBI: tl.constexpr,
                   D: tl.constexpr, BN: tl.constexpr, FAST: tl.constexpr, PREC: tl.constexpr):
-        offs_n, k, v, s = _key_block(q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, scale, slope, MASKED, ALIBI,
-                                     D, BN, PREC)
-        g = _sim_grad(s, _sim(s, OP, FAST), OP)
+        offs_n, k, v, s = _key_block(q, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, qk_scale, slope, MASKED,
+                                     ALIBI, D, BN, PREC)
+        g = _sim_grad(s, OP, FAST)
         if MASKED:
             g = tl.where(_allowed(offs_m[:, None], offs_n[None, :], T, W, NS, P), g, 0.0)
         dp = tl.dot(dy, tl.trans(v), input_precision=PREC)
@@ -337,26 +375,28 @@ if triton is not None:
         if NORMALIZE:
             rz = tl.load(RZ + bh * T + offs_m, mask=row_ok, other=0.0)
             dl = tl.load(DL + bh * T + offs_m, mask=row_ok, other=0.0)
+        qk_scale = scale * _unit(OP)
         slope = 0.0
         if ALIBI:
-            slope = tl.load(SLOPES + h)
+            slope = tl.load(SLOPES + h) * _unit(OP)
         dq = tl.zeros([BM, DP], dtype=tl.float32)
         k_ptr = K + b * skb + hk * skh
         v_ptr = V + b * svb + hk * svh
         A, lo, f_lo, f_hi, hi = _key_ranges(m0, T, W, NS, P, BM, BN)
         for n0 in range(f_lo, f_hi, BN):
-            dq = _dq_block(dq, q, dy, rz, dl, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale,
+            dq = _dq_block(dq, q, dy, rz, dl, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, qk_scale,
                            slope, OP, NORMALIZE, False, ALIBI, D, BN, FAST, PREC)
         for t in range(0, (A + f_lo - lo + hi - f_hi) // BN):
             n0 = _edge_block(t, A, lo, f_lo, f_hi, BN)
-            dq = _dq_block(dq, q, dy, rz, dl, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, scale,
+            dq = _dq_block(dq, q, dy, rz, dl, k_ptr, v_ptr, skt, svt, n0, offs_m, offs_d, T, W, NS, P, qk_scale,
                            slope, OP, NORMALIZE, True, ALIBI, D, BN, FAST, PREC)
         tl.store(DQ + bh * T * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=ld)
 
     # (BM, BN, warps, stages). bf16 / fp16: at head size 96 (padded to 128) these compile for sm_90 without register
-    # spills (sigmoid; dkdv spills ~250 B with elu + ALiBi), where 4-warp tiles of 64 rows spill (ptxas -v). Fixed,
-    # not autotuned: every variant compiles once (a few seconds), nothing is timed at run time.
+    # spills in fwd and dkdv with triton 3.6 (dq of the normalised ops: 48 B; benchmarks/sass_sim_attention.py), where
+    # 4-warp tiles of 64 rows spill. Fixed, not autotuned: every variant compiles once (a few seconds), nothing is
+    # timed at run time.
     # float32 (tf32x3 dots: float32-accurate on tensor cores; the correctness checks): small tiles.
     _CONFIGS = {"bf16": {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 8, 2), "dq": (128, 64, 8, 2)},
                 "fp32": {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}}

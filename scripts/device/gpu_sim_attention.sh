@@ -8,7 +8,8 @@
 #   OUT=out/gpu_sim bash scripts/device/gpu_sim_attention.sh
 #
 # Knobs: PYTHON (python3), CHECK_S / WARM_S / BENCH_S (time limits of the three stages, seconds), CHECKS (case
-# names), BENCH_ARGS (e.g. "--parts train,attention --lengths 2048 4096").
+# names), BENCH_ARGS (e.g. "--parts train,attention --lengths 2048 4096"). The benchmark rewrites its JSON after each
+# part, so a run cut by BENCH_S keeps the parts it finished (parts_done).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
@@ -29,7 +30,7 @@ for c in ${CHECKS:-sim_sigmoid_z1 sim_sigmoid_norm sim_d96_sigmoid_norm sim_elu_
 done
 # compile each kernel variant once, one process per variant (Triton's cache is shared on disk)
 wpids=()
-for v in "sigmoid Z=1 (fused)" "sigmoid normalised" "elu+1" "k*/v*"; do
+for v in "sigmoid Z=1 (fused)" "sigmoid normalised" "elu+1 Z=1" "elu+1 normalised" "k*/v*" "window" "prefix"; do
   timeout "${WARM_S:-200}" "$PYTHON" bench_sim_attention.py --warmup-only --parts train --only "$v" \
     > "$TMP/warm_${#wpids[@]}.log" 2>&1 &
   wpids+=($!)
