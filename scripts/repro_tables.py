@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -38,10 +39,12 @@ EMERGE_AT = 5.0          # a sink "has emerged" from the first evaluation after 
 def load_rows(path: Path = ROWS) -> dict:
     d = yaml.safe_load(path.read_text())
     for rid, r in d["rows"].items():
-        bad = [s for s in r["sections"] if s not in d["sections"]]
+        if "what" not in r and twin_of(rid) is not None:
+            continue        # what the registry adds to a derived seed twin (with_twins), e.g. its note
+        bad = [s for s in r.get("sections", ["(none)"]) if s not in d["sections"]]
         if bad:
             raise ValueError(f"{path}: row {rid!r} names unknown sections {bad}")
-        if "baseline" in r and r["baseline"] not in d["rows"]:
+        if "baseline" in r and r["baseline"] not in d["rows"] and twin_of(r["baseline"]) is None:
             raise ValueError(f"{path}: row {rid!r} baseline={r['baseline']!r} is invalid; "
                              "allowed: a row of the registry")
         if r.get("expect") is not None and r["expect"] not in EXPECT:
@@ -51,6 +54,53 @@ def load_rows(path: Path = ROWS) -> dict:
             raise ValueError(f"{path}: row {rid!r} {field}={r.get(field)!r} is invalid; allowed: an integer >= 1 "
                              f"(expect: {r['expect']})")
     return d
+
+
+# ---------------------------------------------------------------------------- seed twins
+TWIN_RE = re.compile(r"^(?:(?P<base>.+)_)?seed(?P<seed>\d+)$")
+
+
+def twin_of(rid: str) -> Optional[Tuple[str, int]]:
+    """``X_seedN`` -> (X, N): row X with model and data seed N; ``seedN`` -> ("default", N)."""
+    m = TWIN_RE.match(rid)
+    return (m["base"] or "default", int(m["seed"])) if m else None
+
+
+def with_twins(spec: dict, records: Dict[Tuple[str, str], dict]) -> dict:
+    """The registry with an entry for every recorded seed twin: ``X_seedN`` (configs/repro/<regime>/X_seedN.yaml,
+    row X with ``data.seed = train.seed = N``) takes X's sections, paper number and rule and is judged against
+    ``seedN``, the default of that seed; ``seedN`` is the default's twin (the emergence map's run-to-run spread).
+    What the registry writes for a twin (a note, say) goes over the derived entry. Twins follow their row."""
+    rows = spec["rows"]
+    recorded = {rid for _, rid in records}
+    derived: Dict[str, dict] = {}
+    for rid in sorted(recorded | set(rows), key=lambda r: (twin_of(r) or (r, 0))[1]):
+        tw = twin_of(rid)
+        if tw is None or tw[0] not in rows or twin_of(tw[0]) is not None:
+            continue
+        base, seed = tw
+        b = rows[base]
+        if base == "default":
+            entry = {"sections": ["emergence_map"],
+                     "what": f"the default with other seeds (model {seed}, data {seed}): run-to-run spread",
+                     "paper": "-"}
+        else:
+            entry = {k: b[k] for k in ("sections", "paper", "expect", "prefix", "position") if k in b}
+            entry["sections"] = [x for x in b["sections"] if x != "emergence_map"]
+            entry.update(what=f"{base} with seeds {seed} (model {seed}, data {seed}), against seed{seed}",
+                         baseline=f"seed{seed}")
+        regimes = sorted({g for g, r in records if r == rid}) or list(b.get("regimes", REGIMES))
+        entry["regimes"] = regimes
+        entry.update(rows.get(rid, {}))
+        derived[rid] = entry
+    ordered: Dict[str, dict] = {}
+    for rid, row in rows.items():
+        if rid in derived:
+            continue
+        ordered[rid] = row
+        for tid in (t for t in derived if twin_of(t)[0] == rid):
+            ordered[tid] = derived[tid]
+    return dict(spec, rows=ordered)
 
 
 # ---------------------------------------------------------------------------- agreement rules
@@ -152,6 +202,17 @@ def other_sinks(rec: dict, row: dict) -> str:
     return f"Sink_{k + 1} {sk[k]:.1f}"
 
 
+def per_layer(rec: dict) -> str:
+    """Sink_1 per layer, first to last (and Sink_1* per layer of each slot), from the record's final checks."""
+    f = rec["final"]
+    if "sink_1_per_layer" not in f:
+        return "-"
+    out = "Sink_1 " + " / ".join(f"{v:.0f}" for v in f["sink_1_per_layer"])
+    for j, slot in enumerate(f.get("sink_extra_per_layer") or []):
+        out += f"; Sink_1*{'' if j == 0 else j + 1} " + " / ".join(f"{v:.0f}" for v in slot)
+    return out
+
+
 def emerges(rec: dict) -> str:
     c = rec["curve"]
     keys = ["sink_1"] + sorted(k for k in c if k.startswith("sink_extra_"))
@@ -183,7 +244,8 @@ def run_command(rec: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- tables
-SECTION_COLUMNS = ("row", "what", "Sink_1 (%)", "other", "val loss", "tokens", "steps", "sink from step", "hardware",
+SECTION_COLUMNS = ("row", "what", "Sink_1 (%)", "other", "per layer", "val loss", "tokens", "steps", "sink from step",
+                   "hardware",
                    "paper", "expected", "agrees", "command")
 MAP_COLUMNS = ("row", "lever", "Sink_1 (%)", "max Sink_1 (%)", "sink from step", "tokens then", "val loss", "tokens",
                "train s", "hardware", "paper", "agrees", "command")
@@ -207,7 +269,8 @@ def row_cells(rid: str, row: dict, rec: dict, default: Optional[dict], columns: 
     values = {
         "row": rid, "what": row["what"], "lever": row["what"], "Sink_1 (%)": fmt_pct(f["sink"][0]),
         "max Sink_1 (%)": fmt_pct(max(v for v in rec["curve"]["sink_1"] if v is not None)),
-        "other": other_sinks(rec, row), "val loss": fmt_loss(f["val_loss"]), "tokens": fmt_tokens(rec["tokens"]),
+        "other": other_sinks(rec, row), "per layer": per_layer(rec), "val loss": fmt_loss(f["val_loss"]),
+        "tokens": fmt_tokens(rec["tokens"]),
         "steps": str(rec["steps"]), "sink from step": emerges(rec), "tokens then": emergence_tokens(rec),
         "train s": f"{rec['train_seconds']:.0f}", "hardware": hardware_cell(rec), "paper": row["paper"],
         "expected": EXPECT[row["expect"]][0].format(**row) if row.get("expect") else "-",
@@ -243,11 +306,101 @@ def section_table(section: str, regime: str, spec: dict, records: Dict[Tuple[str
             f"`docs/results/repro/{regime}/<row>.json`.")
     if not_run:
         out += f" Not run yet in this regime: {', '.join(not_run)}."
-    notes = [f"- `{rid}`: {row['note'][regime]}" for rid, row in spec["rows"].items()
+    if section != "emergence_map":
+        out += seed_table(section, regime, spec, records)
+    notes = [f"- `{rid}`: {render_note(row['note'][regime], regime, spec, records)}"
+             for rid, row in spec["rows"].items()
              if section in row["sections"] and (regime, rid) in records and regime in (row.get("note") or {})]
     if notes:
         out += "\n\nWhat we checked where a row disagrees or needs reading:\n\n" + "\n".join(notes)
     return out
+
+
+def seed_groups(section: Optional[str], regime: str, spec: dict, records: Dict[Tuple[str, str], dict]
+                ) -> List[Tuple[str, List[Tuple[int, str, dict, str]]]]:
+    """Each row with a paper rule and at least one recorded seed twin in ``regime`` (of ``section``, or of any section):
+    (row, [(seed, row id, record, agreement against that seed's default), ...]), the row's own seed first."""
+    out = []
+    for rid, row in spec["rows"].items():
+        if twin_of(rid) is not None or not row.get("expect") or (regime, rid) not in records or rid == "default":
+            continue
+        if section is not None and section not in row["sections"]:
+            continue
+        members = [rid] + [t for t in spec["rows"] if twin_of(t) and twin_of(t)[0] == rid and (regime, t) in records]
+        if len(members) < 2:
+            continue
+        runs = []
+        for m in members:
+            r = spec["rows"][m]
+            rec = records[(regime, m)]
+            base = records.get((regime, r.get("baseline", "default")))
+            runs.append((int(rec["seed"]), m, rec, agreement(rec, base, r)))
+        out.append((rid, runs))
+    return out
+
+
+def seed_table(section: str, regime: str, spec: dict, records: Dict[Tuple[str, str], dict]) -> str:
+    """One line per contrast run with several seeds: its sink per seed next to that seed's default, and the rule."""
+    groups = seed_groups(section, regime, spec, records)
+    if not groups:
+        return ""
+    lines = ["| contrast | expected | seeds | per seed: contrast (default of that seed) | agrees |",
+             "|---|---|---|---|---|"]
+    for rid, runs in groups:
+        row = spec["rows"][rid]
+        per = []
+        for seed, m, rec, ok in runs:
+            base = records.get((regime, spec["rows"][m].get("baseline", "default")))
+            slot = [v for v in rec["final"]["sink_extra"] if v is not None]
+            val = f"Sink_1* {max(slot):.1f}, Sink_1 {rec['final']['sink'][0]:.1f}" if slot else \
+                  (other_sinks(rec, row) if "position" in row else f"{rec['final']['sink'][0]:.1f}")
+            dflt = "-" if base is None else f"{base['final']['sink'][0]:.1f}"
+            per.append(f"seed {seed}: {val} ({dflt}) {'yes' if ok == 'yes' else 'no'}")
+        n_yes = sum(ok == "yes" for *_, ok in runs)
+        lines.append("| " + " | ".join(cell(c) for c in (
+            rid, EXPECT[row["expect"]][0].format(**row), str(len(runs)), "; ".join(per),
+            f"{n_yes} of {len(runs)} seeds")) + " |")
+    return ("\n\nAcross seeds (each run judged against the default of its own seed, D = that default's Sink_1; "
+            "per seed: Sink_1 (%) of the contrast, the default's in brackets, and whether the rule holds):\n\n"
+            + "\n".join(lines))
+
+
+NOTE_FIELD = re.compile(r"\{(sink|slot|max|maxslot|val|from|xD|layers|sink@\d+):([^{}:]+)\}")
+
+
+def render_note(text: str, regime: str, spec: dict, records: Dict[Tuple[str, str], dict]) -> str:
+    """A registry note with its numbers filled from the records of ``regime`` (a note quotes no measured number by
+    hand): ``{sink:R}`` final Sink_1 of row R, ``{sink@k:R}`` Sink_k, ``{slot:R}`` Sink_1*, ``{max:R}`` /
+    ``{maxslot:R}`` the curve's maximum, ``{val:R}`` validation loss, ``{from:R}`` the emergence step,
+    ``{xD:R}`` Sink_1 over its default's (the row's baseline), ``{layers:R}`` Sink_1 per layer."""
+    def fill(m: "re.Match[str]") -> str:
+        what, rid = m[1], m[2]
+        rec = records.get((regime, rid))
+        if rec is None:
+            raise ValueError(f"note field {m[0]!r}: row={rid!r} has no {regime} record")
+        f, c = rec["final"], rec["curve"]
+        if what == "sink":
+            return f"{f['sink'][0]:.1f}%"
+        if what.startswith("sink@"):
+            return f"{f['sink'][int(what[5:]) - 1]:.1f}%"
+        if what in ("slot", "maxslot"):
+            if not f["sink_extra"]:
+                raise ValueError(f"note field {m[0]!r}: row={rid!r} has no extra slot")
+            return f"{f['sink_extra'][0]:.1f}%" if what == "slot" else \
+                f"{max(v for v in c['sink_extra_0'] if v is not None):.1f}%"
+        if what == "max":
+            return f"{max(v for v in c['sink_1'] if v is not None):.1f}%"
+        if what == "val":
+            return fmt_loss(f["val_loss"])
+        if what == "from":
+            return emerges(rec)
+        if what == "layers":
+            return per_layer(rec)
+        base = records.get((regime, spec["rows"].get(rid, {}).get("baseline", "default")))
+        if base is None or not base["final"]["sink"][0]:
+            raise ValueError(f"note field {m[0]!r}: row={rid!r} has no default with a sink to compare with")
+        return f"{f['sink'][0] / base['final']['sink'][0]:.2f} D"
+    return NOTE_FIELD.sub(fill, text)
 
 
 def describe_probe(rec: Optional[dict]) -> str:
@@ -350,19 +503,29 @@ def regime_headline(regime: str, spec: dict, records: Dict[Tuple[str, str], dict
            f"(final Sink_1 >= {EMERGE_AT:g}%) in {len(formed)} of the {len(seeds)} seeds run ({per_seed}), at "
            f"{fmt_tokens(d['tokens'])} tokens ({d['steps']:,} steps, {d['train_seconds']:.0f} s of training); rows ran "
            f"{min(steps):,}-{max(steps):,} steps."]
-    judged = [(rid, agreement(mine[rid], mine.get(row.get("baseline", "default")), row))
+    judged = {rid: [agreement(mine[m], mine.get(spec["rows"][m].get("baseline", "default")), spec["rows"][m])
+                    for m in [rid] + [t for t in spec["rows"] if twin_of(t) and twin_of(t)[0] == rid and t in mine]]
               for rid, row in spec["rows"].items()
-              if rid in mine and row.get("expect") and rid != "default" and regime in row.get("regimes", REGIMES)]
-    yes = [rid for rid, v in judged if v == "yes"]
-    no = [rid for rid, v in judged if v != "yes"]
+              if rid in mine and row.get("expect") and rid != "default" and twin_of(rid) is None
+              and regime in row.get("regimes", REGIMES)}
     if judged:
-        out.append(f"Of the {len(judged)} rows with a paper expectation, {len(yes)} agree "
-                   f"({', '.join(yes) or 'none'}) and {len(no)} disagree ({', '.join(no) or 'none'}); "
-                   "the section tables in `scripts/*.md` give each row "
-                   "with the paper's number, and the notes under them what was checked.")
-    if not any("sink_1_per_layer" in rec["final"] for rec in mine.values()):
-        out.append("These records carry no per-layer checks (the runs kept no final checkpoint on the device), so what "
-                   "was checked for a row is its curve: Sink_1..Sink_10 and the losses at every evaluation.")
+        def named(rids):
+            return ", ".join(f"{r} ({v.count('yes')}/{len(v)})" if len(v) > 1 else r for r, v in rids) or "none"
+        every = [(r, v) for r, v in judged.items() if all(x == "yes" for x in v)]
+        some = [(r, v) for r, v in judged.items() if "yes" in v and not all(x == "yes" for x in v)]
+        none = [(r, v) for r, v in judged.items() if "yes" not in v]
+        runs = sum(len(v) for v in judged.values())
+        out.append(f"Of the {len(judged)} contrasts with a paper expectation ({runs} runs, "
+                   f"{sum(len(v) > 1 for v in judged.values())} of them with several seeds, each run judged against "
+                   f"the default of its own seed), {len(every)} agree in every seed run ({named(every)}), "
+                   f"{len(some)} in some seeds ({named(some)}) and {len(none)} in none ({named(none)}); the section "
+                   "tables in `scripts/*.md` give each run with the paper's number, a table across seeds, and the "
+                   "notes under them what was checked.")
+    checked = [r for r, rec in mine.items() if "sink_1_per_layer" in rec["final"]]
+    if len(checked) < len(mine):
+        out.append(f"{len(checked) or 'None'} of the {len(mine)} records carry per-layer checks (measured on the "
+                   "device on the run's last checkpoint, `train.save_final=true`; the others kept none), so what was "
+                   "checked for those without is their curve: Sink_1..Sink_10 and the losses at every evaluation.")
     return " ".join(out)
 
 
@@ -390,6 +553,7 @@ def render(spec: dict, records: Dict[Tuple[str, str], dict], root: Path = REPO,
            exploration: Optional[dict] = None, demo: Optional[dict] = None) -> Dict[Path, str]:
     """markdown file (under ``root``) -> its new text, the tables spliced in."""
     out: Dict[Path, str] = {}
+    spec = with_twins(spec, records)
     head = headline(records, demo, exploration)
     if head is not None:
         for rel in HEADLINE_MDS:
@@ -458,7 +622,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"tables up to date ({len(records)} records)")
         return 0
     if not a.no_plots:
-        for p in plots(spec, records, root):
+        for p in plots(with_twins(spec, records), records, root):
             print(f"wrote {p.relative_to(root)}")
     return 0
 

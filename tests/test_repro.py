@@ -251,13 +251,15 @@ def test_a_row_with_a_baseline_is_judged_against_that_row(recorded):
 
     records = {("gpu", "default"): dict(with_sink1("default", 20.0), seed=3406),
                ("gpu", "seed2"): dict(with_sink1("seed2", 60.0), seed=2),
-               ("gpu", "x"): with_sink1("x", 25.0), ("gpu", "x_seed2"): with_sink1("x_seed2", 25.0)}
+               ("gpu", "x"): with_sink1("x", 25.0), ("gpu", "x_seed2"): dict(with_sink1("x_seed2", 25.0), seed=2)}
     rows = {"default": {"sections": ["s"], "what": "d", "paper": "-"},
             "seed2": {"sections": ["s"], "what": "d2", "paper": "-"},
             "x": {"sections": ["s"], "what": "x", "paper": "P", "expect": "lower"},
             "x_seed2": {"sections": ["s"], "what": "x2", "paper": "P", "expect": "lower", "baseline": "seed2"}}
     table = repro_tables.section_table("s", "gpu", {"sections": {"s": {}}, "rows": rows}, records)
-    line = {ln.split(" | ")[0][2:]: ln for ln in table.splitlines() if ln.startswith("| x")}
+    runs, across = table.split("Across seeds")
+    line = {ln.split(" | ")[0][2:]: ln for ln in runs.splitlines() if ln.startswith("| x")}
+    assert "| x | Sink_1 <= 0.75 D | 2 | seed 3406: 25.0 (20.0) no; seed 2: 25.0 (60.0) yes | 1 of 2 seeds |" in across
     assert "| Sink_1 <= 0.75 D | **no** |" in line["x"]                                      # 25 > 0.75 x 20
     assert "| Sink_1 <= 0.75 D | yes |" in line["x_seed2"]                                   # 25 <= 0.75 x 60
     # the regime's headline counts the seeds that formed a sink and the rows that agree, from the same records
@@ -265,7 +267,97 @@ def test_a_row_with_a_baseline_is_judged_against_that_row(recorded):
     rows["seed3"] = {"sections": ["s"], "what": "d3", "paper": "-"}
     head = repro_tables.regime_headline("gpu", {"sections": {"s": {}}, "rows": rows}, records)
     assert "in 2 of the 3 seeds run" in head and "seed 3: Sink_1 4.0%" in head
-    assert "Of the 2 rows with a paper expectation, 1 agree (x_seed2) and 1 disagree (x)" in head
+    assert ("Of the 1 contrasts with a paper expectation (2 runs, 1 of them with several seeds" in head
+            and "0 agree in every seed run (none), 1 in some seeds (x (1/2)) and 0 in none (none)" in head)
+
+
+def _gpu_records(recorded, finals):
+    """Tiny GPU records: row -> (seed, Sink_1 %, Sink_1* % or None); flat curves at that value."""
+    rec = load_records(recorded / "results")[("t", "default")]
+    out = {}
+    for row, (seed, s1, slot) in finals.items():
+        r = _with_final(dict(rec, regime="gpu"), row, s1)
+        r["final"] = dict(r["final"], sink_extra=[] if slot is None else [slot])
+        r["curve"] = dict(r["curve"], sink_1=[s1] * len(r["curve"]["step"]))
+        if slot is not None:
+            r["curve"]["sink_extra_0"] = [slot] * len(r["curve"]["step"])
+        out[("gpu", row)] = dict(r, seed=seed)
+    return out
+
+
+def test_seed_twins_are_derived_from_their_row_and_judged_against_their_seeds_default(recorded):
+    records = _gpu_records(recorded, {"default": (3406, 20.0, None), "seed2": (2, 60.0, None), "seed3": (3, 4.0, None),
+                                      "k": (3406, 0.0, 30.0), "k_seed2": (2, 0.0, 10.0), "k_seed3": (3, 0.5, 3.0),
+                                      "other": (3406, 1.0, None)})
+    rows = {"default": {"sections": ["s", "emergence_map"], "what": "d", "paper": "-"},
+            "k": {"sections": ["s"], "what": "a key slot", "paper": "P(k)", "expect": "slot"},
+            "other": {"sections": ["s"], "what": "o", "paper": "-"},
+            "k_seed3": {"note": {"gpu": "seed 3 slot {slot:k_seed3}, its default {sink:seed3}"}}}
+    spec = repro_tables.with_twins({"sections": {"s": {}, "emergence_map": {}}, "rows": rows}, records)
+    got = spec["rows"]
+    # twins follow their row; the default's twins are the emergence map's seed rows
+    assert list(got) == ["default", "seed2", "seed3", "k", "k_seed2", "k_seed3", "other"]
+    assert got["k_seed2"] == {"sections": ["s"], "paper": "P(k)", "expect": "slot", "baseline": "seed2",
+                              "what": "k with seeds 2 (model 2, data 2), against seed2", "regimes": ["gpu"]}
+    assert got["seed3"]["sections"] == ["emergence_map"] and "baseline" not in got["seed3"]
+    assert got["k_seed3"]["note"] == rows["k_seed3"]["note"] and got["k_seed3"]["baseline"] == "seed3"
+    assert repro_tables.with_twins(spec, records) == spec                                    # idempotent
+    # per seed against that seed's default: 3406 slot 30 >= 0.5 x 20 yes; seed 2: 10 < 0.5 x 60 no;
+    # seed 3: 3 >= 0.5 x 4 and Sink_1 0.5 <= max(1, 0.4) yes
+    table = repro_tables.section_table("s", "gpu", spec, records)
+    line = next(ln for ln in table.splitlines() if ln.startswith("| k | ") and "seeds |" in ln)
+    assert ("seed 3406: Sink_1* 30.0, Sink_1 0.0 (20.0) yes; seed 2: Sink_1* 10.0, Sink_1 0.0 (60.0) no; "
+            "seed 3: Sink_1* 3.0, Sink_1 0.5 (4.0) yes | 2 of 3 seeds |") in line
+    assert "- `k_seed3`: seed 3 slot 3.0%, its default 4.0%" in table                    # the note, filled in
+    head = repro_tables.regime_headline("gpu", spec, records)
+    assert "Of the 1 contrasts with a paper expectation (3 runs" in head and "1 in some seeds (k (2/3))" in head
+    # a registry entry for a twin without a `what` is what gets merged, so load_rows accepts it
+    assert twin_entry_ok(rows)
+
+
+def twin_entry_ok(rows):
+    import tempfile
+
+    spec = {"sections": {"s": {"md": "s.md", "title": "S"}, "emergence_map": {"md": "m.md", "title": "M"}},
+            "rows": rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return repro_tables.load_rows(path)["rows"]["k_seed3"] == rows["k_seed3"]
+
+
+def test_note_fields_are_filled_from_the_records_and_name_what_is_missing(recorded):
+    records = _gpu_records(recorded, {"default": (3406, 20.0, None), "x": (3406, 5.0, 40.0)})
+    records[("gpu", "x")]["final"]["sink"] = [5.0, 0.0, 33.3] + [0.0] * 7
+    records[("gpu", "x")]["final"]["sink_1_per_layer"] = [10.0, 0.0]
+    records[("gpu", "x")]["final"]["sink_extra_per_layer"] = [[50.0, 30.0]]
+    spec = {"rows": {"default": {}, "x": {}}}
+    text = "{sink:x} {sink@3:x} {slot:x} {max:x} {maxslot:x} {xD:x} {layers:x} {from:x}"
+    got = repro_tables.render_note(text, "gpu", spec, records)
+    assert got == "5.0% 33.3% 40.0% 5.0% 40.0% 0.25 D Sink_1 10 / 0; Sink_1* 50 / 30 " + \
+        repro_tables.emerges(records[("gpu", "x")])
+    with pytest.raises(ValueError, match=r"\{sink:nope\}.*row='nope' has no gpu record"):
+        repro_tables.render_note("{sink:nope}", "gpu", spec, records)
+    with pytest.raises(ValueError, match="no extra slot"):
+        repro_tables.render_note("{slot:default}", "gpu", spec, records)
+
+
+def test_registry_notes_quote_measured_numbers_only_through_fields():
+    """A note's percentages and D-multiples come from the records ({sink:R}, ...); a bare one must be a paper
+    number of the registry (the paper column), so no measured number is typed by hand."""
+    import re
+
+    spec = repro_tables.load_rows()
+    papers = " ".join(r.get("paper", "") for r in spec["rows"].values())
+    records = load_records(REPO / "docs" / "results" / "repro")
+    full = repro_tables.with_twins(spec, records)
+    for rid, row in full["rows"].items():
+        for regime, note in (row.get("note") or {}).items():
+            bare = repro_tables.NOTE_FIELD.sub("", note)
+            for num in re.findall(r"(\d+(?:\.\d+)?)(?=\s*%|\s*D\b)", bare):
+                assert num in papers, (rid, regime, num, note)
+            if (regime, rid) in records:
+                repro_tables.render_note(note, regime, full, records)                       # every field resolves
 
 
 # ---------------------------------------------------------------------------- final_checks on a run's checkpoint
