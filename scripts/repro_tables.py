@@ -521,6 +521,11 @@ def regime_headline(regime: str, spec: dict, records: Dict[Tuple[str, str], dict
                    f"{len(some)} in some seeds ({named(some)}) and {len(none)} in none ({named(none)}); the section "
                    "tables in `scripts/*.md` give each run with the paper's number, a table across seeds, and the "
                    "notes under them what was checked.")
+    w = mine.get("wide")
+    if w is not None:
+        out.append(f"The larger model (`wide`: {spec['rows'].get('wide', {}).get('what', 'wide')}) reaches Sink_1 = "
+                   f"{w['final']['sink'][0]:.1f}% after {fmt_tokens(w['tokens'])} tokens (sink from step {emerges(w)})"
+                   + (f", per layer {per_layer(w)}" if "sink_1_per_layer" in w["final"] else "") + ".")
     checked = [r for r, rec in mine.items() if "sink_1_per_layer" in rec["final"]]
     if len(checked) < len(mine):
         out.append(f"{len(checked) or 'None'} of the {len(mine)} records carry per-layer checks (measured on the "
@@ -561,10 +566,12 @@ def render(spec: dict, records: Dict[Tuple[str, str], dict], root: Path = REPO,
             if path.is_file() and region_markers("repro", "headline:cpu")[0] in path.read_text():
                 out[path] = splice(out.get(path, path.read_text()), "headline", "cpu", head)
     for regime in REGIMES:
-        path = root / EXPLORATION_MD
         gh = regime_headline(regime, spec, records) if regime != "cpu" else None
-        if gh is not None and path.is_file() and region_markers("repro", f"headline:{regime}")[0] in path.read_text():
-            out[path] = splice(out.get(path, path.read_text()), "headline", regime, gh)
+        for rel in HEADLINE_MDS:
+            path = root / rel
+            if gh is not None and path.is_file() and \
+                    region_markers("repro", f"headline:{regime}")[0] in out.get(path, path.read_text()):
+                out[path] = splice(out.get(path, path.read_text()), "headline", regime, gh)
     if exploration is not None:
         path = root / EXPLORATION_MD
         text = out.get(path, path.read_text() if path.is_file() else "# Reproduction regimes\n")
