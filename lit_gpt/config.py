@@ -58,7 +58,7 @@ class ConfigError(ValueError):
 
 
 def _bad(name: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"Config.{name}={value!r} is invalid; allowed: {allowed}")
+    return ConfigError(invalid_choice(f"Config.{name}", value, allowed))
 
 
 @dataclass

@@ -28,7 +28,10 @@ Raw files are small JSON or CSV files under ``docs/results/`` or ``benchmarks/re
       ...
       <!-- /table -->
 
-* a value inside a sentence: ``<!-- v: {nat.sink.sink_1:.2f} -->70.29<!-- /v -->``;
+* a value inside a sentence: ``<!-- v: {nat.sink.sink_1:.2f} -->70.29<!-- /v -->``; for a value shown as code
+  the backticks go inside the template (``<!-- v: `{cmd}` -->`...`<!-- /v -->``): a marker inside an inline
+  code span is an error (GitHub would show the comment, and the value would never be rendered), unless its
+  template has no field (the syntax written as an example);
 
 * a region that a dedicated renderer fills (``scripts/repro_tables.py``, kind ``repro``: tables whose rows, rules
   and plots come from a registry rather than from one marker), between ``<!-- KIND:NAME:begin -->`` and
@@ -341,17 +344,27 @@ def _line(text: str, pos: int) -> int:
 _FENCE = re.compile(r"^[ \t]*```.*?^[ \t]*```[^\n]*$", re.S | re.M)
 
 
-_INLINE_CODE = re.compile(r"(?<!`)`[^`\n]+`(?!`)")
+_INLINE_CODE = re.compile(r"(?<!`)(`+)(?!`)[^\n]+?(?<!`)\1(?!`)")          # n backticks to the next n, on one line
+
+
+def _code_spans(text: str) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
+    """(start, end) of the fenced code blocks and of the inline code spans outside them."""
+    fences = [(f.start(), f.end()) for f in _FENCE.finditer(text)]
+    inline = [(c.start(), c.end()) for c in _INLINE_CODE.finditer(text)
+              if not any(a <= c.start() < b for a, b in fences)]
+    return fences, inline
+
+
+def _inside(spans: List[Tuple[int, int]], pos: int) -> bool:
+    return any(a <= pos < b for a, b in spans)
 
 
 def _unfenced(pattern: re.Pattern, text: str, pos: int, end: Optional[int] = None):
     """Matches of ``pattern`` in text[pos:end] outside code blocks and inline code (examples stay examples)."""
-    fences = [(f.start(), f.end()) for f in _FENCE.finditer(text)]
-    fences += [(c.start(), c.end()) for c in _INLINE_CODE.finditer(text)
-               if not any(a <= c.start() < b for a, b in fences)]
+    fences, inline = _code_spans(text)
     end = len(text) if end is None else end
     for m in pattern.finditer(text, pos, end):
-        if not any(a <= m.start() < b for a, b in fences):
+        if not _inside(fences + inline, m.start()):
             yield m
 
 
@@ -388,7 +401,20 @@ def render_markdown(text: str, name: str = "<markdown>", root: Path = ROOT) -> s
 
 def _values(text: str, start: int, end: int, names: Dict[str, Any], name: str) -> str:
     out, pos = [], start
-    for m in _unfenced(_VALUE, text, start, end):
+    fences, inline = _code_spans(text)
+    for m in _VALUE.finditer(text, start, end):
+        if _inside(fences, m.start()):
+            continue
+        if _inside(inline, m.start()):
+            try:
+                example = not any(is_field for is_field, _ in _fields(m.group(1).strip()))
+            except DocTableError:
+                example = False     # braces that do not parse: meant as fields all the same
+            if example:             # no field: the syntax shown as code (`<!-- v: TEMPLATE -->…<!-- /v -->`)
+                continue
+            raise DocTableError(f"{name}:{_line(text, m.start())}: a value marker inside an inline code span (a "
+                                "backtick before it) is never rendered: put the backticks inside the template, "
+                                "<!-- v: `{...}` -->`...`<!-- /v -->")
         out.append(text[pos:m.start()])
         try:
             rendered = render_template(m.group(1).strip(), names)

@@ -45,7 +45,7 @@ writing the chunk, so any chunk length gives the token-by-token result.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -53,14 +53,15 @@ import torch.nn as nn
 from lit_gpt.attention import AttentionOp, MaskFn, eager_attention, prepend_slots, repeat_kv, sdpa_attention
 from lit_gpt.config import SCORE_BIAS_POSITIONS
 from lit_gpt.positional import apply_rope, rope_cos_sin, rope_inv_freq
+from lit_gpt.utils import invalid_choice
 
 POLICIES = ("reindex", "original", "lminfinite")
 STATIC_ATTENTION = ("sdpa", "matmul")                # softmax of a graph-safe decoding step (enter_static)
 FEATURE_MAP_OPS = ("elu_kernel", "mlp_kernel")      # phi(q).phi(k): the rotation cannot move to the key side
 
 
-def _bad(name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"StreamingSpec.{name}={value!r} is invalid; allowed: {allowed}")
+def _bad(name: str, value: Any, allowed: Union[str, Iterable[Any]]) -> ValueError:
+    return ValueError(invalid_choice(f"StreamingSpec.{name}", value, allowed))
 
 
 def _is_int(x: Any) -> bool:
@@ -85,7 +86,7 @@ class StreamingSpec:
         if not _is_int(self.recent_size) or self.recent_size < 1:
             raise _bad("recent_size", self.recent_size, "an integer >= 1 (the query sees itself)")
         if self.policy not in POLICIES:
-            raise _bad("policy", self.policy, ", ".join(POLICIES))
+            raise _bad("policy", self.policy, POLICIES)
         if self.max_distance is not None:
             if self.policy != "lminfinite":
                 raise _bad("max_distance", self.max_distance,
@@ -235,7 +236,7 @@ class SinkWindowKV:
         over the whole GPU) or ``sdpa`` (with a mask SDPA takes its memory-efficient kernel, one thread block per
         row and head for a single query)."""
         if attention not in STATIC_ATTENTION:
-            raise ValueError(f"attention={attention!r} is invalid; allowed: {', '.join(STATIC_ATTENTION)}")
+            raise ValueError(invalid_choice("attention", attention, STATIC_ATTENTION))
         if self.k is None:
             raise ValueError("enter_static() needs a filled cache: prefill at least start_size tokens first")
         self.static = True

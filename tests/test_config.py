@@ -59,6 +59,22 @@ def test_invalid_values_give_one_clear_line(overrides, field, allowed):
     assert allowed in msg, msg
 
 
+def test_invalid_value_lines_are_the_repo_wording():
+    # the whole line, as lit_gpt.utils.invalid_choice words it: a rule, or the allowed values with a hint
+    lines = {
+        "Config.norm_eps=0 is invalid; allowed: a positive number": dict(norm_eps=0),
+        "Config.n_layer=0 is invalid; allowed: a positive integer": dict(n_layer=0),
+        "Config.window_size=3 is invalid; allowed: null unless attn_mask='window' (attn_mask='causal')":
+            dict(window_size=3),
+        "Config.mlp='swiglo' is invalid (did you mean swiglu?); allowed: relu, gelu, swish, reglu, "
+        "geglu, swiglu": dict(mlp="swiglo"),
+    }
+    for line, overrides in lines.items():
+        with pytest.raises(ConfigError) as exc:
+            Config(**dict(BASE, **overrides))
+        assert str(exc.value) == line
+
+
 def test_unknown_field_and_unknown_name():
     with pytest.raises(ConfigError, match=r"unknown field 'n_heads' \(did you mean n_head"):
         Config.from_name("tiny", n_heads=3)

@@ -124,6 +124,26 @@ def test_markers_in_code_blocks_are_examples(tmp_path):
     assert render_markdown(text, root=tmp_path) == text and raw_files_used(text) == []
 
 
+def test_a_value_marker_inside_inline_code_is_an_error_unless_an_example(tmp_path):
+    _raw(tmp_path, "r.json", {"cmd": "python run.py --new"})
+    head = "<!-- results: docs/results/r.json -->\n"
+    # the stale command would never be re-rendered (and GitHub shows the comment): an error naming file and line
+    for stale in ("`<!-- v: {cmd} -->python run.py --old<!-- /v -->`",
+                  "`` <!-- v: {cmd} -->python run.py --old<!-- /v --> ``",
+                  "run `it: <!-- v: {cmd} -->python run.py --old<!-- /v -->` now"):
+        with pytest.raises(DocTableError, match=r"^x.md:3: a value marker inside an inline code span .*put the "
+                                                r"backticks inside the template"):
+            render_markdown(head + "text\n" + stale + "\n", "x.md", root=tmp_path)
+    # the fix: backticks inside the template, rendered
+    out = render_markdown(head + "run <!-- v: `{cmd}` -->`python run.py --old`<!-- /v -->.\n", root=tmp_path)
+    assert out == head + "run <!-- v: `{cmd}` -->`python run.py --new`<!-- /v -->.\n"
+    # a code span that closes before the marker does not hide it; the syntax as an example (no field) stays
+    assert "`a` <!-- v: {cmd} -->python run.py --new<!-- /v -->" in render_markdown(
+        head + "`a` <!-- v: {cmd} -->x<!-- /v -->\n", root=tmp_path)
+    example = head + "- `<!-- v: TEMPLATE -->…<!-- /v -->` is a number inside a sentence\n"
+    assert render_markdown(example, root=tmp_path) == example
+
+
 def test_regions_of_other_renderers_are_spliced_checked_and_not_audited(tmp_path, capsys):
     text = "# T\n\nprose 7\n<!-- repro:sec:cpu:begin -->\nold 1\n<!-- repro:sec:cpu:end -->\nafter\n"
     new = splice_region(text, "repro", "sec:cpu", "| a | 2 |")

@@ -142,6 +142,27 @@ def test_tiny_row_sums_use_the_clamp(op):
         torch.testing.assert_close(g.double(), g6, rtol=1e-4, atol=1e-4 * float(g6.abs().max()))
 
 
+def test_bad_inputs_give_one_line_naming_the_argument():
+    q, k, v, sk, sv, _ = _inputs(1, 2, 2, 8, 4, slots=True)
+
+    def hand_mask(i, j):                    # a causal mask the kernel cannot see the band of
+        return j <= i
+
+    lines = {
+        "op='softmax' is invalid; allowed: sigmoid, elu": dict(op="softmax"),
+        "op='sigmod' is invalid (did you mean sigmoid?); allowed: sigmoid, elu": dict(op="sigmod"),
+        "mask_fn='hand_mask' is invalid; allowed: a mask of lit_gpt.attention with a band (causal, window, prefix, "
+        "sink + window)": dict(mask_fn=hand_mask),
+        "slot_v=None is invalid; allowed: a tensor when slot_k is given (the slots go together)": dict(slot_k=sk),
+        "slot_k=None is invalid; allowed: a tensor when slot_v is given (the slots go together)": dict(slot_v=sv),
+    }
+    for line, kwargs in lines.items():
+        kwargs = dict(dict(mask_fn=causal_mask, op="elu"), **kwargs)
+        with pytest.raises(ValueError) as e:
+            sim.sim_attention(q, k, v, kwargs.pop("mask_fn"), normalize=True, **kwargs)
+        assert str(e.value) == line
+
+
 def test_custom_op_registration():
     """Schema, fake (meta) kernels and autograd registration, as torch.compile uses them."""
     q, k, v, sk, sv, _ = _inputs(1, 1, 1, 16, 16, True)

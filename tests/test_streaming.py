@@ -14,7 +14,7 @@ import torch
 from lit_gpt import GPT, Config
 from lit_gpt.attention import sink_window_mask, window_mask
 from lit_gpt.generate import GPTRunner, StreamSession, recompute_nll, stream_generate, stream_nll
-from lit_gpt.streaming import StreamingSpec, install_streaming
+from lit_gpt.streaming import SinkWindowKV, StreamingSpec, install_streaming
 from streaming_reference import lminfinite_middle, lminfinite_plan, ref_gpt_logits, streamingllm_plan
 from conftest import variant_id
 
@@ -206,6 +206,28 @@ def test_meaningless_combinations_raise_one_line_errors():
         StreamingSpec(2, 4, "lminfinite", topk_insert_at=8)
     with pytest.raises(ValueError, match="StreamingSpec.topk_insert_at=-1 is invalid; allowed: an integer >= 0"):
         StreamingSpec(2, 4, "lminfinite", topk=2, topk_insert_at=-1)
+
+
+def test_spec_and_static_step_errors_are_the_repo_line():
+    # the exact lines (lit_gpt.utils.invalid_choice's wording): a rule, or the allowed values with a hint
+    lines = {
+        "StreamingSpec.start_size=-1 is invalid; allowed: an integer >= 0": dict(start_size=-1),
+        "StreamingSpec.recent_size=True is invalid; allowed: an integer >= 1 (the query sees itself)":
+            dict(recent_size=True),
+        "StreamingSpec.max_distance=8 is invalid; allowed: null unless policy='lminfinite' (policy='reindex')":
+            dict(max_distance=8),
+        "StreamingSpec.topk_from_layer=-2 is invalid; allowed: an integer >= 0": dict(topk_from_layer=-2),
+        "StreamingSpec.policy='sliding' is invalid; allowed: reindex, original, lminfinite": dict(policy="sliding"),
+        "StreamingSpec.policy='lminfinte' is invalid (did you mean lminfinite?); allowed: reindex, original, "
+        "lminfinite": dict(policy="lminfinte"),
+    }
+    for line, kwargs in lines.items():
+        with pytest.raises(ValueError) as e:
+            StreamingSpec(**kwargs)
+        assert str(e.value) == line
+    with pytest.raises(ValueError) as e:
+        SinkWindowKV(StreamingSpec(2, 4)).enter_static("smda")
+    assert str(e.value) == "attention='smda' is invalid (did you mean sdpa?); allowed: sdpa, matmul"
 
 
 @torch.no_grad()

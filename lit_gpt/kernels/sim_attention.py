@@ -42,6 +42,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from lit_gpt.config import RELATIVE_POSITIONS
+from lit_gpt.utils import invalid_choice
 
 if "triton" not in sys.modules and not torch.cuda.is_available():
     # Triton builds its language library for the interpreter or the compiler when it is first imported: without a
@@ -550,14 +551,15 @@ def sim_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_fn: Ca
     if triton is None:
         raise RuntimeError("sim_attention needs triton (pip install triton)")
     if op not in OPS:
-        raise ValueError(f"op={op!r} is invalid; allowed: {', '.join(OPS)}")
+        raise ValueError(invalid_choice("op", op, OPS))
     band = mask_band(mask_fn)
     if band is None:
-        raise ValueError(f"mask {getattr(mask_fn, '__name__', mask_fn)!r} has no band; allowed: the masks of "
-                         "lit_gpt.attention (causal, window, prefix, sink + window)")
+        raise ValueError(invalid_choice("mask_fn", getattr(mask_fn, "__name__", mask_fn), "a mask of "
+                                        "lit_gpt.attention with a band (causal, window, prefix, sink + window)"))
     window, n_sink, prefix = band
     if (slot_k is None) != (slot_v is None):
-        raise ValueError("slot_k and slot_v go together")
+        given, missing = ("slot_v", "slot_k") if slot_k is None else ("slot_k", "slot_v")
+        raise ValueError(invalid_choice(missing, None, f"a tensor when {given} is given (the slots go together)"))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k.to(q.dtype), v.to(q.dtype)))
     slopes = None if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
