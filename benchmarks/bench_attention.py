@@ -109,6 +109,13 @@ def curve(a) -> None:
                 "default", lambda: flex_attention_forward(q, k, v, lfn, scale=scale, split_lambda=True))
             cases[f"sink {a.sinks} + window {w} flex, one call"] = (
                 "default", lambda: flex_attention_forward(q, k, v, lfn, scale=scale))
+            # smaller key blocks of the block mask (flex_attention_forward(block_size=...)): the sinks' partial key
+            # block costs less when it is narrower
+            for bs in ((128, 64), (64, 64)):
+                cases[f"sink {a.sinks} + window {w} flex, one call, blocks {bs[0]}x{bs[1]}"] = (
+                    "default", lambda bs=bs: flex_attention_forward(q, k, v, lfn, scale=scale, block_size=bs))
+            cases[f"window {w} flex, blocks 128x64"] = (
+                "default", lambda: flex_attention_forward(q, k, v, wfn, scale=scale, block_size=(128, 64)))
         pos = torch.arange(T, device=device).unsqueeze(0)
         wmask = dense_mask(window_mask(w), pos, pos)
         cases[f"window {w} sdpa dense mask"] = ("default", lambda: sdpa_attention(q, k, v, mask=wmask))

@@ -17,7 +17,7 @@ raises. Each attention layer records the path it ran (``CausalSelfAttention.last
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Dict, Hashable, Optional, Tuple
+from typing import Callable, Dict, Hashable, Optional, Tuple, Union
 
 import torch
 
@@ -109,19 +109,22 @@ def mask_key(mask_fn: Callable) -> Hashable:
     return ("band",) + tuple(band) if band is not None else ("fn", mask_fn)
 
 
-def block_mask_for(mask_fn: Callable, T: int, device: torch.device):
+def block_mask_for(mask_fn: Callable, T: int, device: torch.device,
+                   block_size: Optional[Union[int, Tuple[int, int]]] = None):
     """The block mask of ``mask_fn`` over T x T positions, from a small LRU (:data:`BLOCK_MASK_CACHE_SIZE` entries)
-    keyed by (:func:`mask_key`, T, device)."""
+    keyed by (:func:`mask_key`, T, device). ``block_size``: (query, key) block of the mask (default 128 x 128, or
+    the smallest power of two >= T for short sequences); a smaller key block wastes less of a partial block, e.g.
+    the few sink columns of a Λ mask."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (mask_key(mask_fn), T, str(device))
+    key = (mask_key(mask_fn) if block_size is None else (mask_key(mask_fn), block_size), T, str(device))
     if key in _BLOCK_MASKS:
         _BLOCK_MASKS.move_to_end(key)
         return _BLOCK_MASKS[key]
 
     def mask_mod(b, h, q_idx, kv_idx):
         return mask_fn(q_idx, kv_idx)
-    block = 128 if T >= 128 else max(16, 1 << (T - 1).bit_length())
+    block = block_size or (128 if T >= 128 else max(16, 1 << (T - 1).bit_length()))
     _BLOCK_MASKS[key] = create_block_mask(mask_mod, None, None, T, T, device=str(device), BLOCK_SIZE=block)
     while len(_BLOCK_MASKS) > BLOCK_MASK_CACHE_SIZE:
         _BLOCK_MASKS.popitem(last=False)
@@ -195,21 +198,23 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
                            scale: float, alpha: float = 1.0, alibi_slopes: Optional[torch.Tensor] = None,
                            rel_bias: Optional[Callable] = None, slot_k: Optional[torch.Tensor] = None,
                            slot_v: Optional[torch.Tensor] = None, slot_logit: Optional[torch.Tensor] = None,
-                           split_lambda: bool = False) -> torch.Tensor:
+                           split_lambda: bool = False,
+                           block_size: Optional[Union[int, Tuple[int, int]]] = None) -> torch.Tensor:
     """Full-sequence softmax attention (positions 0..T-1) under ``mask_fn``; q (B,H,T,d), k/v (B,G,T,d).
 
     ALiBi and the T5 relative bias become score_mods; k*/v* slots and sink logits are merged exactly through the
     returned log-normaliser (:func:`merge_slots`), so none of them needs a dense T x T mask. A Λ mask (sinks +
     window) runs as one Flex call by default; ``split_lambda=True`` runs it as its window part plus the sink columns
     merged the same way (:func:`split_sinks`), opt-in because on an H200 it measured slower than the one call
-    (benchmarks/README.md, run 3).
+    (benchmarks/README.md, run 3). ``block_size``: the block mask's (query, key) block (:func:`block_mask_for`),
+    default 128 x 128; opt-in, for the benchmark's Λ rows.
     """
     T = q.shape[-2]
     split = split_sinks(mask_fn, T) if split_lambda else None
     n_sink = 0
     if split is not None:
         mask_fn, window, n_sink = split
-    block_mask = block_mask_for(mask_fn, T, q.device)
+    block_mask = block_mask_for(mask_fn, T, q.device, block_size)
     score_mod = None
     sink_add = None
     if alibi_slopes is not None:

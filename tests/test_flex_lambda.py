@@ -78,6 +78,21 @@ def test_lambda_flex_forward_matches_loop(T, n_sink, window, extra, split):
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("block_size", [(16, 8), 8, (8, 16)])
+@pytest.mark.parametrize("T,n_sink,window", [(40, 4, 8), (33, 1, 5)])
+def test_lambda_flex_forward_with_smaller_blocks_matches_loop(T, n_sink, window, block_size):
+    """A block mask of other (query, key) blocks (partial sink blocks waste less) computes the same attention."""
+    B, H, d = 2, 4, 8
+    q, k, v = qkv(B, H, H, T, d, seed=1)
+    scale = 1 / math.sqrt(d)
+    with torch.no_grad():
+        y = flex.flex_attention_forward(q, k, v, sink_window_mask(n_sink, window), scale=scale, block_size=block_size)
+    y_ref, _ = attention_loop(q, k, v, lambda_loop(n_sink, window), scale=scale)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    key = ((flex.mask_key(sink_window_mask(n_sink, window)), block_size), T, "cpu")
+    assert flex._BLOCK_MASKS[key].BLOCK_SIZE == ((block_size,) * 2 if isinstance(block_size, int) else block_size)
+
+
 def dense_flex(q, k, v, *, score_mod, block_mask, scale, enable_gqa, return_lse):
     """A dense float64 stand-in for flex_attention with autograd: scores, the block mask's mask_mod, softmax."""
     B, H, T, d = q.shape
