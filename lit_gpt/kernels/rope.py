@@ -1,0 +1,171 @@
+"""RoPE on the fused qkv projection, forward and backward, in Triton (``config.rope_impl``).
+
+What it computes: the qkv linear's output (B, T, (H + 2G) d), split into q (B, H, T, d), k, v (B, G, T, d) with
+q and k rotated exactly as :func:`lit_gpt.positional.apply_rope` rotates them (rotate-half on the first n dims, in
+float32, float64 for float64 inputs, the rest passed through, the result cast back to the input dtype):
+
+    y_j = x_j cos_j - x_{j+n/2} sin_j    (j < n/2)        y_j = x_j cos_j + x_{j-n/2} sin_j    (n/2 <= j < n)
+
+Why: written as tensor ops, autograd's backward is a rotation of dq and dk, two slice-backwards and the
+split-backward (a cat of dq, dk, dv) into the (B, T, (H + 2G) d) gradient of the linear; inductor fuses that into
+one kernel, which took 0.5 ms per layer on an H200 at 16 x 2048 (~0.3 GB moved: a tenth of the bandwidth;
+benchmarks/results/train_step_60m_h200_run4.json, ``top kernels``). Here the backward writes each head's rotated
+gradient straight into its columns of that one buffer, the forward writes q, k, v in the contiguous (B, heads, T,
+d) layout attention takes, each a tile of BLOCK_T positions x one head: contiguous rows on both sides. The ops are
+``torch.library`` custom ops, so ``torch.compile`` treats them as opaque calls (no graph break).
+
+On CUDA this runs compiled; without CUDA (or with TRITON_INTERPRET=1) in Triton's interpreter on CPU tensors, which
+is how the tests check it against float64 reference maths (``rope_impl='triton'`` asks for it on CPU).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from lit_gpt.kernels.sim_attention import INTERPRETED, triton
+
+if triton is not None:
+    import triton.language as tl
+
+RopeTables = Tuple[torch.Tensor, torch.Tensor]
+
+
+def use_fused_rope(cfg, x: torch.Tensor) -> bool:
+    """The fused op takes this projection: ``rope_impl`` 'triton' (CPU: the interpreter), or 'auto' on CUDA."""
+    if triton is None or cfg.pos_encoding != "rope" or cfg.rope_impl == "torch":
+        return False
+    if INTERPRETED:                     # CPU tensors only, and only when asked for
+        return cfg.rope_impl == "triton" and x.device.type == "cpu"
+    return x.is_cuda
+
+
+if triton is not None:
+    @triton.jit
+    def _rope_heads(src, dst, cos, sin, T, n_heads,
+                    s_b, s_h, s_t, d_b, d_h, d_t, c_b, c_t,
+                    D: tl.constexpr, N: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                    ROTATE: tl.constexpr, BACKWARD: tl.constexpr, F64: tl.constexpr):
+        """dst[b, h, t, :] = rope(src[b, h, t, :]) for one tile of BLOCK_T positions of one head (strides in
+        elements, the last dim contiguous on both sides). Forward: y_j = x_j c_j + sgn_j x_p s_j with the partner
+        p = j +- N/2 and sgn_j = -1 below N/2; backward (the transpose): dx_j = dy_j c_j - sgn_j dy_p s_p."""
+        pid_t = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // n_heads).to(tl.int64)
+        h = (pid_bh % n_heads).to(tl.int64)
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        j = tl.arange(0, D_PAD)
+        tm = (t < T)[:, None]
+        jm = (j < D)[None, :]
+        t64 = t.to(tl.int64)[:, None]
+        src_row = src + b * s_b + h * s_h + t64 * s_t
+        x = tl.load(src_row + j[None, :], mask=tm & jm, other=0.0)
+        if ROTATE:
+            cdt = tl.float64 if F64 else tl.float32
+            half: tl.constexpr = N // 2
+            rot = (j < N)[None, :]
+            lower = (j < half)[None, :]
+            p = tl.where(j < half, j + half, j - half)[None, :]
+            xp = tl.load(src_row + p, mask=tm & rot, other=0.0).to(cdt)
+            c_row = t64 * c_t + b * c_b
+            c = tl.load(cos + c_row + j[None, :], mask=tm & rot, other=1.0).to(cdt)
+            if BACKWARD:
+                s = tl.load(sin + c_row + p, mask=tm & rot, other=0.0).to(cdt)
+                term = tl.where(lower, xp * s, -(xp * s))
+            else:
+                s = tl.load(sin + c_row + j[None, :], mask=tm & rot, other=0.0).to(cdt)
+                term = tl.where(lower, -xp * s, xp * s)
+            xf = x.to(cdt)
+            y = tl.where(rot, xf * c + term, xf)
+        else:
+            y = x
+        dst_row = dst + b * d_b + h * d_h + t64 * d_t
+        tl.store(dst_row + j[None, :], y.to(dst.dtype.element_ty), mask=tm & jm)
+
+
+BLOCK_T = 32
+
+
+def _launch(src: torch.Tensor, dst: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+            backward: bool) -> None:
+    """src, dst (B, heads, T, d) views with a contiguous last dim; cos/sin (B|1, T, n) or None (a plain copy)."""
+    B, nh, T, d = src.shape
+    rotate = cos is not None
+    n = cos.shape[-1] if rotate else d
+    if not rotate:
+        cos = sin = src.new_empty(1, 1, 1)
+    c_b = cos.stride(0) if cos.shape[0] > 1 else 0
+    grid = (triton.cdiv(T, BLOCK_T), B * nh)
+    _rope_heads[grid](src, dst, cos, sin, T, nh, src.stride(0), src.stride(1), src.stride(2),
+                      dst.stride(0), dst.stride(1), dst.stride(2), c_b, cos.stride(1),
+                      D=d, N=n, D_PAD=triton.next_power_of_2(d), BLOCK_T=BLOCK_T,
+                      ROTATE=rotate, BACKWARD=backward, F64=src.dtype == torch.float64)
+
+
+def _tables(cos: torch.Tensor, sin: torch.Tensor) -> RopeTables:
+    """(B|1, 1, T, n) tables as the model builds them -> (B|1, T, n) with a contiguous last dim."""
+    cos, sin = cos.squeeze(1), sin.squeeze(1)
+    return (cos if cos.stride(-1) == 1 else cos.contiguous()), (sin if sin.stride(-1) == 1 else sin.contiguous())
+
+
+def _heads(x: torch.Tensor, B: int, T: int, sizes: Tuple[int, int, int], d: int):
+    """(B, T, (H + 2G) d) -> three (B, heads, T, d) views of its q, k, v columns."""
+    return [t.view(B, T, n, d).transpose(1, 2) for t, n in zip(x.split(tuple(n * d for n in sizes), dim=-1), sizes)]
+
+
+def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+if triton is not None:
+    @torch.library.custom_op("lit_gpt::rope_qkv", mutates_args=())
+    def rope_qkv_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int, n_kv: int,
+                    head_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = qkv.shape
+        cos, sin = _tables(cos, sin)
+        src = _heads(_contiguous_last(qkv), B, T, (n_head, n_kv, n_kv), head_size)
+        outs = [qkv.new_empty(B, n, T, head_size) for n in (n_head, n_kv, n_kv)]
+        for i, (s, o) in enumerate(zip(src, outs)):
+            _launch(s, o, cos if i < 2 else None, sin if i < 2 else None, backward=False)
+        return tuple(outs)
+
+    @rope_qkv_op.register_fake
+    def _(qkv, cos, sin, n_head, n_kv, head_size):
+        B, T, _ = qkv.shape
+        return tuple(qkv.new_empty(B, n, T, head_size) for n in (n_head, n_kv, n_kv))
+
+    @torch.library.custom_op("lit_gpt::rope_qkv_backward", mutates_args=())
+    def rope_qkv_backward_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor) -> torch.Tensor:
+        B, H, T, d = dq.shape
+        G = dk.shape[1]
+        cos, sin = _tables(cos, sin)
+        dqkv = dq.new_empty(B, T, (H + 2 * G) * d)
+        for i, (g, o) in enumerate(zip((dq, dk, dv), _heads(dqkv, B, T, (H, G, G), d))):
+            _launch(_contiguous_last(g), o, cos if i < 2 else None, sin if i < 2 else None, backward=True)
+        return dqkv
+
+    @rope_qkv_backward_op.register_fake
+    def _(dq, dk, dv, cos, sin):
+        B, H, T, d = dq.shape
+        return dq.new_empty(B, T, (H + 2 * dk.shape[1]) * d)
+
+    def _setup(ctx, inputs, output):
+        qkv, cos, sin, n_head, n_kv, head_size = inputs
+        ctx.save_for_backward(cos, sin)
+        ctx.shapes = [o.shape for o in output]
+        ctx.dtype = qkv.dtype
+
+    def _backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        dq, dk, dv = (g if g is not None else cos.new_zeros(shape, dtype=ctx.dtype)
+                      for g, shape in zip((dq, dk, dv), ctx.shapes))
+        return rope_qkv_backward_op(dq, dk, dv, cos, sin), None, None, None, None, None
+
+    rope_qkv_op.register_autograd(_backward, setup_context=_setup)
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int, n_kv: int, head_size: int):
+    """(B, T, (H + 2G) d) -> q (B, H, T, d), k, v (B, G, T, d), q and k rotated by the (B|1, 1, T, n) tables
+    (:meth:`lit_gpt.model.GPT.rope_tables`); contiguous outputs, gradient written into one (B, T, (H + 2G) d)."""
+    return rope_qkv_op(qkv, cos, sin, n_head, n_kv, head_size)
