@@ -29,6 +29,7 @@ if triton is not None:
     import triton.language as tl
 
 RopeTables = Tuple[torch.Tensor, torch.Tensor]
+STATS = {"forward": 0, "backward": 0}   # calls of the fused forward / backward (gpu_checks asserts they ran)
 
 
 def use_fused_rope(cfg, x: torch.Tensor) -> bool:
@@ -121,6 +122,7 @@ if triton is not None:
     @torch.library.custom_op("lit_gpt::rope_qkv", mutates_args=())
     def rope_qkv_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int, n_kv: int,
                     head_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        STATS["forward"] += 1
         B, T, _ = qkv.shape
         cos, sin = _tables(cos, sin)
         src = _heads(_contiguous_last(qkv), B, T, (n_head, n_kv, n_kv), head_size)
@@ -137,6 +139,7 @@ if triton is not None:
     @torch.library.custom_op("lit_gpt::rope_qkv_backward", mutates_args=())
     def rope_qkv_backward_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
                              sin: torch.Tensor) -> torch.Tensor:
+        STATS["backward"] += 1
         B, H, T, d = dq.shape
         G = dk.shape[1]
         cos, sin = _tables(cos, sin)
