@@ -55,7 +55,7 @@ def test_rope_qkv_backward_against_finite_differences(n):
     qkv = torch.randn(2, T, (H + 2 * G) * d, dtype=torch.float64, requires_grad=True)
     cos, sin = _tables(torch.arange(T)[None] + 3, n)
     before = rope.STATS["backward"]
-    assert torch.autograd.gradcheck(lambda x: rope.rope_qkv(x, cos, sin, H, G, d), (qkv,))
+    assert torch.autograd.gradcheck(lambda x: rope.rope_qkv(x, cos, sin, H, G, d), (qkv,), fast_mode=True)
     assert rope.STATS["backward"] > before
 
 

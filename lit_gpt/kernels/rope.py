@@ -45,46 +45,47 @@ if triton is not None:
     @triton.jit
     def _rope_heads(src, dst, cos, sin, T, n_heads,
                     s_b, s_h, s_t, d_b, d_h, d_t, c_b, c_t,
-                    D: tl.constexpr, N: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                    ROTATE: tl.constexpr, BACKWARD: tl.constexpr, F64: tl.constexpr):
+                    D: tl.constexpr, N: tl.constexpr, HALF_PAD: tl.constexpr, REST_PAD: tl.constexpr,
+                    BLOCK_T: tl.constexpr, ROTATE: tl.constexpr, BACKWARD: tl.constexpr, F64: tl.constexpr):
         """dst[b, h, t, :] = rope(src[b, h, t, :]) for one tile of BLOCK_T positions of one head (strides in
-        elements, the last dim contiguous on both sides). Forward: y_j = x_j c_j + sgn_j x_p s_j with the partner
-        p = j +- N/2 and sgn_j = -1 below N/2; backward (the transpose): dx_j = dy_j c_j - sgn_j dy_p s_p."""
+        elements, the last dim contiguous on both sides), the halves x1 = x[:N/2], x2 = x[N/2:N] as two tiles.
+        Forward: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2; backward (the transpose): dx1 = dy1 c1 + dy2 s2,
+        dx2 = dy2 c2 - dy1 s1; dims N..D pass through. ROTATE=False: a copy of all D dims."""
         pid_t = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // n_heads).to(tl.int64)
         h = (pid_bh % n_heads).to(tl.int64)
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        j = tl.arange(0, D_PAD)
         tm = (t < T)[:, None]
-        jm = (j < D)[None, :]
         t64 = t.to(tl.int64)[:, None]
         src_row = src + b * s_b + h * s_h + t64 * s_t
-        x = tl.load(src_row + j[None, :], mask=tm & jm, other=0.0)
+        dst_row = dst + b * d_b + h * d_h + t64 * d_t
         if ROTATE:
             cdt = tl.float64 if F64 else tl.float32
-            half: tl.constexpr = N // 2
-            rot = (j < N)[None, :]
-            lower = (j < half)[None, :]
-            p = tl.where(j < half, j + half, j - half)[None, :]
-            xp = tl.load(src_row + p, mask=tm & rot, other=0.0).to(cdt)
+            j = tl.arange(0, HALF_PAD)[None, :]
+            m = tm & (j < N // 2)
+            x1 = tl.load(src_row + j, mask=m, other=0.0).to(cdt)
+            x2 = tl.load(src_row + j + N // 2, mask=m, other=0.0).to(cdt)
             c_row = t64 * c_t + b * c_b
-            c = tl.load(cos + c_row + j[None, :], mask=tm & rot, other=1.0).to(cdt)
+            c1 = tl.load(cos + c_row + j, mask=m, other=0.0).to(cdt)
+            c2 = tl.load(cos + c_row + j + N // 2, mask=m, other=0.0).to(cdt)
+            s1 = tl.load(sin + c_row + j, mask=m, other=0.0).to(cdt)
+            s2 = tl.load(sin + c_row + j + N // 2, mask=m, other=0.0).to(cdt)
             if BACKWARD:
-                s = tl.load(sin + c_row + p, mask=tm & rot, other=0.0).to(cdt)
-                term = tl.where(lower, xp * s, -(xp * s))
+                y1 = x1 * c1 + x2 * s2
+                y2 = x2 * c2 - x1 * s1
             else:
-                s = tl.load(sin + c_row + j[None, :], mask=tm & rot, other=0.0).to(cdt)
-                term = tl.where(lower, -xp * s, xp * s)
-            xf = x.to(cdt)
-            y = tl.where(rot, xf * c + term, xf)
-        else:
-            y = x
-        dst_row = dst + b * d_b + h * d_h + t64 * d_t
-        tl.store(dst_row + j[None, :], y.to(dst.dtype.element_ty), mask=tm & jm)
+                y1 = x1 * c1 - x2 * s1
+                y2 = x2 * c2 + x1 * s2
+            tl.store(dst_row + j, y1.to(dst.dtype.element_ty), mask=m)
+            tl.store(dst_row + j + N // 2, y2.to(dst.dtype.element_ty), mask=m)
+        if N < D:
+            r = N + tl.arange(0, REST_PAD)[None, :]
+            mr = tm & (r < D)
+            tl.store(dst_row + r, tl.load(src_row + r, mask=mr, other=0.0), mask=mr)
 
 
-BLOCK_T = 32
+BLOCK_T = 64
 
 
 def _launch(src: torch.Tensor, dst: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
@@ -92,14 +93,15 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, cos: Optional[torch.Tensor], s
     """src, dst (B, heads, T, d) views with a contiguous last dim; cos/sin (B|1, T, n) or None (a plain copy)."""
     B, nh, T, d = src.shape
     rotate = cos is not None
-    n = cos.shape[-1] if rotate else d
+    n = cos.shape[-1] if rotate else 0
     if not rotate:
         cos = sin = src.new_empty(1, 1, 1)
     c_b = cos.stride(0) if cos.shape[0] > 1 else 0
     grid = (triton.cdiv(T, BLOCK_T), B * nh)
     _rope_heads[grid](src, dst, cos, sin, T, nh, src.stride(0), src.stride(1), src.stride(2),
                       dst.stride(0), dst.stride(1), dst.stride(2), c_b, cos.stride(1),
-                      D=d, N=n, D_PAD=triton.next_power_of_2(d), BLOCK_T=BLOCK_T,
+                      D=d, N=n, HALF_PAD=triton.next_power_of_2(max(n // 2, 1)),
+                      REST_PAD=triton.next_power_of_2(max(d - n, 1)), BLOCK_T=BLOCK_T,
                       ROTATE=rotate, BACKWARD=backward, F64=src.dtype == torch.float64)
 
 
