@@ -121,3 +121,18 @@ def test_rope_impl_is_validated_and_torch_skips_the_op():
     ref(torch.randint(0, 64, (1, 5)))
     assert rope.STATS["forward"] == calls
     assert not rope.use_fused_rope(Config.from_name("tiny"), torch.zeros(1))   # auto on CPU: tensor ops
+
+
+def test_auto_takes_the_op_for_full_forwards_on_cuda_only(monkeypatch):
+    """rope_impl='auto' on a compiled-Triton (CUDA) machine: the op for full forwards, tensor ops for cache calls
+    (decoding steps) and for CPU tensors; 'triton' for every CUDA call; 'torch' and non-RoPE models never."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(rope, "INTERPRETED", False)
+    gpu, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    auto, forced = Config.from_name("tiny"), Config.from_name("tiny", rope_impl="triton")
+    assert rope.use_fused_rope(auto, gpu, full_forward=True)
+    assert not rope.use_fused_rope(auto, gpu, full_forward=False)
+    assert not rope.use_fused_rope(auto, cpu, full_forward=True)
+    assert rope.use_fused_rope(forced, gpu, full_forward=False)
+    assert not rope.use_fused_rope(Config.from_name("tiny", rope_impl="torch"), gpu)
+    assert not rope.use_fused_rope(Config.from_name("tiny", pos_encoding="alibi"), gpu)

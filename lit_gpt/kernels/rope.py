@@ -32,13 +32,16 @@ RopeTables = Tuple[torch.Tensor, torch.Tensor]
 STATS = {"forward": 0, "backward": 0}   # calls of the fused forward / backward (gpu_checks asserts they ran)
 
 
-def use_fused_rope(cfg, x: torch.Tensor) -> bool:
-    """The fused op takes this projection: ``rope_impl`` 'triton' (CPU: the interpreter), or 'auto' on CUDA."""
+def use_fused_rope(cfg, x: torch.Tensor, full_forward: bool = True) -> bool:
+    """The fused op takes this projection: ``rope_impl`` 'triton' (every call; CPU: the interpreter), or 'auto' on
+    CUDA for a full forward (training, evaluation). Decoding steps under 'auto' keep the tensor ops, which
+    ``torch.compile`` fuses into the step's other kernels (an opaque op would add three launches per layer to a
+    latency-bound step)."""
     if triton is None or cfg.pos_encoding != "rope" or cfg.rope_impl == "torch":
         return False
     if INTERPRETED:                     # CPU tensors only, and only when asked for
         return cfg.rope_impl == "triton" and x.device.type == "cpu"
-    return x.is_cuda
+    return x.is_cuda and (full_forward or cfg.rope_impl == "triton")
 
 
 if triton is not None:
@@ -85,7 +88,8 @@ if triton is not None:
             tl.store(dst_row + r, tl.load(src_row + r, mask=mr, other=0.0), mask=mr)
 
 
-BLOCK_T = 64
+BLOCK_T = 64        # positions per tile (one head each)
+TILE = 4096         # at most this many elements per loaded half tile
 
 
 def _launch(src: torch.Tensor, dst: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
@@ -97,11 +101,12 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, cos: Optional[torch.Tensor], s
     if not rotate:
         cos = sin = src.new_empty(1, 1, 1)
     c_b = cos.stride(0) if cos.shape[0] > 1 else 0
-    grid = (triton.cdiv(T, BLOCK_T), B * nh)
+    half_pad, rest_pad = triton.next_power_of_2(max(n // 2, 1)), triton.next_power_of_2(max(d - n, 1))
+    block_t = max(1, min(BLOCK_T, TILE // max(half_pad, rest_pad)))     # wide heads (head_output='sum'): fewer rows
+    grid = (triton.cdiv(T, block_t), B * nh)
     _rope_heads[grid](src, dst, cos, sin, T, nh, src.stride(0), src.stride(1), src.stride(2),
                       dst.stride(0), dst.stride(1), dst.stride(2), c_b, cos.stride(1),
-                      D=d, N=n, HALF_PAD=triton.next_power_of_2(max(n // 2, 1)),
-                      REST_PAD=triton.next_power_of_2(max(d - n, 1)), BLOCK_T=BLOCK_T,
+                      D=d, N=n, HALF_PAD=half_pad, REST_PAD=rest_pad, BLOCK_T=block_t,
                       ROTATE=rotate, BACKWARD=backward, F64=src.dtype == torch.float64)
 
 
