@@ -136,3 +136,50 @@ def test_auto_takes_the_op_for_full_forwards_on_cuda_only(monkeypatch):
     assert rope.use_fused_rope(forced, gpu, full_forward=False)
     assert not rope.use_fused_rope(Config.from_name("tiny", rope_impl="torch"), gpu)
     assert not rope.use_fused_rope(Config.from_name("tiny", pos_encoding="alibi"), gpu)
+
+
+COMPILE_SCRIPT = r"""
+import torch, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from lit_gpt.kernels import rope
+assert not rope.INTERPRETED
+fn, names = rope._rope_heads, rope._rope_heads.arg_names
+B, T, H, d = 2, 256, 8, 96                          # tinyllama_60M's heads
+for dtype, n, backward in ((torch.bfloat16, 96, False), (torch.bfloat16, 96, True), (torch.float32, 48, True),
+                           (torch.float64, 96, False)):
+    tdt = torch.float64 if dtype == torch.float64 else torch.float32
+    qkv = torch.zeros(B, T, 3 * H * d, dtype=dtype)
+    src = qkv[..., :H * d].view(B, T, H, d).transpose(1, 2)
+    dst = torch.empty(B, H, T, d, dtype=dtype)
+    cos = torch.zeros(1, T, n, dtype=tdt)
+    for c in (cos, None):                               # rotate, copy
+        grid, args, const = rope.kernel_args(src, dst, c, c, backward)
+        sig, attrs = {}, {}
+        for i, (name, a) in enumerate(zip(names, args)):
+            if isinstance(a, torch.Tensor):
+                sig[name] = "*" + {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}[a.dtype]
+            else:
+                sig[name] = "i32"
+            if isinstance(a, torch.Tensor) or a % 16 == 0:   # what the launcher specialises on
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        sig.update({k: "constexpr" for k in const})
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32))
+        assert "st.global.v" in k.asm["ptx"], f"stores not vectorised: {dtype} n={n} rotate={c is not None}"
+print("compiled")
+"""
+
+
+def test_kernel_compiles_for_hopper():
+    """The interpreter does not compile: build the kernels for sm_90 (the H200) in a process without it, with the
+    arguments the op passes for the 60M shape (no GPU needed: Triton's NVIDIA backend and ptxas ship in its wheel)."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]

@@ -46,6 +46,15 @@ def use_fused_rope(cfg, x: torch.Tensor, full_forward: bool = True) -> bool:
 
 if triton is not None:
     @triton.jit
+    def _up(x, F64: tl.constexpr):
+        """The compute dtype: float64 for float64 tensors, float32 otherwise (apply_rope's rule)."""
+        if F64:
+            y = x.to(tl.float64)
+        else:
+            y = x.to(tl.float32)
+        return y
+
+    @triton.jit
     def _rope_heads(src, dst, cos, sin, T, n_heads,
                     s_b, s_h, s_t, d_b, d_h, d_t, c_b, c_t,
                     D: tl.constexpr, N: tl.constexpr, HALF_PAD: tl.constexpr, REST_PAD: tl.constexpr,
@@ -64,16 +73,15 @@ if triton is not None:
         src_row = src + b * s_b + h * s_h + t64 * s_t
         dst_row = dst + b * d_b + h * d_h + t64 * d_t
         if ROTATE:
-            cdt = tl.float64 if F64 else tl.float32
             j = tl.arange(0, HALF_PAD)[None, :]
             m = tm & (j < N // 2)
-            x1 = tl.load(src_row + j, mask=m, other=0.0).to(cdt)
-            x2 = tl.load(src_row + j + N // 2, mask=m, other=0.0).to(cdt)
+            x1 = _up(tl.load(src_row + j, mask=m, other=0.0), F64)
+            x2 = _up(tl.load(src_row + j + N // 2, mask=m, other=0.0), F64)
             c_row = t64 * c_t + b * c_b
-            c1 = tl.load(cos + c_row + j, mask=m, other=0.0).to(cdt)
-            c2 = tl.load(cos + c_row + j + N // 2, mask=m, other=0.0).to(cdt)
-            s1 = tl.load(sin + c_row + j, mask=m, other=0.0).to(cdt)
-            s2 = tl.load(sin + c_row + j + N // 2, mask=m, other=0.0).to(cdt)
+            c1 = _up(tl.load(cos + c_row + j, mask=m, other=0.0), F64)
+            c2 = _up(tl.load(cos + c_row + j + N // 2, mask=m, other=0.0), F64)
+            s1 = _up(tl.load(sin + c_row + j, mask=m, other=0.0), F64)
+            s2 = _up(tl.load(sin + c_row + j + N // 2, mask=m, other=0.0), F64)
             if BACKWARD:
                 y1 = x1 * c1 + x2 * s2
                 y2 = x2 * c2 - x1 * s1
@@ -92,9 +100,10 @@ BLOCK_T = 64        # positions per tile (one head each)
 TILE = 4096         # at most this many elements per loaded half tile
 
 
-def _launch(src: torch.Tensor, dst: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-            backward: bool) -> None:
-    """src, dst (B, heads, T, d) views with a contiguous last dim; cos/sin (B|1, T, n) or None (a plain copy)."""
+def kernel_args(src: torch.Tensor, dst: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                backward: bool):
+    """(grid, arguments, constexprs) of the kernel for src, dst (B, heads, T, d) views with a contiguous last dim and
+    cos/sin (B|1, T, n) or None (a plain copy); the tests compile exactly these for a GPU target."""
     B, nh, T, d = src.shape
     rotate = cos is not None
     n = cos.shape[-1] if rotate else 0
@@ -104,10 +113,16 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, cos: Optional[torch.Tensor], s
     half_pad, rest_pad = triton.next_power_of_2(max(n // 2, 1)), triton.next_power_of_2(max(d - n, 1))
     block_t = max(1, min(BLOCK_T, TILE // max(half_pad, rest_pad)))     # wide heads (head_output='sum'): fewer rows
     grid = (triton.cdiv(T, block_t), B * nh)
-    _rope_heads[grid](src, dst, cos, sin, T, nh, src.stride(0), src.stride(1), src.stride(2),
-                      dst.stride(0), dst.stride(1), dst.stride(2), c_b, cos.stride(1),
-                      D=d, N=n, HALF_PAD=half_pad, REST_PAD=rest_pad, BLOCK_T=block_t,
-                      ROTATE=rotate, BACKWARD=backward, F64=src.dtype == torch.float64)
+    args = (src, dst, cos, sin, T, nh, src.stride(0), src.stride(1), src.stride(2),
+            dst.stride(0), dst.stride(1), dst.stride(2), c_b, cos.stride(1))
+    const = dict(D=d, N=n, HALF_PAD=half_pad, REST_PAD=rest_pad, BLOCK_T=block_t, ROTATE=rotate, BACKWARD=backward,
+                 F64=src.dtype == torch.float64)
+    return grid, args, const
+
+
+def _launch(src, dst, cos, sin, backward: bool) -> None:
+    grid, args, const = kernel_args(src, dst, cos, sin, backward)
+    _rope_heads[grid](*args, **const)
 
 
 def _tables(cos: torch.Tensor, sin: torch.Tensor) -> RopeTables:
