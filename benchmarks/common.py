@@ -38,6 +38,7 @@ def measure_copy_bandwidth(device: torch.device, gib: float = 2.0, repeat: int =
 KERNEL_CATEGORIES = (   # first match wins: attention kernels are also CUTLASS kernels
     ("attention (SDPA / flex)", r"flash|fmha|cudnn|attention|attn|sdpa|flex"),
     ("cross-entropy pass (ours)", r"ce_grad_kernel"),
+    ("RoPE + qkv split (ours)", r"_rope_heads"),             # lit_gpt/kernels/rope.py, forward and backward
     ("optimizer (fused AdamW)", r"adam"),
     ("matmul (cuBLAS / CUTLASS)", r"gemm|nvjet|cutlass|xmma|sm90|sm80|cublas|gemv|splitk"),
     ("fused elementwise (Triton by inductor)", r"^triton_"),

@@ -1,6 +1,8 @@
 """Correctness on the GPU (fused kernels differ from CPU): every variant's fused path (SDPA / Flex for softmax,
 the Triton kernel of lit_gpt/kernels/sim_attention.py for sigmoid / elu) against the eager path in float32 on
 CUDA, forward and gradients, plus a bf16 autocast smoke step. A sim_* case also fails if the kernel did not run.
+A rope_* case compares the fused RoPE + qkv split of lit_gpt/kernels/rope.py (rope_impl='auto') against tensor ops
+(rope_impl='torch') instead, and fails if the fused op did not run forward and backward.
 The ``path`` column is the attention path every layer actually ran (``GPT.attention_paths()``); a ``flex_*``
 case whose layers did not all run FlexAttention fails (a Flex error raises with attn_impl='flex', so it shows
 as an error row).
@@ -45,6 +47,11 @@ CASES = {
     "sim_sigmoid_kv_prefix": dict(attn_op="sigmoid", kv_bias="kv", attn_mask="prefix", prefix_size=40),
     "sim_elu_z1_sink_token_gqa": dict(attn_op="elu", attn_normalize=False, sink_token=True, n_query_groups=2,
                                       kv_bias="k", kv_bias_value="one_hot"),
+    # the fused RoPE + qkv split (rope_impl auto on CUDA) against rope_impl='torch' (REFERENCE: the other side's fields)
+    "rope_default": dict(REFERENCE={"rope_impl": "torch"}),
+    "rope_d96_gqa": dict(n_embd=192, n_head=2, n_query_groups=1, REFERENCE={"rope_impl": "torch"}),
+    "rope_partial_sink_token_vbias": dict(rotary_percentage=0.5, sink_token=True, kv_bias="v",
+                                          REFERENCE={"rope_impl": "torch"}),
 }
 
 
@@ -52,13 +59,15 @@ def run_case(overrides, device, T=256):
     torch.manual_seed(0)
     overrides = dict(overrides)
     mask = overrides.pop("mask_fn", None)
+    reference = overrides.pop("REFERENCE", {"attn_impl": "eager"})       # the fields of the side compared against
     mask_fn = sink_window_mask(*mask[1:]) if mask else None
     cfg = Config.from_name("tinyllama_demo", block_size=T, **overrides)
     model = GPT(cfg).to(device)
     idx = torch.randint(0, cfg.vocab_size, (2, T + 1), device=device)
 
-    def loss_grads(impl):
-        model.config.attn_impl = impl
+    def loss_grads(fields):
+        for k, v in fields.items():
+            setattr(model.config, k, v)
         model.zero_grad(set_to_none=True)
         logits = model(idx[:, :-1], mask_fn=mask_fn)
         paths = "+".join(sorted(set(model.attention_paths())))
@@ -68,12 +77,13 @@ def run_case(overrides, device, T=256):
         return logits.detach(), grads, paths
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    fused_impl = cfg.attn_impl
-    lf, gf, path = loss_grads(fused_impl)
-    le, ge, _ = loss_grads("eager")
+    fused = {k: getattr(cfg, k) for k in reference}
+    lf, gf, path = loss_grads(fused)
+    le, ge, _ = loss_grads(reference)
     rel_logit = float((lf - le).norm() / le.norm())
     rel_grad = max(float((gf[n] - ge[n]).norm() / ge[n].norm().clamp_min(1e-30)) for n in ge)
-    model.config.attn_impl = fused_impl
+    for k, v in fused.items():
+        setattr(model.config, k, v)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         logits = model(idx[:, :-1], mask_fn=mask_fn)
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
@@ -85,17 +95,22 @@ def run_case(overrides, device, T=256):
 def case_ok(name, overrides, rel_logit, rel_grad, bf16_loss, path, kernel_calls=(0, 0)) -> bool:
     """Fused == eager within float32 tolerance, a finite bf16 loss; for an attn_impl='flex' case every layer ran
     FlexAttention (in float32 and bf16); for a sim_* case the fused sigmoid / elu kernel ran twice per case
-    (float32, bf16), once per layer each time, forward and backward."""
+    (float32, bf16), once per layer each time, forward and backward; for a rope_* case the fused RoPE op likewise."""
     ran_flex = path == "flex"
     ran_sim = min(kernel_calls) >= 2 * 4
     return (rel_logit < 1e-4 and rel_grad < 1e-3 and bf16_loss == bf16_loss
-            and (ran_flex or overrides.get("attn_impl") != "flex") and (ran_sim or not name.startswith("sim_")))
+            and (ran_flex or overrides.get("attn_impl") != "flex")
+            and (ran_sim or not name.startswith(("sim_", "rope_"))))
 
 
-def fused_calls():
-    """(forward, backward) calls of the fused sigmoid / elu kernel so far in this process."""
+def fused_calls(name: str = ""):
+    """(forward, backward) calls so far in this process of the fused kernel a case checks: the RoPE op for rope_*
+    cases, the sigmoid / elu attention kernel otherwise."""
     try:
-        from lit_gpt.kernels.sim_attention import STATS
+        if name.startswith("rope_"):
+            from lit_gpt.kernels.rope import STATS
+        else:
+            from lit_gpt.kernels.sim_attention import STATS
     except ImportError:
         return 0, 0
     return STATS["forward"], STATS["backward"]
@@ -109,13 +124,13 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows, bad = [], 0
     for name, ov in CASES.items():
-        if (device.type != "cuda" and ("flex" in name or name.startswith("sim_"))) or not any(
+        if (device.type != "cuda" and ("flex" in name or name.startswith(("sim_", "rope_")))) or not any(
                 c in name for c in a.cases.split(",")):
             continue
         try:
-            calls = fused_calls()
+            calls = fused_calls(name)
             rl, rg, bl, path = run_case(ov, device)
-            ran = [after - before for before, after in zip(calls, fused_calls())]
+            ran = [after - before for before, after in zip(calls, fused_calls(name))]
             ok = case_ok(name, ov, rl, rg, bl, path, ran)
             rows.append({"case": name, "path": path, "rel_err_logits": f"{rl:.2e}", "rel_err_grads": f"{rg:.2e}",
                          "bf16_loss": round(bl, 4), "kernel_calls": f"{ran[0]}/{ran[1]}", "ok": ok})

@@ -46,6 +46,9 @@ CHOICES: Dict[str, tuple] = {
     # auto: SDPA / FlexAttention for softmax, the fused Triton kernel for sigmoid / elu on CUDA, eager otherwise;
     # triton: that kernel explicitly (sigmoid / elu only; on CPU it runs in Triton's interpreter, for tests)
     "attn_impl": ("auto", "sdpa", "flex", "eager", "triton"),
+    # RoPE on the qkv projection: auto: the fused Triton op on CUDA (lit_gpt.kernels.rope), tensor ops elsewhere;
+    # triton: that op explicitly (on CPU in Triton's interpreter, for tests); torch: tensor ops everywhere
+    "rope_impl": ("auto", "triton", "torch"),
 }
 
 
@@ -108,6 +111,7 @@ class Config:
     sink_logit: bool = False               # learned per-head logit in the softmax denominator (gpt-oss form)
     # ---- implementation ----
     attn_impl: str = "auto"                # auto: SDPA / Flex (CUDA) for softmax, Triton (CUDA) for sigmoid / elu
+    rope_impl: str = "auto"                # auto: the fused Triton RoPE + qkv split (CUDA), tensor ops elsewhere
     extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes carried into checkpoints
 
     def __post_init__(self) -> None:

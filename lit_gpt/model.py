@@ -210,14 +210,25 @@ class CausalSelfAttention(nn.Module):
         self._select_path()
 
     # -- pieces reusable by streaming code
-    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, T, C) -> q (B, H, T, d), k, v (B, G, T, d) before positional encoding."""
+    def project(self, x: torch.Tensor, cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                full_forward: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, C) -> q (B, H, T, d), k, v (B, G, T, d): before positional encoding, or with ``cos_sin`` (RoPE
+        tables (B|1, 1, T, n)) q and k rotated, by the fused op of :mod:`lit_gpt.kernels.rope` where
+        ``config.rope_impl`` picks it for this call (``full_forward``: no cache; its backward writes the qkv
+        gradient in one pass), else :func:`apply_rope`."""
         B, T, _ = x.shape
         H, G, d = self.n_head, self.n_kv, self.head_size
-        q, k, v = self.qkv(x).split((H * d, G * d, G * d), dim=-1)
-        q = q.view(B, T, H, d).transpose(1, 2)
-        k = k.view(B, T, G, d).transpose(1, 2)
-        v = v.view(B, T, G, d).transpose(1, 2)
+        qkv = self.qkv(x)
+        from lit_gpt.kernels.rope import rope_qkv, use_fused_rope
+        if cos_sin is not None and use_fused_rope(self.config, qkv, full_forward):
+            q, k, v = rope_qkv(qkv, *cos_sin, H, G, d)
+        else:
+            q, k, v = qkv.split((H * d, G * d, G * d), dim=-1)
+            q = q.view(B, T, H, d).transpose(1, 2)
+            k = k.view(B, T, G, d).transpose(1, 2)
+            v = v.view(B, T, G, d).transpose(1, 2)
+            if cos_sin is not None:
+                q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         if self.config.kv_bias == "v":
             v = v + self.v_bias.to(v.dtype).view(1, -1, 1, d)
         return q, k, v
@@ -346,10 +357,7 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, H * d))
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.project(x)
-        if ctx.cos_sin is not None:
-            cos, sin = ctx.cos_sin
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, ctx.cos_sin, full_forward=ctx.no_cache)
         rec = ctx.analysis
         if rec is not None:
             s = slice(1, None) if ctx.drop_first else slice(None)
