@@ -7,7 +7,7 @@ the same shape, with MFU against the GPU's bf16 matmul rate measured in the same
         --ref-micro-batches 16,32                                          # the alternatives, each side at its best
     python benchmarks/bench_train_step.py --model tinyllama_1_1b --micro-batch 8 --impls ours
     python benchmarks/bench_train_step.py --variants "window 256 flex" "alibi flex"   # our variants
-    python benchmarks/bench_train_step.py --impls reference,ours --variants default rope-tensor-ops   # fused RoPE or not
+    python benchmarks/bench_train_step.py --impls reference,ours --variants default rope-fused   # fused RoPE or not
     python benchmarks/bench_train_step.py --quick --compare               # tiny CPU smoke run
 
 Ours: ``model(x, targets=y)`` (lit_gpt/fused_ce.py: no fp32 logits), ``--compile`` scopes (comma list of
@@ -39,7 +39,7 @@ from reference_llama import RefLlama, flops_per_token, loss_fn
 
 VARIANTS = {
     "default": {},
-    "rope-tensor-ops": dict(rope_impl="torch"),     # RoPE and the qkv split as tensor ops (before lit_gpt/kernels/rope.py)
+    "rope-fused": dict(rope_impl="auto"),           # RoPE + qkv split by lit_gpt/kernels/rope.py (opt-in, the default: tensor ops)
     "eager softmax": dict(attn_impl="eager"),
     "window 256 sdpa": dict(attn_mask="window", window_size=256, attn_impl="sdpa"),
     "window 256 flex": dict(attn_mask="window", window_size=256, attn_impl="flex"),

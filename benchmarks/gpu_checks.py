@@ -1,7 +1,7 @@
 """Correctness on the GPU (fused kernels differ from CPU): every variant's fused path (SDPA / Flex for softmax,
 the Triton kernel of lit_gpt/kernels/sim_attention.py for sigmoid / elu) against the eager path in float32 on
 CUDA, forward and gradients, plus a bf16 autocast smoke step. A sim_* case also fails if the kernel did not run.
-A rope_* case compares the fused RoPE + qkv split of lit_gpt/kernels/rope.py (rope_impl='auto') against tensor ops
+A rope_* case compares the fused RoPE + qkv split of lit_gpt/kernels/rope.py (rope_impl='auto', opt-in) against tensor ops
 (rope_impl='torch') instead, and fails if the fused op did not run forward and backward.
 The ``path`` column is the attention path every layer actually ran (``GPT.attention_paths()``); a ``flex_*``
 case whose layers did not all run FlexAttention fails (a Flex error raises with attn_impl='flex', so it shows
@@ -48,9 +48,9 @@ CASES = {
     "sim_elu_z1_sink_token_gqa": dict(attn_op="elu", attn_normalize=False, sink_token=True, n_query_groups=2,
                                       kv_bias="k", kv_bias_value="one_hot"),
     # the fused RoPE + qkv split (rope_impl auto on CUDA) against rope_impl='torch' (REFERENCE: the other side's fields)
-    "rope_default": dict(REFERENCE={"rope_impl": "torch"}),
-    "rope_d96_gqa": dict(n_embd=192, n_head=2, n_query_groups=1, REFERENCE={"rope_impl": "torch"}),
-    "rope_partial_sink_token_vbias": dict(rotary_percentage=0.5, sink_token=True, kv_bias="v",
+    "rope_default": dict(rope_impl="auto", REFERENCE={"rope_impl": "torch"}),
+    "rope_d96_gqa": dict(n_embd=192, n_head=2, n_query_groups=1, rope_impl="auto", REFERENCE={"rope_impl": "torch"}),
+    "rope_partial_sink_token_vbias": dict(rotary_percentage=0.5, sink_token=True, kv_bias="v", rope_impl="auto",
                                           REFERENCE={"rope_impl": "torch"}),
 }
 

@@ -111,7 +111,8 @@ class Config:
     sink_logit: bool = False               # learned per-head logit in the softmax denominator (gpt-oss form)
     # ---- implementation ----
     attn_impl: str = "auto"                # auto: SDPA / Flex (CUDA) for softmax, Triton (CUDA) for sigmoid / elu
-    rope_impl: str = "auto"                # auto: the fused Triton RoPE + qkv split (CUDA), tensor ops elsewhere
+    rope_impl: str = "torch"               # torch: tensor ops; auto: the fused Triton RoPE + qkv split on CUDA (full
+                                           # forwards), triton: it everywhere. Opt-in until a GPU run has measured it
     extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes carried into checkpoints
 
     def __post_init__(self) -> None:

@@ -129,7 +129,7 @@ def test_auto_takes_the_op_for_full_forwards_on_cuda_only(monkeypatch):
     from types import SimpleNamespace
     monkeypatch.setattr(rope, "INTERPRETED", False)
     gpu, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
-    auto, forced = Config.from_name("tiny"), Config.from_name("tiny", rope_impl="triton")
+    auto, forced = Config.from_name("tiny", rope_impl="auto"), Config.from_name("tiny", rope_impl="triton")
     assert rope.use_fused_rope(auto, gpu, full_forward=True)
     assert not rope.use_fused_rope(auto, gpu, full_forward=False)
     assert not rope.use_fused_rope(auto, cpu, full_forward=True)
