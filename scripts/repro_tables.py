@@ -599,8 +599,10 @@ def plots(spec: dict, records: Dict[Tuple[str, str], dict], root: Path = REPO) -
     written = []
     for section in spec["sections"]:
         for regime in REGIMES:
+            # a contrast's seed twins stay out of the plots (the table across seeds has them): one line per contrast
             runs = [(rid, curve_series(records[(regime, rid)]["curve"])) for rid, row in spec["rows"].items()
-                    if section in row["sections"] and (regime, rid) in records]
+                    if section in row["sections"] and (regime, rid) in records
+                    and (twin_of(rid) is None or twin_of(rid)[0] == "default")]
             if runs:
                 written.append(plot_compare(runs, root / IMG_DIR / f"repro_{regime}_{section}.png",
                                             title=f"{section}, {regime.upper()} regime"))
