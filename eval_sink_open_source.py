@@ -24,7 +24,7 @@ from lit_gpt.plots import plot_attention_maps, plot_model_bars, plot_sink
 from lit_gpt.results import write_record
 from lit_gpt.sink_metrics import format_sink
 from lit_gpt.sweep import add_common_args, common_meta, run_hf_sweep, write_table
-from lit_gpt.utils import atomic_write_text
+from lit_gpt.utils import atomic_write_text, invalid_choice
 
 
 def parse_heads(specs: Optional[List[str]]):
@@ -33,7 +33,7 @@ def parse_heads(specs: Optional[List[str]]):
         try:
             layer, head = (int(x) for x in s.split(":"))
         except ValueError:
-            raise SystemExit(f"--plot-heads {s!r} is invalid; allowed: LAYER:HEAD pairs such as 0:0 5:3") from None
+            raise SystemExit(invalid_choice("--plot-heads", s, "LAYER:HEAD pairs such as 0:0 5:3")) from None
         out.append((layer, head))
     return out
 

@@ -30,6 +30,9 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from lit_gpt.config import CHOICES
+from lit_gpt.utils import invalid_choice
+
 MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -119,7 +122,7 @@ def set_sdpa_backend(name: str, device: Optional[torch.device] = None) -> str:
     Returns the backend put first."""
     global _SDPA_DEFAULT_ORDER
     if name not in SDPA_BACKENDS:
-        raise ValueError(f"sdpa_backend={name!r} is invalid; allowed: {', '.join(SDPA_BACKENDS)}")
+        raise ValueError(invalid_choice("sdpa_backend", name, SDPA_BACKENDS))
     get, put = getattr(torch._C, "_get_sdp_priority_order", None), getattr(torch._C, "_set_sdp_priority_order", None)
     if get is None or put is None:
         return "default"
@@ -240,7 +243,7 @@ def eager_attention(
     elif op in KERNEL_OPS:
         sim = scores
     else:
-        raise ValueError(f"attn_op={op!r} is invalid; allowed: softmax, sigmoid, elu, elu_kernel, identity, mlp_kernel")
+        raise ValueError(invalid_choice("attn_op", op, CHOICES["attn_op"]))
     sim = sim.masked_fill(~mask, 0.0)
     if normalize:
         total = sim.sum(-1, keepdim=True)

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
-from lit_gpt.utils import ArgumentParser, did_you_mean
+from lit_gpt.utils import ArgumentParser, did_you_mean, invalid_choice
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW_DIRS = ("docs/results", "benchmarks/results")
@@ -112,9 +112,9 @@ def raw_path(spec: str, root: Path = ROOT) -> Path:
     """A raw file named in a marker: relative to the repository root, under one of :data:`RAW_DIRS`."""
     rel = Path(spec)
     if rel.is_absolute() or ".." in rel.parts or not any(rel.as_posix().startswith(d + "/") for d in RAW_DIRS):
-        raise DocTableError(f"raw file {spec!r} is invalid; allowed: a path under {' or '.join(RAW_DIRS)}")
+        raise DocTableError(invalid_choice("raw file", spec, f"a path under {' or '.join(RAW_DIRS)}"))
     if rel.suffix not in RAW_SUFFIXES:
-        raise DocTableError(f"raw file {spec!r} is invalid; allowed: {', '.join(RAW_SUFFIXES)} files")
+        raise DocTableError(invalid_choice("raw file", spec, f"{', '.join(RAW_SUFFIXES)} files"))
     return root / rel
 
 

@@ -30,6 +30,7 @@ from lit_gpt.analysis import ActivationMeter
 from lit_gpt.data import RunData, open_run_data
 from lit_gpt.probe import make_probe, probe_transform_names, probe_view
 from lit_gpt.sink_metrics import DEFAULT_EPS, DEFAULT_K, SinkMeter, SinkResult
+from lit_gpt.utils import invalid_choice
 
 if TYPE_CHECKING:
     from lit_gpt.run_config import RunConfig
@@ -123,7 +124,7 @@ def evaluate_model(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, T
 def batched(tokens, batch_size: int) -> list:
     """Split (n, T) rows, or an (inputs, targets) pair of them, into batches of ``batch_size`` rows."""
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} is invalid; allowed: >= 1")
+        raise ValueError(invalid_choice("batch_size", batch_size, ">= 1"))
     if isinstance(tokens, tuple):
         return list(zip(*(t.split(batch_size, dim=0) for t in tokens)))
     return list(tokens.split(batch_size, dim=0))

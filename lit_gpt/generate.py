@@ -18,6 +18,7 @@ import torch
 from lit_gpt.streaming import (
     FEATURE_MAP_OPS, StreamingCache, StreamingSpec, _is_int, dense_spec, install_streaming,
 )
+from lit_gpt.utils import invalid_choice
 
 
 # ---------------------------------------------------------------------------- runners
@@ -169,9 +170,9 @@ def recompute_nll(runner, tokens: torch.Tensor, window: int, stride: int = 1,
     stride 1 is exact recomputation).
     tokens (B, n) -> (B, n - 1) float64 as :func:`stream_nll`."""
     if not _is_int(window) or window < 1:
-        raise ValueError(f"window={window!r} is invalid; allowed: a positive integer")
+        raise ValueError(invalid_choice("window", window, "a positive integer"))
     if not _is_int(stride) or not 1 <= stride <= window:
-        raise ValueError(f"stride={stride!r} is invalid; allowed: an integer in [1, window={window}]")
+        raise ValueError(invalid_choice("stride", stride, f"an integer in [1, window={window}]"))
     B, n = tokens.shape
     tokens = tokens.to(runner.device)
     nll = torch.full((B, n - 1), float("nan"), dtype=torch.float64)

@@ -28,6 +28,7 @@ from lit_gpt.config import RELATIVE_POSITIONS, Config
 from lit_gpt.positional import (
     RelativePositionBias, alibi_bias, alibi_slopes, apply_rope, rope_cos_sin, rope_inv_freq, sinusoidal_embedding,
 )
+from lit_gpt.utils import invalid_choice
 
 ANALYSIS_KEYS = ("attn", "hidden", "q", "k", "v")
 
@@ -90,7 +91,7 @@ def _parse_need(return_analysis: Union[bool, Iterable[str]]) -> frozenset:
     need = frozenset(return_analysis)
     bad = need - set(ANALYSIS_KEYS)
     if bad:
-        raise ValueError(f"return_analysis={sorted(bad)} is invalid; allowed: {', '.join(ANALYSIS_KEYS)}")
+        raise ValueError(invalid_choice("return_analysis", sorted(bad), ANALYSIS_KEYS))
     return need
 
 

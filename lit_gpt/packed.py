@@ -136,9 +136,9 @@ class ShardWriter:
     def __init__(self, out_dir: Union[str, Path], prefix: str, tag: str, seq_len: int, chunks_per_shard: int,
                  meta: Dict[str, Any]) -> None:
         if seq_len < 2:
-            raise ShardError(f"seq_len={seq_len} is invalid; allowed: >= 2 (block_size >= 1)")
+            raise ShardError(invalid_choice("seq_len", seq_len, ">= 2 (block_size >= 1)"))
         if chunks_per_shard < 1:
-            raise ShardError(f"chunks_per_shard={chunks_per_shard} is invalid; allowed: >= 1")
+            raise ShardError(invalid_choice("chunks_per_shard", chunks_per_shard, ">= 1"))
         self.out_dir, self.prefix, self.tag = Path(out_dir), prefix, tag
         self.seq_len, self.chunks_per_shard = seq_len, chunks_per_shard
         self.meta = dict(meta, domain=prefix)

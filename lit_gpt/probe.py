@@ -25,7 +25,7 @@ import torch
 
 from lit_gpt.data import DataError
 from lit_gpt.textio import iter_texts, list_text_files
-from lit_gpt.utils import atomic_write_text
+from lit_gpt.utils import atomic_write_text, invalid_choice
 
 if TYPE_CHECKING:
     from lit_gpt.data import RunData
@@ -150,11 +150,11 @@ def probe_inputs(kind: str, n: int, T: int, *, encode: Optional[Callable[[str], 
     if kind == "repeated":
         if repeat_token is not None:
             if not 0 <= repeat_token < vocab_size:
-                raise ValueError(f"repeat_token={repeat_token} is out of range; allowed: 0..{vocab_size - 1}")
+                raise ValueError(invalid_choice("repeat_token", repeat_token, f"0..{vocab_size - 1}"))
             return repeated_tokens(n, T, repeat_token, prefix=prefix)
         picks = random_tokens(n, 1, vocab_size, seed=seed + 1, exclude=exclude)[:, 0]
         return torch.cat([repeated_tokens(1, T, int(t), prefix=prefix) for t in picks], dim=0)
-    raise ValueError(f"input={kind!r} is invalid; allowed: natural, random, repeated")
+    raise ValueError(invalid_choice("input", kind, INPUT_KINDS))
 
 
 INPUT_KINDS = ("natural", "random", "repeated")

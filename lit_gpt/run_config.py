@@ -158,6 +158,10 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------- loading
+def _bad(where: str, value: Any, allowed: Union[str, Sequence]) -> RunConfigError:
+    return RunConfigError(invalid_choice(where, value, allowed))
+
+
 def _unknown(key: str, allowed: Sequence[str], where: str) -> RunConfigError:
     return RunConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, allowed)}; allowed: "
                           f"{', '.join(sorted(allowed))}")
@@ -235,15 +239,14 @@ def parse_overrides(args: Sequence[str]) -> Dict[str, Any]:
                 i += 2
                 continue
         if "=" not in a:
-            raise RunConfigError(f"override {a!r} is invalid; allowed: section.key=value or --section.key value")
+            raise _bad("override", a, "section.key=value or --section.key value")
         k, v = a.split("=", 1)
         items.append((k, v))
         i += 1
     for k, v in items:
         parts = k.split(".")
         if parts[0] not in SECTIONS or len(parts) < 2:
-            raise RunConfigError(f"override {k!r} is invalid; allowed: <section>.<key> with section in "
-                                 f"{', '.join(SECTIONS)}")
+            raise _bad("override", k, f"<section>.<key> with section in {', '.join(SECTIONS)}")
         try:
             value = _numbers(yaml.safe_load(v))
         except yaml.YAMLError:
@@ -330,12 +333,12 @@ def resolve_headline(d: DataConfig) -> str:
 def _positive_int(where: str, v: Any, allow_zero: bool = False) -> None:
     lo = 0 if allow_zero else 1
     if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise RunConfigError(f"{where}={v!r} is invalid; allowed: an integer >= {lo}")
+        raise _bad(where, v, f"an integer >= {lo}")
 
 
 def _choice(where: str, v: Any, allowed: Sequence) -> None:
     if v not in allowed:
-        raise RunConfigError(invalid_choice(where, v, allowed))
+        raise _bad(where, v, allowed)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -346,10 +349,10 @@ def validate(cfg: RunConfig) -> None:
     d, t, p, lg = cfg.data, cfg.train, cfg.probe, cfg.logging
     for name, mix in (("data.train", d.train), ("data.valid", d.valid)):
         if not isinstance(mix, dict):
-            raise RunConfigError(f"{name}={mix!r} is invalid; allowed: a mapping of domain prefix -> weight")
+            raise _bad(name, mix, "a mapping of domain prefix -> weight")
         for k, w in mix.items():
             if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
-                raise RunConfigError(f"{name}.{k}={w!r} is invalid; allowed: a number >= 0")
+                raise _bad(f"{name}.{k}", w, "a number >= 0")
     if not d.train:
         raise RunConfigError("data.train is empty: give a mixture (domain prefix -> weight) inline or via "
                              "data.mixture")
@@ -358,28 +361,26 @@ def validate(cfg: RunConfig) -> None:
     _choice("data.mixture_mode", d.mixture_mode, ("weighted", "pooled"))
     _choice("data.headline", d.headline, ["mean"] + [k for k, w in d.valid.items() if w > 0])
     if not (isinstance(d.downsample_ratio, (int, float)) and 0 < d.downsample_ratio <= 1):
-        raise RunConfigError(f"data.downsample_ratio={d.downsample_ratio!r} is invalid; allowed: 0 < value <= 1")
+        raise _bad("data.downsample_ratio", d.downsample_ratio, "0 < value <= 1")
     _positive_int("data.seed", d.seed, allow_zero=True)
     _positive_int("data.val_samples", d.val_samples)
     if d.random_tokens is not None:
         rt = d.random_tokens
         if not isinstance(rt, dict) or set(rt) - {"start", "end", "vocab_size"} or not {"start", "end"} <= set(rt):
-            raise RunConfigError(f"data.random_tokens={rt!r} is invalid; allowed: {{start, end[, vocab_size]}}")
+            raise _bad("data.random_tokens", rt, "{start, end[, vocab_size]}")
         _positive_int("data.random_tokens.start", rt["start"], allow_zero=True)
         _positive_int("data.random_tokens.end", rt["end"])
         if rt["end"] <= rt["start"] or rt["end"] > mc.block_size + 1:
-            raise RunConfigError(f"data.random_tokens end={rt['end']} is invalid; allowed: start < end <= "
-                                 f"block_size + 1 = {mc.block_size + 1}")
+            raise _bad("data.random_tokens end", rt["end"], f"start < end <= block_size + 1 = {mc.block_size + 1}")
         if rt.get("vocab_size") is not None:
             _positive_int("data.random_tokens.vocab_size", rt["vocab_size"])
     if d.fixed_token is not None:
         ft = d.fixed_token
         if not isinstance(ft, dict) or set(ft) - {"position", "token_id"} or "position" not in ft:
-            raise RunConfigError(f"data.fixed_token={ft!r} is invalid; allowed: {{position[, token_id]}}")
+            raise _bad("data.fixed_token", ft, "{position[, token_id]}")
         _positive_int("data.fixed_token.position", ft["position"], allow_zero=True)
         if ft["position"] > mc.block_size:
-            raise RunConfigError(f"data.fixed_token.position={ft['position']} is invalid; allowed: <= "
-                                 f"block_size = {mc.block_size}")
+            raise _bad("data.fixed_token.position", ft["position"], f"<= block_size = {mc.block_size}")
         _positive_int("data.fixed_token.token_id", ft.get("token_id", 1), allow_zero=True)
     _choice("train.accelerator", t.accelerator, ("auto", "cpu", "cuda", "gpu", "mps"))
     if t.devices != "auto":
@@ -392,23 +393,23 @@ def validate(cfg: RunConfig) -> None:
     for k in ("warmup_steps", "eval_interval", "sink_interval", "save_interval"):
         _positive_int(f"train.{k}", getattr(t, k), allow_zero=True)
     if t.global_batch_size % t.micro_batch_size:
-        raise RunConfigError(f"train.global_batch_size={t.global_batch_size} is invalid; allowed: a multiple of "
-                             f"train.micro_batch_size={t.micro_batch_size}")
+        raise _bad("train.global_batch_size", t.global_batch_size,
+                   f"a multiple of train.micro_batch_size={t.micro_batch_size}")
     for k in ("lr", "min_lr", "weight_decay", "grad_clip", "adam_eps"):
         v = getattr(t, k)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-            raise RunConfigError(f"train.{k}={v!r} is invalid; allowed: a number >= 0")
+            raise _bad(f"train.{k}", v, "a number >= 0")
     if t.min_lr > t.lr:
-        raise RunConfigError(f"train.min_lr={t.min_lr} is invalid; allowed: <= train.lr={t.lr}")
+        raise _bad("train.min_lr", t.min_lr, f"<= train.lr={t.lr}")
     for k in ("beta1", "beta2"):
         v = getattr(t, k)
         if not isinstance(v, (int, float)) or not 0 <= v < 1:
-            raise RunConfigError(f"train.{k}={v!r} is invalid; allowed: 0 <= value < 1")
+            raise _bad(f"train.{k}", v, "0 <= value < 1")
     _choice("train.lr_schedule", t.lr_schedule, ("cosine", "linear", "constant"))
     if t.loss_skip_first != "auto":
         _positive_int("train.loss_skip_first", t.loss_skip_first, allow_zero=True)
         if t.loss_skip_first >= mc.block_size:
-            raise RunConfigError(f"train.loss_skip_first={t.loss_skip_first} is invalid; allowed: < block_size")
+            raise _bad("train.loss_skip_first", t.loss_skip_first, "< block_size")
     if t.keep_last is not None:
         _positive_int("train.keep_last", t.keep_last)
     if t.cpu_threads is not None:
@@ -416,9 +417,9 @@ def validate(cfg: RunConfig) -> None:
     if t.stop_at_step is not None:
         _positive_int("train.stop_at_step", t.stop_at_step)
     if t.max_time_s is not None and not (isinstance(t.max_time_s, (int, float)) and t.max_time_s > 0):
-        raise RunConfigError(f"train.max_time_s={t.max_time_s!r} is invalid; allowed: a number > 0")
+        raise _bad("train.max_time_s", t.max_time_s, "a number > 0")
     if not (isinstance(t.resume, bool) or isinstance(t.resume, str)):
-        raise RunConfigError(f"train.resume={t.resume!r} is invalid; allowed: auto, true, false or a path")
+        raise _bad("train.resume", t.resume, "auto, true, false or a path")
     from lit_gpt.attention import SDPA_BACKENDS
     from lit_gpt.fused_ce import IMPLS
     _choice("train.loss_impl", t.loss_impl, IMPLS)
@@ -427,17 +428,17 @@ def validate(cfg: RunConfig) -> None:
     _choice("train.compile_scope", t.compile_scope, COMPILE_SCOPES)
     for k in ("compile", "fsdp_activation_checkpointing", "save_final", "profile"):
         if not isinstance(getattr(t, k), bool):
-            raise RunConfigError(f"train.{k}={getattr(t, k)!r} is invalid; allowed: true or false")
+            raise _bad(f"train.{k}", getattr(t, k), "true or false")
     _positive_int("probe.n", p.n)
     _positive_int("probe.T", p.T)
     _positive_int("probe.k_max", p.k_max)
     _positive_int("probe.batch_size", p.batch_size)
     if p.T > mc.block_size:
-        raise RunConfigError(f"probe.T={p.T} is invalid; allowed: <= block_size = {mc.block_size}")
+        raise _bad("probe.T", p.T, f"<= block_size = {mc.block_size}")
     if p.k_max > p.T:
-        raise RunConfigError(f"probe.k_max={p.k_max} is invalid; allowed: <= probe.T = {p.T}")
+        raise _bad("probe.k_max", p.k_max, f"<= probe.T = {p.T}")
     if not (isinstance(p.eps, (int, float)) and 0 <= p.eps < 1):
-        raise RunConfigError(f"probe.eps={p.eps!r} is invalid; allowed: 0 <= eps < 1")
+        raise _bad("probe.eps", p.eps, "0 <= eps < 1")
     for k in ("tensorboard", "wandb"):
         _choice(f"logging.{k}", getattr(lg, k), ("auto", True, False))
 

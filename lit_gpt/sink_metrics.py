@@ -30,6 +30,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from lit_gpt.utils import invalid_choice
+
 DEFAULT_EPS = 0.3
 DEFAULT_K = 10
 DEFAULT_T = 64
@@ -80,7 +82,7 @@ def window_start_scores(attn: torch.Tensor, window: int, n_extra: int = 0) -> to
     """
     T = attn.shape[-2]
     if not (isinstance(window, int) and 1 <= window < T):
-        raise ValueError(f"window={window!r} is invalid; allowed: an integer in [1, T-1] = [1, {T - 1}]")
+        raise ValueError(invalid_choice("window", window, f"an integer in [1, T-1] = [1, {T - 1}]"))
     q = torch.arange(window, T, device=attn.device)
     tok = attn[..., n_extra:].float()
     return tok[..., q, q - window + 1].mean(-1)
@@ -144,9 +146,9 @@ class SinkMeter:
     def __init__(self, eps: float = DEFAULT_EPS, k_max: int = DEFAULT_K, n_extra: int = 0,
                  eps_grid: Optional[torch.Tensor] = None) -> None:
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0.0):
-            raise ValueError(f"eps={eps!r} is out of range; allowed: a finite number >= 0")
+            raise ValueError(invalid_choice("eps", eps, "a finite number >= 0"))
         if k_max < 1:
-            raise ValueError(f"k_max={k_max} is out of range; allowed: k_max >= 1")
+            raise ValueError(invalid_choice("k_max", k_max, ">= 1"))
         self.eps = float(eps)
         self.k_max = int(k_max)
         self.n_extra = int(n_extra)

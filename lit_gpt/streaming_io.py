@@ -162,7 +162,7 @@ def make_method(name: str, *, cache_size: int, start_size: int = START_SIZE, lmi
         return Method(name, f"window {cache_size}", StreamingSpec(0, cache_size))
     if name in ("sink", "sink_original"):
         if start_size >= cache_size:
-            raise ValueError(f"--start-size={start_size} is invalid; allowed: fewer than --cache-size={cache_size}")
+            raise ValueError(invalid_choice("--start-size", start_size, f"fewer than --cache-size={cache_size}"))
         pol = "reindex" if name == "sink" else "original"
         label = f"{start_size} sinks + {cache_size - start_size}" + (" (original pos.)" if pol == "original" else "")
         return Method(name, label, StreamingSpec(start_size, cache_size - start_size, pol))
@@ -185,7 +185,7 @@ def method_names(allowed: Sequence[str], *, single: bool = False):
     def parse(text: str) -> List[str]:
         names = [m.strip() for m in text.split(",") if m.strip()]
         if single and len(names) != 1:
-            raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: one of {', '.join(allowed)}")
+            raise argparse.ArgumentTypeError(invalid_choice("method", text, f"one of {', '.join(allowed)}"))
         for m in names:
             if m not in allowed:
                 raise argparse.ArgumentTypeError(invalid_choice("method", m, allowed))
@@ -345,7 +345,7 @@ def passkey_text(n_fill: int, insert_at: int, key: int) -> str:
     """The prompt: prefix, ``insert_at`` filler sentences, the key sentence, the other ``n_fill - insert_at``
     fillers, then the question."""
     if not 0 <= insert_at <= n_fill:
-        raise ValueError(f"insert_at={insert_at} is invalid; allowed: 0..n_fill={n_fill}")
+        raise ValueError(invalid_choice("insert_at", insert_at, f"0..n_fill={n_fill}"))
     parts = [PASSKEY_PREFIX] + [PASSKEY_FILLER] * insert_at + [PASSKEY_KEY.format(key=key)] + \
         [PASSKEY_FILLER] * (n_fill - insert_at)
     return " ".join(parts) + PASSKEY_QUESTION
@@ -389,7 +389,7 @@ def draw_passkeys(length: int, samples: int, n_fill: int, seed: int = 0,
     import numpy as np
 
     if samples < 1:
-        raise ValueError(f"samples={samples} is invalid; allowed: >= 1")
+        raise ValueError(invalid_choice("samples", samples, ">= 1"))
     rng = np.random.RandomState(seed=length + seed)
     out = []
     if depths is None:
@@ -399,7 +399,7 @@ def draw_passkeys(length: int, samples: int, n_fill: int, seed: int = 0,
         return out
     for d in depths:
         if not 0.0 <= d <= 1.0:
-            raise ValueError(f"depth={d!r} is invalid; allowed: a fraction in [0, 1]")
+            raise ValueError(invalid_choice("depth", d, "a fraction in [0, 1]"))
         for _ in range(samples):
             out.append((int(rng.randint(*PASSKEY_KEY_RANGE)), round(d * n_fill)))
     return out

@@ -50,7 +50,7 @@ from lit_gpt.sink_metrics import format_sink
 from lit_gpt.attention import set_sdpa_backend
 from lit_gpt.throughput import PhaseTimer, PinnedBatches, compile_model, eager, time_steps
 from lit_gpt.results import environment
-from lit_gpt.utils import atomic_write_text, check_writable_dir
+from lit_gpt.utils import atomic_write_text, check_writable_dir, invalid_choice
 
 
 class PreflightError(ValueError):
@@ -374,8 +374,9 @@ def setup(cfg: RunConfig, plan: Plan) -> Run:
     world = fabric.world_size
     per_step = t.micro_batch_size * world
     if t.global_batch_size % per_step:
-        raise PreflightError(f"train.global_batch_size={t.global_batch_size} is invalid; allowed: a multiple of "
-                             f"micro_batch_size x devices x nodes = {t.micro_batch_size} x {world} = {per_step}")
+        raise PreflightError(invalid_choice("train.global_batch_size", t.global_batch_size, "a multiple of "
+                                            f"micro_batch_size x devices x nodes = {t.micro_batch_size} x {world} = "
+                                            f"{per_step}"))
     accum = t.global_batch_size // per_step
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True

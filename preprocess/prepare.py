@@ -40,10 +40,11 @@ if __package__ in (None, ""):   # `python preprocess/prepare.py` from the repo r
 from lit_gpt.packed import SHARD_SUFFIX, ShardWriter, dtype_for_vocab, read_header
 from lit_gpt.textio import JSONL_SUFFIXES, iter_texts, list_text_files
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import ArgumentParser, atomic_write_text, check_writable_dir, progress_bar
+from lit_gpt.utils import ArgumentParser, atomic_write_text, check_writable_dir, invalid_choice, progress_bar
 
 VALID_WORDS = ("valid", "validation", "val", "dev", "test")
 SPLIT_WORDS = VALID_WORDS + ("train",)
+SPLITS = ("auto", "train", "valid")         # --split: from the file names (auto), or every file one split
 _BATCH_CHARS = 4_000_000       # characters handed to the tokenizer at once (encode_batch)
 
 
@@ -165,15 +166,15 @@ def plan(sources: Sequence[str], tokenizer: Tokenizer, tokenizer_source: str, ou
     if not sources:
         raise PrepareError("--source is empty: pass at least one JSONL file or folder")
     if not isinstance(block_size, int) or block_size < 1:
-        raise PrepareError(f"--block_size={block_size!r} is invalid; allowed: a positive integer")
-    if split not in ("auto", "train", "valid"):
-        raise PrepareError(f"--split={split!r} is invalid; allowed: auto, train, valid")
+        raise PrepareError(invalid_choice("--block_size", block_size, "a positive integer"))
+    if split not in SPLITS:
+        raise PrepareError(invalid_choice("--split", split, SPLITS))
     if not 0.0 <= valid_fraction < 1.0:
-        raise PrepareError(f"--valid_fraction={valid_fraction} is invalid; allowed: 0 <= value < 1")
+        raise PrepareError(invalid_choice("--valid_fraction", valid_fraction, "0 <= value < 1"))
     if tokenizer.eos_id is None:
         raise PrepareError(f"tokenizer {tokenizer_source} has no EOS token; documents must end with EOS")
     if short_name and not re.fullmatch(r"[A-Za-z0-9_.]+", short_name):
-        raise PrepareError(f"--short_name={short_name!r} is invalid; allowed: letters, digits, '_' and '.'")
+        raise PrepareError(invalid_choice("--short_name", short_name, "letters, digits, '_' and '.'"))
     files: List[Tuple[Path, Optional[Path]]] = []
     for s in sources:
         src = Path(s).expanduser()
@@ -310,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", required=True, help="output folder for the shards")
     ap.add_argument("--block_size", type=int, default=2048, help="model context; chunks hold block_size+1 tokens")
     ap.add_argument("--short_name", default="", help="inserted in prefixes: <split>_<short_name>_<domain>")
-    ap.add_argument("--split", default="auto", choices=["auto", "train", "valid"])
+    ap.add_argument("--split", default="auto", choices=SPLITS)
     ap.add_argument("--valid_fraction", type=float, default=0.0, help="hold out this fraction of train documents")
     ap.add_argument("--chunks_per_shard", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=0, help="processes (default: one per file, at most #cores)")

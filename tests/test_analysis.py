@@ -157,10 +157,18 @@ def test_probe_inputs():
     assert fixed.tolist() == [[5] * 4] * 3
     nat = probe_inputs("natural", 2, 3, encode=lambda s: [1] + [ord(c) for c in s], texts=["abcd", "efgh", "x"])
     assert nat.tolist() == [[1, 97, 98], [1, 101, 102]]
-    with pytest.raises(ValueError, match="allowed: natural, random, repeated"):
-        probe_inputs("zeros", 1, 4)
-    with pytest.raises(ValueError, match="repeat_token"):
-        probe_inputs("repeated", 1, 4, vocab_size=10, repeat_token=10)
+    # bad arguments: the whole lines, in lit_gpt.utils.invalid_choice's wording
+    for call, line in (
+        (lambda: probe_inputs("zeros", 1, 4), "input='zeros' is invalid; allowed: natural, random, repeated"),
+        (lambda: probe_inputs("randm", 1, 4),
+         "input='randm' is invalid (did you mean random?); allowed: natural, random, repeated"),
+        (lambda: probe_inputs("repeated", 1, 4, vocab_size=10, repeat_token=10),
+         "repeat_token=10 is invalid; allowed: 0..9"),
+        (lambda: batched(torch.zeros(3, 4), 0), "batch_size=0 is invalid; allowed: >= 1"),
+    ):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == line
 
 
 def test_sink_on_probe_through_a_fabric_wrapper():

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from lit_gpt.attention import (
-    causal_mask, dense_mask, eager_attention, prefix_mask, sdpa_attention, sink_window_mask, window_mask,
+    causal_mask, dense_mask, eager_attention, prefix_mask, sdpa_attention, set_sdpa_backend, sink_window_mask,
+    window_mask,
 )
 from reference import attention_loop
 
@@ -153,3 +154,15 @@ def test_unnormalised_proxy_uses_absolute_similarity():
     # normalised identity: Z = max(|sum|, 1) = max(|s - 3s|, 1)
     y, _ = eager_attention(q, k, v, mask=mask, op="identity", normalize=True)
     torch.testing.assert_close(y[0, 0, 0], torch.tensor([s, -3 * s], dtype=torch.float64) / max(2 * s, 1.0))
+
+
+def test_unknown_operation_and_sdpa_backend_give_the_shared_one_line_error():
+    q, k, v = rand_qkv(Tq=2, Tk=2)
+    with pytest.raises(ValueError) as e:
+        eager_attention(q, k, v, mask=torch.ones(2, 2, dtype=torch.bool), op="sigmod")
+    assert str(e.value) == ("attn_op='sigmod' is invalid (did you mean sigmoid?); allowed: softmax, sigmoid, elu, "
+                            "elu_kernel, identity, mlp_kernel")
+    with pytest.raises(ValueError) as e:
+        set_sdpa_backend("cudn")                                 # refused before torch's order is touched
+    assert str(e.value) == "sdpa_backend='cudn' is invalid (did you mean cudnn?); allowed: auto, cudnn, flash, " \
+                           "efficient, default"

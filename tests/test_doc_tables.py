@@ -7,7 +7,7 @@ import os
 import pytest
 
 from lit_gpt.doc_tables import (
-    MAX_RAW_BYTES, ROOT, DocTableError, audit, binmean, duration, main, markdown_files, raw_files_used,
+    MAX_RAW_BYTES, ROOT, DocTableError, audit, binmean, duration, main, markdown_files, raw_files_used, raw_path,
     render_markdown, splice_region, update_files,
 )
 
@@ -77,6 +77,20 @@ def test_tables_and_values_render_from_the_raw_files(tmp_path):
     # a new measurement changes the raw file: the markdown no longer matches until it is re-rendered
     _raw(tmp_path, "r.json", {"inputs": {"natural": {"sink_1": 71.0, "loss": 3.7}, "random": {"sink_1": 1, "loss": 1}}})
     assert render_markdown(out, root=tmp_path) != out
+
+
+def test_bad_raw_file_names_give_the_shared_one_line_error(tmp_path):
+    # the whole lines (lit_gpt.utils.invalid_choice's wording)
+    for spec, line in (
+        ("/etc/passwd.json", "raw file='/etc/passwd.json' is invalid; allowed: a path under docs/results or "
+                             "benchmarks/results"),
+        ("docs/results/../../x.json", "raw file='docs/results/../../x.json' is invalid; allowed: a path under "
+                                      "docs/results or benchmarks/results"),
+        ("docs/results/r.yaml", "raw file='docs/results/r.yaml' is invalid; allowed: .json, .csv, .txt, .log files"),
+    ):
+        with pytest.raises(DocTableError) as e:
+            raw_path(spec, root=tmp_path)
+        assert str(e.value) == line
 
 
 def test_bad_markers_fail_with_the_file_line_and_reason(tmp_path):

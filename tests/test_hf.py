@@ -360,3 +360,12 @@ def test_pypi_gguf_probe_tokens_have_no_bos(name):
         assert not special & set(x.reshape(-1).tolist())              # no BOS at position 1, nor anywhere
     assert bool((rep == rep[:, :1]).all()) and len(set(rep[:, 0].tolist())) > 1
     assert len(set(rnd[:, 0].tolist())) > n // 2                      # position 1 is drawn, not a fixed prefix
+
+
+def test_bad_plot_heads_give_the_shared_one_line_error():
+    import eval_sink_open_source as sink
+
+    assert sink.parse_heads(["1:0", "0:3"]) == [(1, 0), (0, 3)]
+    with pytest.raises(SystemExit) as e:
+        sink.parse_heads(["1-0"])
+    assert str(e.value) == "--plot-heads='1-0' is invalid; allowed: LAYER:HEAD pairs such as 0:0 5:3"

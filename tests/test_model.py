@@ -724,3 +724,14 @@ def test_gpu_checks_fail_a_flex_case_that_did_not_run_flex():
     assert not case_ok("flex_window64", flex, 1e-7, 1e-6, 11.0, "flex / bf16 flex+sdpa")
     assert case_ok("window64", dict(attn_mask="window", window_size=64), 1e-7, 1e-6, 11.0, "sdpa")
     assert not case_ok("flex_window64", flex, 1e-3, 1e-6, 11.0, "flex")
+
+
+def test_unknown_analysis_keys_give_the_shared_one_line_error():
+    model = build()
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    for need, line in ((["attn", "hiden"], "return_analysis=['hiden'] is invalid (did you mean hidden?); "
+                                           "allowed: attn, hidden, q, k, v"),
+                       (["x", "logits"], "return_analysis=['logits', 'x'] is invalid; allowed: attn, hidden, q, k, v")):
+        with pytest.raises(ValueError) as e:
+            model(idx, return_analysis=need)
+        assert str(e.value) == line

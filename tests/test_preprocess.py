@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_helpers import NEOX, make_docs, write_jsonl  # noqa: E402  (puts the repo root on sys.path)
 
-from lit_gpt.packed import MAGIC, PackedShard, ShardError, read_header, write_shard  # noqa: E402
+from lit_gpt.packed import MAGIC, PackedShard, ShardError, ShardWriter, read_header, write_shard  # noqa: E402
 from preprocess.prepare import PrepareError, holdout, prepare, split_and_domain  # noqa: E402
 
 
@@ -125,6 +125,26 @@ def test_missing_and_empty_inputs_fail_before_writing(tmp_path):
     with pytest.raises(PrepareError, match="is empty"):
         prepare([str(tmp_path / "e2")], "bytes", str(tmp_path / "out"), progress=False)
     assert not list((tmp_path / "out").glob("*.bin")) if (tmp_path / "out").exists() else True
+
+
+def test_bad_arguments_give_the_shared_one_line_error(tmp_path):
+    # the whole lines (lit_gpt.utils.invalid_choice's wording), before anything is written
+    write_jsonl(tmp_path / "src" / "a.jsonl", make_docs(5, 12))
+    for kwargs, line in (
+        (dict(block_size=0), "--block_size=0 is invalid; allowed: a positive integer"),
+        (dict(split="trian"), "--split='trian' is invalid (did you mean train?); allowed: auto, train, valid"),
+        (dict(valid_fraction=1.0), "--valid_fraction=1.0 is invalid; allowed: 0 <= value < 1"),
+        (dict(short_name="a-b"), "--short_name='a-b' is invalid; allowed: letters, digits, '_' and '.'"),
+    ):
+        with pytest.raises(PrepareError) as e:
+            prepare([str(tmp_path / "src")], "bytes", str(tmp_path / "out"), progress=False, **kwargs)
+        assert str(e.value) == line
+    assert not list(tmp_path.glob("out/*.bin"))
+    for kwargs, line in ((dict(seq_len=1, chunks_per_shard=8), "seq_len=1 is invalid; allowed: >= 2 (block_size >= 1)"),
+                         (dict(seq_len=8, chunks_per_shard=0), "chunks_per_shard=0 is invalid; allowed: >= 1")):
+        with pytest.raises(ShardError) as e:
+            ShardWriter(tmp_path / "w", "train_x", "t", meta={}, **kwargs)
+        assert str(e.value) == line
 
 
 def test_existing_shards_are_not_overwritten(tmp_path):

@@ -159,3 +159,26 @@ def test_bad_configs_fail_with_the_key_named(tmp_path, content, overrides, match
     path = write_yaml(tmp_path / "c.yaml", content)
     with pytest.raises(RunConfigError, match=match):
         load_run_config(path, overrides)
+
+
+@pytest.mark.parametrize("overrides,line", [
+    (["train.lr=0.001", "train.min_lr=0.01"], "train.min_lr=0.01 is invalid; allowed: <= train.lr=0.001"),
+    (["train.log_interval=0"], "train.log_interval=0 is invalid; allowed: an integer >= 1"),
+    (["train.compile=1"], "train.compile=1 is invalid; allowed: true or false"),      # YAML reads yes as true
+    (["train.beta2=1"], "train.beta2=1 is invalid; allowed: 0 <= value < 1"),
+    (["probe.eps=1.5"], "probe.eps=1.5 is invalid; allowed: 0 <= eps < 1"),
+    (["probe.T=16", "probe.k_max=17"], "probe.k_max=17 is invalid; allowed: <= probe.T = 16"),
+    (["data.fixed_token={position: 3, id: 1}"],
+     "data.fixed_token={'position': 3, 'id': 1} is invalid; allowed: {position[, token_id]}"),
+    (["train.sdpa_backend=cudn"],
+     "train.sdpa_backend='cudn' is invalid (did you mean cudnn?); allowed: auto, cudnn, flash, efficient, default"),
+    (["train.lr"], "override='train.lr' is invalid; allowed: section.key=value or --section.key value"),
+    (["trian.lr=1"],
+     "override='trian.lr' is invalid; allowed: <section>.<key> with section in model, data, train, probe, logging"),
+])
+def test_bad_values_give_the_shared_one_line_error(tmp_path, overrides, line):
+    # the whole line, as lit_gpt.utils.invalid_choice words it: field=value, then a rule or the allowed values
+    path = write_yaml(tmp_path / "c.yaml", {"model": {"name": "tiny"}, "data": {"train": {"a": 1}}})
+    with pytest.raises(RunConfigError) as e:
+        load_run_config(path, overrides)
+    assert str(e.value) == line

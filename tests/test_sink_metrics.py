@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lit_gpt.sink_metrics import SinkMeter, format_sink, importance_scores, sink_metric
+from lit_gpt.sink_metrics import SinkMeter, format_sink, importance_scores, sink_metric, window_start_scores
 
 
 def ref_sink(maps, eps, k_max, n_extra=0):
@@ -203,10 +203,15 @@ def test_bad_maps_are_refused(bad, match):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="eps"):
-        SinkMeter(eps=-0.1)
-    with pytest.raises(ValueError, match="k_max"):
-        SinkMeter(k_max=0)
+    # field=value lines in lit_gpt.utils.invalid_choice's wording, whole
+    for call, line in ((lambda: SinkMeter(eps=-0.1), "eps=-0.1 is invalid; allowed: a finite number >= 0"),
+                       (lambda: SinkMeter(eps=float("nan")), "eps=nan is invalid; allowed: a finite number >= 0"),
+                       (lambda: SinkMeter(k_max=0), "k_max=0 is invalid; allowed: >= 1"),
+                       (lambda: window_start_scores(torch.eye(4).view(1, 1, 4, 4), 4),
+                        "window=4 is invalid; allowed: an integer in [1, T-1] = [1, 3]")):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == line
     with pytest.raises(ValueError, match="shorter than k_max"):
         SinkMeter(k_max=10).update([torch.eye(4).view(1, 1, 4, 4)])
     with pytest.raises(RuntimeError):

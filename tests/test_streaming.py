@@ -341,3 +341,14 @@ def test_compiled_graph_safe_step_equals_the_reference_and_updates_the_cache_in_
     cfg = model.config
     cache_shape = f"empty_strided_cpu(({B}, {cfg.n_query_groups}, {s + r}, {cfg.head_size})"
     assert codes and not any(cache_shape in c for c in codes)
+
+
+def test_bad_recomputation_window_and_stride_give_the_shared_one_line_error():
+    # checked before the runner is touched; the whole lines (lit_gpt.utils.invalid_choice's wording)
+    tokens = torch.zeros(1, 8, dtype=torch.long)
+    for kwargs, line in ((dict(window=0), "window=0 is invalid; allowed: a positive integer"),
+                         (dict(window=2.0), "window=2.0 is invalid; allowed: a positive integer"),
+                         (dict(window=4, stride=5), "stride=5 is invalid; allowed: an integer in [1, window=4]")):
+        with pytest.raises(ValueError) as e:
+            recompute_nll(None, tokens, **kwargs)
+        assert str(e.value) == line

@@ -1,4 +1,5 @@
 """The scripts' shared pieces: method specs, passkey prompts and parsing, book streams, rolling means, plots."""
+import argparse
 import json
 import lzma
 
@@ -7,8 +8,8 @@ import torch
 
 from lit_gpt.streaming import StreamingSpec
 from lit_gpt.streaming_io import (
-    PASSKEY_FILLER, book_stream, draw_passkeys, make_method, parse_passkey, passkey_fillers, passkey_prompt,
-    plot_log_ppl, rolling_mean,
+    PASSKEY_FILLER, book_stream, draw_passkeys, make_method, method_names, parse_passkey, passkey_fillers,
+    passkey_prompt, passkey_text, plot_log_ppl, rolling_mean,
 )
 from lit_gpt.tokenizer import Tokenizer
 
@@ -182,3 +183,22 @@ def test_eval_long_ppl_bins_and_chunked_vs_token_comparison(tmp_path):
         assert (b["sum"][1] + b["sum"][2] + b["sum"][3]) / 135 == pytest.approx(row["nll_after_window"], rel=1e-6)
     assert [c["label"] for c in rec["comparison"]] == [r["label"] for r in rec["results"]]
     assert all(c["targets"] == 199 and c["max_abs_diff"] < 1e-4 for c in rec["comparison"])
+
+
+def test_bad_passkey_and_method_arguments_give_the_shared_one_line_error():
+    # the whole lines (lit_gpt.utils.invalid_choice's wording)
+    for call, line in (
+        (lambda: passkey_text(8, 9, 1), "insert_at=9 is invalid; allowed: 0..n_fill=8"),
+        (lambda: draw_passkeys(512, 0, 20), "samples=0 is invalid; allowed: >= 1"),
+        (lambda: draw_passkeys(512, 1, 20, depths=[-0.5]), "depth=-0.5 is invalid; allowed: a fraction in [0, 1]"),
+        (lambda: make_method("sink", cache_size=4, start_size=6),
+         "--start-size=6 is invalid; allowed: fewer than --cache-size=4"),
+        (lambda: make_method("snk", cache_size=8),
+         "method='snk' is invalid (did you mean sink?); allowed: dense, window, sink, sink_original, lminfinite, "
+         "recompute"),
+        (lambda: method_names(("sink", "dense"), single=True)("sink,dense"),
+         "method='sink,dense' is invalid; allowed: one of sink, dense"),
+    ):
+        with pytest.raises((ValueError, argparse.ArgumentTypeError)) as e:
+            call()
+        assert str(e.value) == line
