@@ -529,6 +529,9 @@ def regime_headline(regime: str, spec: dict, records: Dict[Tuple[str, str], dict
     return " ".join(out)
 
 
+DEMO_DATA = "datasets/demo_cpu/packed:"     # the docstring corpus: the data of the runs that name none
+
+
 def exploration_table(doc: dict) -> str:
     cols = ("run", "layers x heads x width", "context", "first token fixed", "lr", "weight decay", "tokens/step",
             "seed", "other", "steps reached", "max Sink_1 (%)", "last Sink_1 (%)", "max Sink_1* (%)", "how it ended")
@@ -537,7 +540,10 @@ def exploration_table(doc: dict) -> str:
         st = r["settings"]
         other = ", ".join(x for x in (st["pos_encoding"] if st["pos_encoding"] != "rope" else "",
                                       f"kv_bias {st['kv_bias']}" if st["kv_bias"] != "none" else "",
-                                      "linear biases" if st.get("bias") else "") if x) or "-"
+                                      "linear biases" if st.get("bias") else "",
+                                      f"data {st['data']}" if not st.get("data", DEMO_DATA).startswith(DEMO_DATA)
+                                      else "")
+                          if x) or "-"
         extra = [v for v in r["curve"].get("sink_extra_0", []) if v is not None]
         cells = [r["name"], f"{st['n_layer']} x {st['n_head']} x {st['n_embd']}", str(st["block_size"]),
                  "yes" if st["first_token_fixed"] else "no", f"{st['lr']:g}", f"{st['weight_decay']:g}",
