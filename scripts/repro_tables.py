@@ -32,7 +32,7 @@ from lit_gpt.utils import ArgumentParser, invalid_choice  # noqa: E402
 ROWS = REPO / "scripts" / "repro_rows.yaml"
 RESULTS = REPO / "docs" / "results" / "repro"
 IMG_DIR = Path("docs") / "img"
-REGIMES = ("cpu", "gpu")
+REGIMES = ("cpu", "cpu2", "gpu")   # cpu2: the second CPU regime (configs/repro/cpu2/, docs/repro.md)
 EMERGE_AT = 5.0          # a sink "has emerged" from the first evaluation after which Sink_1 stays >= this (%)
 
 
