@@ -231,7 +231,9 @@ def exploration_entry(run_dir: Union[str, Path], why_stopped: str = "") -> Dict[
                      "block_size": m.get("block_size"), "pos_encoding": m.get("pos_encoding", "rope"),
                      "kv_bias": m.get("kv_bias", "none"), "first_token_fixed": d.get("fixed_token") is not None,
                      "lr": t["lr"], "weight_decay": t["weight_decay"],
-                     "tokens_per_step": t["global_batch_size"] * m.get("block_size", 0)},
+                     "tokens_per_step": t["global_batch_size"] * m.get("block_size", 0),
+                     "seed": t.get("seed"), "data_seed": d.get("seed"), "bias": bool(m.get("bias", False)),
+                     "data": f"{d.get('train_dir')}: {', '.join(sorted(d.get('train') or {}))}"},
         "steps": curve["step"][-1],
         "tokens": curve["tokens"][-1],
         "ended": "finished" if summary.is_file() and not json.loads(summary.read_text()).get("stopped_early")
@@ -239,6 +241,25 @@ def exploration_entry(run_dir: Union[str, Path], why_stopped: str = "") -> Dict[
         "sink_1_max": max(s1), "sink_1_last": s1[-1],
         "curve": {k: v for k, v in curve.items() if k in keep},
     }
+
+
+def add_exploration(path: Union[str, Path], run_dirs: Sequence[Union[str, Path]], why_stopped: str = "") -> List[str]:
+    """Append the :func:`exploration_entry` of each run folder to the exploration log at ``path`` (written
+    atomically); a name already in the log is refused (RecordError), so no entry is ever replaced. Returns the
+    names added."""
+    path = Path(path)
+    doc = json.loads(path.read_text())
+    if doc.get("schema") != EXPLORATION_SCHEMA:
+        raise RecordError(f"{path}: schema={doc.get('schema')!r} is invalid; allowed: {EXPLORATION_SCHEMA}")
+    have = {r["name"] for r in doc["runs"]}
+    entries = [exploration_entry(r, why_stopped) for r in run_dirs]
+    names = [e["name"] for e in entries]
+    dup = sorted((have & set(names)) | {n for n in names if names.count(n) > 1})
+    if dup:
+        raise RecordError(f"{path}: runs {dup} are already in the exploration log; a run folder's name must be new")
+    doc["runs"].extend(entries)
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+    return names
 
 
 def check_record(rec: Dict[str, Any], where: str = "record") -> None:

@@ -3,6 +3,7 @@
     python scripts/repro_run.py --regime cpu default sigmoid_no_norm k_bias        # two at a time, 1 thread each
     python scripts/repro_run.py --regime cpu --all                                 # every row with a cpu config
     python scripts/repro_run.py --regime gpu default --runs /tmp/w --results $OUT/results --set train.max_time_s=150
+    python scripts/repro_run.py --explore checkpoints/x/run1 checkpoints/x/run2 --why "killed: flat"  # exploration log
 
 A row ``R`` of regime ``G`` is the run YAML ``configs/repro/G/R.yaml`` (rows and their paper references:
 ``scripts/repro_rows.yaml``). Each run trains with ``pretrain.py`` into ``<runs>/G/R`` (a fresh folder) and its
@@ -25,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lit_gpt.repro import RecordError, build_record, final_checks, write_record  # noqa: E402
+from lit_gpt.repro import RecordError, add_exploration, build_record, final_checks, write_record  # noqa: E402
 from lit_gpt.utils import ArgumentParser  # noqa: E402
 
 CONFIGS = REPO / "configs" / "repro"
@@ -48,9 +49,10 @@ def shown_path(p: Path) -> str:
 
 
 def ensure_data(config: Path, sets: Sequence[str]) -> None:
-    """Build a missing ``datasets/demo_cpu*/packed`` folder (the standard-library docstring corpus, bytes, at the
-    config's block size: preprocess/demo_corpus.py); any other missing data folder is left to pretrain.py's
-    preflight, which names it."""
+    """Build a missing ``datasets/demo_cpu*/packed`` folder (bytes, at the config's block size:
+    preprocess/demo_corpus.py): the first Gutenberg books of ../shared for ``demo_cpu_gutenberg``, else the
+    standard-library docstring corpus; any other missing data folder is left to pretrain.py's preflight, which
+    names it."""
     from lit_gpt.run_config import load_run_config
 
     cfg = load_run_config(config, list(sets))
@@ -62,8 +64,9 @@ def ensure_data(config: Path, sets: Sequence[str]) -> None:
     from preprocess.demo_corpus import build
 
     block = cfg.model_config().block_size
-    print(f"building {train_dir} (standard-library docstrings, bytes, block {block})", flush=True)
-    build(str(train_dir.parent), source="stdlib", block_size=block, tokenizer="bytes")
+    source = "gutenberg" if train_dir.parent.name == "demo_cpu_gutenberg" else "stdlib"
+    print(f"building {train_dir} ({source} corpus, bytes, block {block})", flush=True)
+    build(str(train_dir.parent), source=source, block_size=block, tokenizer="bytes")
 
 
 def pretrain_command(python: str, config: Path, out_dir: Path, threads: Optional[int],
@@ -143,7 +146,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--rerecord", action="store_true",
                     help="no training: rebuild the records of the given rows from their run folders under --runs "
                          "(keeping the command and wall time of the previous record)")
+    ap.add_argument("--explore", nargs="+", default=None, metavar="RUN_DIR",
+                    help="no training: add these exploratory run folders (finished or not) to "
+                         "<results>/exploration.json (the exploration table of docs/repro.md)")
+    ap.add_argument("--why", default="", help="with --explore: why the runs stopped, for those that did not finish")
     a = ap.parse_args(argv)
+    if a.explore:
+        try:
+            names = add_exploration(Path(a.results) / "exploration.json", a.explore, a.why)
+        except (RecordError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"added to {Path(a.results) / 'exploration.json'}: {', '.join(names)}")
+        return 0
     if a.import_dir:
         return import_runs(Path(a.import_dir), a.regime, Path(a.configs), a.results, a.command, a.note)
 

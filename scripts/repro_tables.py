@@ -32,7 +32,7 @@ from lit_gpt.utils import ArgumentParser, invalid_choice  # noqa: E402
 ROWS = REPO / "scripts" / "repro_rows.yaml"
 RESULTS = REPO / "docs" / "results" / "repro"
 IMG_DIR = Path("docs") / "img"
-REGIMES = ("cpu", "gpu")
+REGIMES = ("cpu", "cpu2", "gpu")   # cpu2: the second CPU regime (configs/repro/cpu2/, docs/repro.md)
 EMERGE_AT = 5.0          # a sink "has emerged" from the first evaluation after which Sink_1 stays >= this (%)
 
 
@@ -534,6 +534,9 @@ def regime_headline(regime: str, spec: dict, records: Dict[Tuple[str, str], dict
     return " ".join(out)
 
 
+DEMO_DATA = "datasets/demo_cpu/packed:"     # the docstring corpus: the data of the runs that name none
+
+
 def exploration_table(doc: dict) -> str:
     cols = ("run", "layers x heads x width", "context", "first token fixed", "lr", "weight decay", "tokens/step",
             "seed", "other", "steps reached", "max Sink_1 (%)", "last Sink_1 (%)", "max Sink_1* (%)", "how it ended")
@@ -542,7 +545,10 @@ def exploration_table(doc: dict) -> str:
         st = r["settings"]
         other = ", ".join(x for x in (st["pos_encoding"] if st["pos_encoding"] != "rope" else "",
                                       f"kv_bias {st['kv_bias']}" if st["kv_bias"] != "none" else "",
-                                      "linear biases" if st.get("bias") else "") if x) or "-"
+                                      "linear biases" if st.get("bias") else "",
+                                      f"data {st['data']}" if not st.get("data", DEMO_DATA).startswith(DEMO_DATA)
+                                      else "")
+                          if x) or "-"
         extra = [v for v in r["curve"].get("sink_extra_0", []) if v is not None]
         cells = [r["name"], f"{st['n_layer']} x {st['n_head']} x {st['n_embd']}", str(st["block_size"]),
                  "yes" if st["first_token_fixed"] else "no", f"{st['lr']:g}", f"{st['weight_decay']:g}",

@@ -180,3 +180,31 @@ def test_corrupt_and_foreign_shards_are_refused(tmp_path):
     with pytest.raises(ShardError, match="not a packed shard"):
         read_header(tmp_path / "other-x-00000.bin")
     assert good.read_bytes()[:8] == MAGIC
+
+
+def test_demo_corpus_gutenberg_slice_is_the_shards_first_books(tmp_path):
+    """preprocess/demo_corpus.py --source gutenberg (the second CPU regime's data): train = the first books of
+    gutenberg-train-00 until max_chars, valid = the first books of gutenberg-val until max_chars / 20, bytes."""
+    import lzma
+
+    from conftest import shared_path
+    from preprocess.demo_corpus import build
+
+    def first_books(name, max_chars):             # reference: read the shared file by hand
+        books, total = [], 0
+        with lzma.open(shared_path("corpus", name), "rt", encoding="utf-8") as f:
+            for line in f:
+                if total >= max_chars:
+                    break
+                books.append(json.loads(line)["text"])
+                total += len(books[-1])
+        return books
+
+    train, valid = first_books("gutenberg-train-00.jsonl.xz", 300_000), first_books("gutenberg-val.jsonl.xz", 15_000)
+    build(str(tmp_path / "g"), source="gutenberg", block_size=31, max_chars=300_000)
+    for prefix, books in (("train_demo", train), ("valid_demo", valid)):
+        expected = [t for d in books for t in list(d.encode("utf-8")) + [256]]
+        n = (len(expected) // 32) * 32
+        assert stream_of(tmp_path / "g" / "packed", prefix).tolist() == expected[:n]
+    with pytest.raises(PrepareError, match="source='web' is invalid"):
+        build(str(tmp_path / "x"), source="web")

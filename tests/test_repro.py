@@ -105,6 +105,35 @@ def test_a_record_that_breaks_the_schema_is_refused(recorded, tmp_path):
         build_record(tmp_path, row="x", regime="t", config="c", command="c")
 
 
+def test_exploratory_runs_are_appended_to_the_log_and_never_replaced(recorded, tmp_path):
+    log = tmp_path / "exploration.json"
+    log.write_text(json.dumps({"schema": "asl-repro-exploration/1", "machine": "m", "how": "h", "runs": []}))
+    runs = recorded / "runs" / "t"
+    cli = [sys.executable, str(REPO / "scripts" / "repro_run.py"), "--results", str(tmp_path), "--explore"]
+    out = subprocess.run(cli + [str(runs / "default"), str(runs / "k_bias")], cwd=str(REPO), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    doc = json.loads(log.read_text())
+    assert [r["name"] for r in doc["runs"]] == ["default", "k_bias"]
+    for r in doc["runs"]:
+        with open(runs / r["name"] / "metrics.csv") as f:
+            rows = [x for x in csv.DictReader(f) if x["sink_1"]]
+        s1 = [float(x["sink_1"]) for x in rows]
+        assert r["curve"]["step"] == [int(x["step"]) for x in rows] and r["curve"]["sink_1"] == s1
+        assert r["sink_1_last"] == s1[-1] and r["sink_1_max"] == max(s1) and r["ended"] == "finished"
+        rc = yaml.safe_load((runs / r["name"] / "run_config.yaml").read_text())
+        assert r["settings"]["seed"] == rc["train"]["seed"] and r["settings"]["data_seed"] == rc["data"]["seed"]
+        assert r["settings"]["data"] == f"{rc['data']['train_dir']}: {', '.join(sorted(rc['data']['train']))}"
+    assert doc["runs"][1]["settings"]["kv_bias"] == "k" and "sink_extra_0" in doc["runs"][1]["curve"]
+    before = log.read_text()
+    again = subprocess.run(cli + [str(runs / "window"), str(runs / "default")], cwd=str(REPO), capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 2 and "already in the exploration log" in again.stderr
+    assert log.read_text() == before                                  # nothing half-added
+    table = repro_tables.exploration_table(doc)
+    assert "| default | 2 x " in table and f"data {doc['runs'][0]['settings']['data']}" in table
+
+
 def _with_final(rec, row, sink1, extra=None, sinks=None):
     r = copy.deepcopy(rec)
     r["row"] = row
