@@ -478,12 +478,21 @@ def headline(records: Dict[Tuple[str, str], dict], demo: Optional[dict],
                    f"{len(taken)} of the {len(slots)} seeds tried (final Sink_1* "
                    + ", ".join(f"{slots[sd]:.1f}%" for sd in sorted(slots)) + ").")
     if demo is not None:
-        env = demo.get("environment", {})
-        out.append(f"`{demo['command']}` took {fmt_seconds(demo['wall_seconds'])} of wall time (corpus included) on "
-                   f"{env.get('cpu_count')} CPU cores ({env.get('cpu')})"
-                   + (f" shared with other jobs (1-minute load {env['load_average_1min']:.0f} at the end)"
-                      if env.get("load_average_1min", 0) > (env.get("cpu_count") or 1) else "") + ".")
+        out.append(demo_sentence(demo))
     return " ".join(out)
+
+
+def demo_regime(demo: Optional[dict]) -> Optional[str]:
+    """The regime a demo record ran (records before the field was written ran the cpu regime)."""
+    return None if demo is None else demo.get("regime", "cpu")
+
+
+def demo_sentence(demo: dict) -> str:
+    env = demo.get("environment", {})
+    return (f"`{demo['command']}` took {fmt_seconds(demo['wall_seconds'])} of wall time (corpus included) on "
+            f"{env.get('cpu_count')} CPU cores ({env.get('cpu')})"
+            + (f" shared with other jobs (1-minute load {env['load_average_1min']:.0f} at the end)"
+               if env.get("load_average_1min", 0) > (env.get("cpu_count") or 1) else "") + ".")
 
 
 def regime_headline(regime: str, spec: dict, records: Dict[Tuple[str, str], dict]) -> Optional[str]:
@@ -565,7 +574,7 @@ def render(spec: dict, records: Dict[Tuple[str, str], dict], root: Path = REPO,
     """markdown file (under ``root``) -> its new text, the tables spliced in."""
     out: Dict[Path, str] = {}
     spec = with_twins(spec, records)
-    head = headline(records, demo, exploration)
+    head = headline(records, demo if demo_regime(demo) == "cpu" else None, exploration)
     if head is not None:
         for rel in HEADLINE_MDS:
             path = root / rel
@@ -573,6 +582,8 @@ def render(spec: dict, records: Dict[Tuple[str, str], dict], root: Path = REPO,
                 out[path] = splice(out.get(path, path.read_text()), "headline", "cpu", head)
     for regime in REGIMES:
         gh = regime_headline(regime, spec, records) if regime != "cpu" else None
+        if gh is not None and demo_regime(demo) == regime:
+            gh += " " + demo_sentence(demo)
         for rel in HEADLINE_MDS:
             path = root / rel
             if gh is not None and path.is_file() and \
