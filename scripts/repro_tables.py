@@ -103,6 +103,16 @@ def with_twins(spec: dict, records: Dict[Tuple[str, str], dict]) -> dict:
     return dict(spec, rows=ordered)
 
 
+def twins(rid: str, spec: dict) -> List[str]:
+    """The seed twins of row ``rid`` in the registry (``with_twins``), in its order."""
+    return [t for t in spec["rows"] if (twin_of(t) or ("",))[0] == rid]
+
+
+def baseline_record(row: dict, regime: str, records: Dict[Tuple[str, str], dict]) -> Optional[dict]:
+    """The record a row is judged against: its ``baseline`` row (a seed twin's seedN), else the regime's default."""
+    return records.get((regime, row.get("baseline", "default")))
+
+
 # ---------------------------------------------------------------------------- agreement rules
 def _sinks(rec: dict) -> Tuple[float, List[float], List[float]]:
     f = rec["final"]
@@ -292,8 +302,8 @@ def section_table(section: str, regime: str, spec: dict, records: Dict[Tuple[str
         if rec is None:
             not_run.append(rid)
             continue
-        base = records.get((regime, row["baseline"])) if "baseline" in row else default
-        lines.append("| " + " | ".join(row_cells(rid, row, rec, base, columns)) + " |")
+        lines.append("| " + " | ".join(row_cells(rid, row, rec, baseline_record(row, regime, records), columns))
+                     + " |")
     if len(lines) == 2:
         return f"No {regime.upper()} run of this section has been recorded yet."
     out = "\n".join(lines)
@@ -316,32 +326,30 @@ def section_table(section: str, regime: str, spec: dict, records: Dict[Tuple[str
     return out
 
 
-def seed_groups(section: Optional[str], regime: str, spec: dict, records: Dict[Tuple[str, str], dict]
-                ) -> List[Tuple[str, List[Tuple[int, str, dict, str]]]]:
-    """Each row with a paper rule and at least one recorded seed twin in ``regime`` (of ``section``, or of any section):
-    (row, [(seed, row id, record, agreement against that seed's default), ...]), the row's own seed first."""
+def seed_runs(rid: str, regime: str, spec: dict, records: Dict[Tuple[str, str], dict]
+              ) -> List[Tuple[int, str, dict, Optional[dict], str]]:
+    """Row ``rid`` and its recorded seed twins in ``regime``: (seed, row id, record, the record it is judged against,
+    agreement), the row's own run first."""
     out = []
-    for rid, row in spec["rows"].items():
-        if twin_of(rid) is not None or not row.get("expect") or (regime, rid) not in records or rid == "default":
-            continue
-        if section is not None and section not in row["sections"]:
-            continue
-        members = [rid] + [t for t in spec["rows"] if twin_of(t) and twin_of(t)[0] == rid and (regime, t) in records]
-        if len(members) < 2:
-            continue
-        runs = []
-        for m in members:
-            r = spec["rows"][m]
-            rec = records[(regime, m)]
-            base = records.get((regime, r.get("baseline", "default")))
-            runs.append((int(rec["seed"]), m, rec, agreement(rec, base, r)))
-        out.append((rid, runs))
+    for m in [rid] + twins(rid, spec):
+        if (regime, m) in records:
+            rec, base = records[(regime, m)], baseline_record(spec["rows"][m], regime, records)
+            out.append((int(rec["seed"]), m, rec, base, agreement(rec, base, spec["rows"][m])))
     return out
+
+
+def contrasts(regime: str, spec: dict, records: Dict[Tuple[str, str], dict], section: Optional[str] = None
+              ) -> Dict[str, List[Tuple[int, str, dict, Optional[dict], str]]]:
+    """Every recorded row with a paper rule in ``regime`` (of ``section``, or of any), not the default nor a twin:
+    row -> :func:`seed_runs`."""
+    return {rid: seed_runs(rid, regime, spec, records) for rid, row in spec["rows"].items()
+            if twin_of(rid) is None and row.get("expect") and rid != "default" and (regime, rid) in records
+            and regime in row.get("regimes", REGIMES) and (section is None or section in row["sections"])}
 
 
 def seed_table(section: str, regime: str, spec: dict, records: Dict[Tuple[str, str], dict]) -> str:
     """One line per contrast run with several seeds: its sink per seed next to that seed's default, and the rule."""
-    groups = seed_groups(section, regime, spec, records)
+    groups = [(rid, runs) for rid, runs in contrasts(regime, spec, records, section).items() if len(runs) > 1]
     if not groups:
         return ""
     lines = ["| contrast | expected | seeds | per seed: contrast (default of that seed) | agrees |",
@@ -349,8 +357,7 @@ def seed_table(section: str, regime: str, spec: dict, records: Dict[Tuple[str, s
     for rid, runs in groups:
         row = spec["rows"][rid]
         per = []
-        for seed, m, rec, ok in runs:
-            base = records.get((regime, spec["rows"][m].get("baseline", "default")))
+        for seed, _m, rec, base, ok in runs:
             slot = [v for v in rec["final"]["sink_extra"] if v is not None]
             val = f"Sink_1* {max(slot):.1f}, Sink_1 {rec['final']['sink'][0]:.1f}" if slot else \
                   (other_sinks(rec, row) if "position" in row else f"{rec['final']['sink'][0]:.1f}")
@@ -396,7 +403,7 @@ def render_note(text: str, regime: str, spec: dict, records: Dict[Tuple[str, str
             return emerges(rec)
         if what == "layers":
             return per_layer(rec)
-        base = records.get((regime, spec["rows"].get(rid, {}).get("baseline", "default")))
+        base = baseline_record(spec["rows"].get(rid, {}), regime, records)
         if base is None or not base["final"]["sink"][0]:
             raise ValueError(f"note field {m[0]!r}: row={rid!r} has no default with a sink to compare with")
         return f"{f['sink'][0] / base['final']['sink'][0]:.2f} D"
@@ -501,8 +508,7 @@ def regime_headline(regime: str, spec: dict, records: Dict[Tuple[str, str], dict
     d = mine.get("default")
     if d is None:
         return None
-    seeds = {row: rec for row, rec in mine.items()
-             if row == "default" or (row.startswith("seed") and row[4:].isdigit())}
+    seeds = {row: rec for row, rec in mine.items() if row == "default" or (twin_of(row) or ("",))[0] == "default"}
     formed = [r for r, rec in seeds.items() if rec["final"]["sink"][0] >= EMERGE_AT]
     per_seed = "; ".join(f"seed {rec['seed']}: Sink_1 {rec['final']['sink'][0]:.1f}% (sink from step {emerges(rec)})"
                          for _, rec in sorted(seeds.items(), key=lambda kv: kv[1]["seed"]))
@@ -512,11 +518,7 @@ def regime_headline(regime: str, spec: dict, records: Dict[Tuple[str, str], dict
            f"(final Sink_1 >= {EMERGE_AT:g}%) in {len(formed)} of the {len(seeds)} seeds run ({per_seed}), at "
            f"{fmt_tokens(d['tokens'])} tokens ({d['steps']:,} steps, {d['train_seconds']:.0f} s of training); rows ran "
            f"{min(steps):,}-{max(steps):,} steps."]
-    judged = {rid: [agreement(mine[m], mine.get(spec["rows"][m].get("baseline", "default")), spec["rows"][m])
-                    for m in [rid] + [t for t in spec["rows"] if twin_of(t) and twin_of(t)[0] == rid and t in mine]]
-              for rid, row in spec["rows"].items()
-              if rid in mine and row.get("expect") and rid != "default" and twin_of(rid) is None
-              and regime in row.get("regimes", REGIMES)}
+    judged = {rid: [ok for *_, ok in runs] for rid, runs in contrasts(regime, spec, records).items()}
     if judged:
         def named(rids):
             return ", ".join(f"{r} ({v.count('yes')}/{len(v)})" if len(v) > 1 else r for r, v in rids) or "none"
@@ -635,8 +637,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-plots", action="store_true")
     a = ap.parse_args(argv)
     root = Path(a.root)
-    spec = load_rows(Path(a.rows))
     records = load_records(a.results)
+    spec = with_twins(load_rows(Path(a.rows)), records)
     expl, demo = Path(a.results) / "exploration.json", Path(a.results) / "demo_cpu.json"
     texts = render(spec, records, root, json.loads(expl.read_text()) if expl.is_file() else None,
                    json.loads(demo.read_text()) if demo.is_file() else None)
@@ -648,7 +650,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"tables up to date ({len(records)} records)")
         return 0
     if not a.no_plots:
-        for p in plots(with_twins(spec, records), records, root):
+        for p in plots(spec, records, root):
             print(f"wrote {p.relative_to(root)}")
     return 0
 
