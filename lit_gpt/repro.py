@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from lit_gpt.utils import atomic_write_text
+from lit_gpt.utils import atomic_write_text, invalid_choice
 
 SCHEMA = "asl-repro-run/1"
 REQUIRED = ("schema", "row", "regime", "config", "overrides", "command", "hardware", "software", "seed", "steps",
@@ -250,7 +250,7 @@ def add_exploration(path: Union[str, Path], run_dirs: Sequence[Union[str, Path]]
     path = Path(path)
     doc = json.loads(path.read_text())
     if doc.get("schema") != EXPLORATION_SCHEMA:
-        raise RecordError(f"{path}: schema={doc.get('schema')!r} is invalid; allowed: {EXPLORATION_SCHEMA}")
+        raise RecordError(f"{path}: {invalid_choice('schema', doc.get('schema'), EXPLORATION_SCHEMA)}")
     have = {r["name"] for r in doc["runs"]}
     entries = [exploration_entry(r, why_stopped) for r in run_dirs]
     names = [e["name"] for e in entries]
@@ -267,7 +267,7 @@ def check_record(rec: Dict[str, Any], where: str = "record") -> None:
     if missing:
         raise RecordError(f"{where}: missing keys {missing}")
     if rec["schema"] != SCHEMA:
-        raise RecordError(f"{where}: schema={rec['schema']!r} is invalid; allowed: {SCHEMA}")
+        raise RecordError(f"{where}: {invalid_choice('schema', rec['schema'], SCHEMA)}")
     lengths = {k: len(v) for k, v in rec["curve"].items()}
     if len(set(lengths.values())) != 1:
         raise RecordError(f"{where}: curve columns differ in length: {lengths}")

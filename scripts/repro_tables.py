@@ -51,7 +51,7 @@ def load_rows(path: Path = ROWS) -> dict:
             raise ValueError(f"{path}: row {rid!r} {invalid_choice('expect', r.get('expect'), EXPECT)}")
         field = NEEDS.get(r.get("expect"))
         if field and not (isinstance(r.get(field), int) and r[field] >= 1):
-            raise ValueError(f"{path}: row {rid!r} {field}={r.get(field)!r} is invalid; allowed: an integer >= 1 "
+            raise ValueError(f"{path}: row {rid!r} {invalid_choice(field, r.get(field), 'an integer >= 1')} "
                              f"(expect: {r['expect']})")
     return d
 
