@@ -83,6 +83,15 @@ class ForwardContext:
         return self.memo[key][0]
 
 
+def _fused_rope_op(config: Config, x: torch.Tensor, full_forward: bool) -> Optional[Callable]:
+    """The fused RoPE + qkv split of :mod:`lit_gpt.kernels.rope` when ``config.rope_impl`` picks it for this call,
+    else None; with ``rope_impl='torch'`` (the default) that module, and Triton, are never imported."""
+    if config.rope_impl == "torch":
+        return None
+    from lit_gpt.kernels.rope import rope_qkv, use_fused_rope
+    return rope_qkv if use_fused_rope(config, x, full_forward) else None
+
+
 def _parse_need(return_analysis: Union[bool, Iterable[str]]) -> frozenset:
     if return_analysis is True:
         return frozenset(ANALYSIS_KEYS)
@@ -220,9 +229,9 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         H, G, d = self.n_head, self.n_kv, self.head_size
         qkv = self.qkv(x)
-        from lit_gpt.kernels.rope import rope_qkv, use_fused_rope
-        if cos_sin is not None and use_fused_rope(self.config, qkv, full_forward):
-            q, k, v = rope_qkv(qkv, *cos_sin, H, G, d)
+        op = _fused_rope_op(self.config, qkv, full_forward) if cos_sin is not None else None
+        if op is not None:
+            q, k, v = op(qkv, *cos_sin, H, G, d)
         else:
             q, k, v = qkv.split((H * d, G * d, G * d), dim=-1)
             q = q.view(B, T, H, d).transpose(1, 2)
